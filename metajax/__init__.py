@@ -1,0 +1,52 @@
+"""metajax: gradient-based meta-learning as pure JAX functions.
+
+The public API, re-exported from its modules:
+
+- models: `conv4`, `kao_conv`, `mlp`, `model_from_encoder`, `Model`
+- inner loop: `adapt`
+- outer loop: `MAML`, `with_zeroing`, `meta_loss`, `make_meta_step`, `MetaState`, `map_tasks`
+- variants: `zero_head`, `head_mask`, `encoder_mask`
+- losses: `cross_entropy`, `mse_onehot`, `mse`, `accuracy`, `make_loss_fn`
+- evaluation: `evaluate`, `evaluate_tasks`, `mean_confidence_interval`
+- types: `Task`
+"""
+
+from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
+from metajax.inner import adapt
+from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
+from metajax.meta import (MAML, MetaState, MetaStep, make_meta_step, map_tasks, meta_loss,
+                          with_zeroing)
+from metajax.models import Model, conv4, kao_conv, mlp, model_from_encoder
+from metajax.types import Task
+from metajax.variants import encoder_mask, head_mask, zero_head
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "MAML",
+  "MetaState",
+  "MetaStep",
+  "Model",
+  "Task",
+  "accuracy",
+  "adapt",
+  "conv4",
+  "cross_entropy",
+  "encoder_mask",
+  "evaluate",
+  "evaluate_tasks",
+  "head_mask",
+  "kao_conv",
+  "make_loss_fn",
+  "make_meta_step",
+  "map_tasks",
+  "mean_confidence_interval",
+  "meta_loss",
+  "mlp",
+  "model_from_encoder",
+  "mse",
+  "mse_onehot",
+  "summarize",
+  "with_zeroing",
+  "zero_head",
+]

@@ -1,0 +1,150 @@
+"""The inner loop: a few steps of gradient descent on one task's support set.
+
+`adapt` is written for a single task; map it over tasks with `jax.vmap` (see `metajax.meta`).
+Its derivative wrt `params` is the exact second-order MAML meta-gradient unless
+`first_order=True`, which stops the gradient through the inner gradients (FOMAML).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metajax.types import Array, LossFn, Params, PyTree
+
+# A mask is a pytree of bools with the structure of params (True = adapted in the inner loop), or
+# a function `params -> mask`, e.g. `metajax.head_mask` for ANIL.
+Mask = PyTree | Callable[[Params], PyTree]
+
+
+def resolve_mask(mask: Mask | None, params: Params) -> list[bool]:
+  """Flattens `mask` against `params` into one bool per leaf (all True when mask is None)."""
+  leaves, treedef = jax.tree.flatten(params)
+  if mask is None:
+    return [True] * len(leaves)
+  if callable(mask):
+    mask = mask(params)
+  try:
+    flags = treedef.flatten_up_to(mask)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"adapt_mask must have the structure of params ({treedef}); got {mask!r}"
+                     ) from e
+  flags = [bool(f) for f in flags]
+  if not any(flags):
+    raise ValueError("adapt_mask selects no parameter to adapt")
+  return flags
+
+
+def _partition(params: Params, flags: list[bool]) -> tuple[list[Array], Callable[[list], Params]]:
+  """Splits params into the adapted leaves and a function that puts adapted leaves back."""
+  leaves, treedef = jax.tree.flatten(params)
+  adapted = [leaf for leaf, f in zip(leaves, flags) if f]
+
+  def merge(new_adapted: list[Array]) -> Params:
+    it = iter(new_adapted)
+    return treedef.unflatten([next(it) if f else leaf for leaf, f in zip(leaves, flags)])
+
+  return adapted, merge
+
+
+def _lr_leaves(inner_lr: Any, params: Params, flags: list[bool]) -> list[Any]:
+  """One learning rate per adapted leaf: a scalar, or a pytree with the structure of params."""
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(inner_lr)):
+    return [inner_lr] * sum(flags)  # one scalar (or array) for every adapted leaf
+  treedef = jax.tree.structure(params)
+  try:
+    lrs = treedef.flatten_up_to(inner_lr)
+  except (ValueError, TypeError) as e:
+    raise ValueError("inner_lr must be a scalar or a pytree with the structure of params "
+                     f"({treedef})") from e
+  return [lr for lr, f in zip(lrs, flags) if f]
+
+
+def adapt(
+  params: Params,
+  x: Array,
+  y: Array,
+  *,
+  loss_fn: LossFn,
+  num_inner_steps: int = 1,
+  inner_lr: Any = None,
+  optimizer: optax.GradientTransformation | None = None,
+  first_order: bool = False,
+  adapt_mask: Mask | None = None,
+  remat: bool = False,
+  return_losses: bool = False,
+) -> Params | tuple[Params, Array]:
+  """Adapts `params` to one task by `num_inner_steps` gradient steps on `loss_fn(params, x, y)`.
+
+  The steps run in `lax.scan`, so the program size does not grow with the number of steps.
+
+  Args:
+    params: the initial parameters theta (any pytree).
+    x: support inputs of one task, e.g. `[ways * shots, H, W, C]`.
+    y: support targets of the same task.
+    loss_fn: `(params, x, y) -> scalar` (see `metajax.losses.make_loss_fn`).
+    num_inner_steps: number of inner gradient steps, >= 1.
+    inner_lr: plain gradient descent step size: a scalar, or a pytree with the structure of
+      `params` whose leaves broadcast against each parameter (per-tensor scalars, or full-shape
+      arrays as in Meta-SGD). Differentiable, so it can be meta-learned. Exclusive with
+      `optimizer`.
+    optimizer: any optax transformation to use instead of gradient descent; its state starts
+      fresh for each task. Differentiating through `optax.adam` needs `eps_root > 0` (optax
+      issue 882: sqrt at 0 has an infinite derivative).
+    first_order: if True, the inner gradients are treated as constants (FOMAML): the
+      meta-gradient is then the query gradient at the adapted params.
+    adapt_mask: which leaves adapt (pytree of bools, or `params -> mask`); the others stay
+      fixed in the inner loop but still get outer gradients through the adapted leaves. Use
+      `metajax.head_mask` for ANIL.
+    remat: rematerialise each inner step (`jax.checkpoint`) in the backward pass: memory no
+      longer grows with the inner activations of every step, at the cost of recomputing them.
+    return_losses: also return the support loss before each step, `[num_inner_steps]`.
+
+  Returns:
+    The adapted params (same structure as `params`), and the inner losses if asked for.
+  """
+  if not isinstance(num_inner_steps, int) or num_inner_steps < 1:
+    raise ValueError(f"num_inner_steps must be an int >= 1, got {num_inner_steps!r}")
+  if (inner_lr is None) == (optimizer is None):
+    raise ValueError("give exactly one of inner_lr (plain gradient descent) or optimizer "
+                     f"(an optax transformation); got inner_lr={inner_lr!r}, "
+                     f"optimizer={optimizer!r}")
+  flags = resolve_mask(adapt_mask, params)
+  adapted, merge = _partition(params, flags)
+
+  def support_loss(leaves: list[Array]) -> Array:
+    return loss_fn(merge(leaves), x, y)
+
+  grad_fn = jax.value_and_grad(support_loss)
+
+  if optimizer is None:
+    lrs = _lr_leaves(inner_lr, params, flags)
+
+    def step(leaves, _):
+      loss, grads = grad_fn(leaves)
+      if first_order:
+        grads = jax.lax.stop_gradient(grads)
+      return [w - lr * g for w, lr, g in zip(leaves, lrs, grads)], loss
+
+    carry = adapted
+  else:
+
+    def step(carry, _):
+      leaves, opt_state = carry
+      loss, grads = grad_fn(leaves)
+      if first_order:
+        grads = jax.lax.stop_gradient(grads)
+      updates, opt_state = optimizer.update(grads, opt_state, leaves)
+      return (optax.apply_updates(leaves, updates), opt_state), loss
+
+    carry = (adapted, optimizer.init(adapted))
+
+  if remat:
+    step = jax.checkpoint(step)
+  carry, losses = jax.lax.scan(step, carry, None, length=num_inner_steps)
+  leaves = carry if optimizer is None else carry[0]
+  new_params = merge(leaves)
+  return (new_params, losses) if return_losses else new_params

@@ -1,0 +1,286 @@
+"""The outer loop: MAML learners, the meta-loss over a batch of tasks, and the jitted meta-step.
+
+A learner (`MAML`) is an immutable description of *how* to adapt; it holds no parameters and no
+state. Everything that changes during training lives in `MetaState` and is threaded explicitly:
+
+    model = metajax.conv4(num_classes=5)
+    learner = metajax.MAML(model.apply, metajax.cross_entropy, num_inner_steps=1, inner_lr=0.4)
+    learner = metajax.with_zeroing(learner)              # optional: Kao et al.'s zeroing trick
+    init, step = metajax.make_meta_step(learner, optax.adam(1e-3))
+    state = init(model.init(key))
+    state, metrics = step(state, tasks)                  # tasks: a Task with a leading task axis
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metajax import inner as inner_lib
+from metajax import losses as losses_lib
+from metajax.types import ApplyFn, Array, Params, PyTree, Task
+
+TaskMap = Literal["vmap", "map"] | int
+MetaParams = Any  # the pytree the outer optimiser updates (model params, maybe inner lrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class MAML:
+  """Model-agnostic meta-learning (Finn et al. 2017) and its inner-loop variants.
+
+  The meta-parameters are the model params, or, with `learn_inner_lr`, the dict
+  `{"params": model_params, "inner_lr": lrs}` (Li et al. 2017's Meta-SGD for `"element"`).
+
+  Attributes:
+    apply_fn: `(params, x) -> outputs`.
+    loss: `(outputs, targets) -> scalar`, used in the inner and the outer loop.
+    num_inner_steps: inner gradient steps per task (>= 1).
+    inner_lr: inner step size (scalar or pytree, see `metajax.adapt`); exclusive with optimizer.
+    optimizer: an optax transformation for the inner loop instead of gradient descent.
+    first_order: FOMAML: no gradient through the inner gradients.
+    adapt_mask: which params adapt in the inner loop (e.g. `metajax.head_mask` for ANIL).
+    remat: rematerialise each inner step in the backward pass (memory flat in inner steps).
+    learn_inner_lr: None (fixed), "tensor" (one learned lr per param tensor) or "element" (one per
+      parameter entry, Meta-SGD); the learned lrs start at `inner_lr`.
+    params_transforms: functions applied, in order, to the model params before the inner loop and
+      before any prediction (e.g. `zero_head`; see `with_zeroing`).
+  """
+
+  apply_fn: ApplyFn
+  loss: Callable[[Array, Array], Array]
+  num_inner_steps: int = 1
+  inner_lr: Any = None
+  optimizer: optax.GradientTransformation | None = None
+  first_order: bool = False
+  adapt_mask: Any = None
+  remat: bool = False
+  learn_inner_lr: Literal["tensor", "element"] | None = None
+  params_transforms: tuple[Callable[[Params], Params], ...] = ()
+
+  def __post_init__(self):
+    if not isinstance(self.num_inner_steps, int) or self.num_inner_steps < 1:
+      raise ValueError(f"num_inner_steps must be an int >= 1, got {self.num_inner_steps!r}")
+    if (self.inner_lr is None) == (self.optimizer is None):
+      raise ValueError("give exactly one of inner_lr or optimizer, got "
+                       f"inner_lr={self.inner_lr!r}, optimizer={self.optimizer!r}")
+    if self.learn_inner_lr not in (None, "tensor", "element"):
+      raise ValueError(f"learn_inner_lr must be None, 'tensor' or 'element', got "
+                       f"{self.learn_inner_lr!r}")
+    if self.learn_inner_lr is not None and self.inner_lr is None:
+      raise ValueError("learn_inner_lr needs an initial scalar inner_lr")
+
+  def init(self, params: Params) -> MetaParams:
+    """Model params -> meta-params (adds the learned inner lrs if any)."""
+    if self.learn_inner_lr is None:
+      return params
+    lr = jnp.asarray(self.inner_lr, jnp.result_type(*jax.tree.leaves(params)))
+    shape = (lambda p: jnp.shape(p)) if self.learn_inner_lr == "element" else (lambda p: ())
+    return {"params": params, "inner_lr": jax.tree.map(lambda p: jnp.full(shape(p), lr), params)}
+
+  def model_params(self, meta_params: MetaParams) -> Params:
+    """The model params that the inner loop starts from (transforms such as zeroing applied)."""
+    params = meta_params["params"] if self.learn_inner_lr else meta_params
+    for transform in self.params_transforms:
+      params = transform(params)
+    return params
+
+  def adapt(self, meta_params: MetaParams, x: Array, y: Array, *,
+            return_losses: bool = False) -> Params | tuple[Params, Array]:
+    """Adapts to one task's support set `(x, y)`; see `metajax.adapt`."""
+    inner_lr = meta_params["inner_lr"] if self.learn_inner_lr else self.inner_lr
+    return inner_lib.adapt(
+      self.model_params(meta_params), x, y,
+      loss_fn=losses_lib.make_loss_fn(self.apply_fn, self.loss),
+      num_inner_steps=self.num_inner_steps, inner_lr=inner_lr, optimizer=self.optimizer,
+      first_order=self.first_order, adapt_mask=self.adapt_mask, remat=self.remat,
+      return_losses=return_losses)
+
+  def task_loss(self, meta_params: MetaParams, task: Task) -> tuple[Array, dict[str, Array]]:
+    """Query loss of one task at the adapted params, and per-task metrics."""
+    adapted, inner_losses = self.adapt(meta_params, task.support_x, task.support_y,
+                                       return_losses=True)
+    outputs = self.apply_fn(adapted, task.query_x)
+    loss = self.loss(outputs, task.query_y)
+    metrics = {"inner/support_loss": inner_losses[0], "outer/query_loss": loss}
+    if _is_classification(task.query_y):
+      metrics["outer/query_accuracy"] = losses_lib.accuracy(outputs, task.query_y)
+    return loss, metrics
+
+
+def with_zeroing(learner: MAML) -> MAML:
+  """Kao et al.'s zeroing trick: the head is 0 at the start of every inner loop and at test time.
+
+  Because the head is zeroed inside the differentiated function, its outer gradient is 0 and the
+  stored head never matters; the encoder gradient is that of MAML evaluated at w = 0.
+  """
+  from metajax.variants import zero_head  # local: variants is a leaf module
+
+  return dataclasses.replace(learner, params_transforms=(*learner.params_transforms, zero_head))
+
+
+def _is_classification(y: Array) -> bool:
+  return jnp.issubdtype(jnp.result_type(y), jnp.integer)
+
+
+def map_tasks(fn: Callable[[Task], Any], tasks: Task, task_map: TaskMap = "vmap") -> Any:
+  """Applies a one-task function to every task of a batch (leading axis).
+
+  Args:
+    fn: `task -> pytree`.
+    tasks: a `Task` whose arrays have a leading task axis.
+    task_map: "vmap" (all tasks at once: fastest when memory allows), "map" (`lax.map`, one task
+      at a time: least memory), or an int k (`lax.map` over chunks of k vmapped tasks).
+  """
+  if task_map == "vmap":
+    return jax.vmap(fn)(tasks)
+  if task_map == "map":
+    return jax.lax.map(fn, tasks)
+  if isinstance(task_map, int) and not isinstance(task_map, bool) and task_map >= 1:
+    return jax.lax.map(fn, tasks, batch_size=task_map)
+  raise ValueError(f"task_map must be 'vmap', 'map' or a positive int, got {task_map!r}")
+
+
+def meta_loss(meta_params: MetaParams, tasks: Task, learner: MAML, *, task_map: TaskMap = "vmap",
+              has_aux: bool = False) -> Array | tuple[Array, dict[str, Array]]:
+  """Mean over tasks of the query loss at the adapted params: MAML's outer objective.
+
+  `jax.grad(meta_loss)` is the exact second-order meta-gradient unless the learner is first-order.
+  With `has_aux=True` also returns the per-task metrics averaged over tasks.
+  """
+  losses, metrics = map_tasks(lambda task: learner.task_loss(meta_params, task), tasks, task_map)
+  loss = jnp.mean(losses)
+  if not has_aux:
+    return loss
+  return loss, jax.tree.map(jnp.mean, metrics)
+
+
+class MetaState(NamedTuple):
+  """Everything the outer loop updates: meta-params, optimiser state and the step counter."""
+
+  params: MetaParams
+  opt_state: optax.OptState
+  step: Array
+
+
+class MetaStep(NamedTuple):
+  """`init(meta_params) -> MetaState` and `step(state, tasks) -> (state, metrics)`."""
+
+  init: Callable[[MetaParams], MetaState]
+  step: Callable[[MetaState, Task], tuple[MetaState, dict[str, Array]]]
+
+
+def make_meta_step(learner: MAML, optimizer: optax.GradientTransformation, *,
+                   task_map: TaskMap = "vmap", jit: bool = True, donate: bool = True,
+                   shardings: tuple[Any, Any] | None = None) -> MetaStep:
+  """Builds the outer update: `value_and_grad` of `meta_loss`, then an optax update.
+
+  Args:
+    learner: how to adapt (e.g. `MAML(...)`, possibly `with_zeroing`).
+    optimizer: the outer (meta) optimiser, e.g. `optax.adam(1e-3)`.
+    task_map: how tasks are mapped, see `map_tasks`.
+    jit: compile the step once (it is guarded to never retrace for same-shaped inputs).
+    donate: let XLA reuse the old state's buffers for the new state (the old state must not be
+      used after the call).
+    shardings: optional `(state_sharding, tasks_sharding)` for `jax.jit`'s `in_shardings`, e.g.
+      tasks sharded over a device mesh along the task axis (see `metajax.sharding`).
+
+  Returns:
+    A `MetaStep(init, step)`. `step` returns metrics averaged over tasks, plus `outer/grad_norm`.
+  """
+
+  def init(params: Params) -> MetaState:
+    # A copy: the donated step must never delete the caller's arrays.
+    meta_params = jax.tree.map(jnp.array, learner.init(params))
+    return MetaState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32))
+
+  def step(state: MetaState, tasks: Task) -> tuple[MetaState, dict[str, Array]]:
+    (loss, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(
+      state.params, tasks, learner, task_map=task_map, has_aux=True)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "outer/loss": loss, "outer/grad_norm": optax.global_norm(grads)}
+    return MetaState(params, opt_state, state.step + 1), metrics
+
+  if jit:
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    if shardings is not None:
+      kwargs["in_shardings"] = shardings
+      kwargs["out_shardings"] = (shardings[0], None)
+    compiled = jax.jit(_max_traces(step, 1), **kwargs)
+  else:
+    compiled = step
+  checked_labels = []
+
+  def checked_step(state: MetaState, tasks: Task) -> tuple[MetaState, dict[str, Array]]:
+    check_tasks(tasks, batched=True)
+    if not checked_labels:  # values need a host sync: check them once, on the first batch
+      check_labels(learner, state.params, tasks)
+      checked_labels.append(True)
+    return compiled(state, tasks)
+
+  return MetaStep(init=init, step=checked_step)
+
+
+def _max_traces(fn: Callable, n: int) -> Callable:
+  """Raises if `fn` is traced more than n times: a retrace per step would mean a recompile per
+  step. (chex.assert_max_traces counts per code object, i.e. across every meta-step ever built.)"""
+  traces = [0]
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    traces[0] += 1
+    if traces[0] > n:
+      raise AssertionError(f"{fn.__name__} was traced {traces[0]} times (at most {n} allowed): its "
+                           "input shapes, dtypes or shardings changed between calls")
+    return fn(*args, **kwargs)
+
+  wrapped.num_traces = lambda: traces[0]
+  return wrapped
+
+
+def check_tasks(tasks: Task, *, batched: bool) -> None:
+  """Raises a ValueError if the arrays of a task (or a batch of tasks) are inconsistent."""
+  if not isinstance(tasks, Task):
+    raise TypeError(f"expected a metajax.Task, got {type(tasks).__name__}")
+  sx, sy, qx, qy = (jnp.shape(a) for a in tasks)
+  lead = 1 if batched else 0
+  if batched:
+    sizes = {name: s[0] if s else None for name, s in zip(Task._fields, (sx, sy, qx, qy))}
+    if len(set(sizes.values())) != 1:
+      raise ValueError(f"every field of a batch of tasks needs the same leading task axis, got "
+                       f"{sizes}")
+  if sx[lead + 1:] != qx[lead + 1:]:
+    raise ValueError(f"support and query inputs must have the same example shape, got support_x "
+                     f"{sx} and query_x {qx}")
+  if sx[:lead + 1] != sy[:lead + 1] or qx[:lead + 1] != qy[:lead + 1]:
+    raise ValueError(f"inputs and targets disagree on the number of examples: support_x {sx} vs "
+                     f"support_y {sy}, query_x {qx} vs query_y {qy}")
+  if sy[lead + 1:] != qy[lead + 1:]:
+    raise ValueError(f"support and query targets must have the same per-example shape, got "
+                     f"support_y {sy} and query_y {qy}")
+
+
+def check_labels(learner: MAML, meta_params: MetaParams, tasks: Task) -> None:
+  """For integer labels, checks they lie in `[0, num_outputs)` of the model (a host sync)."""
+  if not _is_classification(tasks.support_y):
+    return
+  params = learner.model_params(meta_params)
+  # two dummy examples: BatchNorm with batch statistics needs a batch
+  x1 = jax.ShapeDtypeStruct((2, *jnp.shape(tasks.query_x)[2:]), jnp.result_type(tasks.query_x))
+  num_classes = jax.eval_shape(learner.apply_fn, params, x1).shape[-1]
+  for name in ("support_y", "query_y"):
+    labels = np.asarray(getattr(tasks, name))
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+      raise ValueError(f"{name} has labels in [{labels.min()}, {labels.max()}], outside [0, "
+                       f"{num_classes}) for a model with {num_classes} outputs")
+
+
+def tree_size(tree: PyTree) -> int:
+  """Number of scalars in a pytree."""
+  return int(sum(np.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
