@@ -1,0 +1,75 @@
+"""Datasets as numpy class pools, and tasks as pure functions of a PRNG key.
+
+Files -> `ClassPool` (host numpy, cached on disk): `load_omniglot`, `omniglot_split`,
+`load_tfds_omniglot`, `load_miniimagenet`. Pool -> episodes on device: `make_episode_sampler`,
+`sample_meta_batch`. Synthetic tasks: `make_sinusoid_sampler`, `sample_sinusoid`.
+"""
+
+from metajax.data.cache import CACHE_DIR_ENV
+from metajax.data.miniimagenet import (
+  MINIIMAGENET_DIR_ENV,
+  find_miniimagenet_dir,
+  load_miniimagenet,
+)
+from metajax.data.omniglot import (
+  ARCHIVES as OMNIGLOT_ARCHIVES,
+  OMNIGLOT_DIR_ENV,
+  PUBLISHED_COUNTS as OMNIGLOT_PUBLISHED_COUNTS,
+  SPLITS as OMNIGLOT_SPLITS,
+  CorruptDataError,
+  add_rotations,
+  find_omniglot_dir,
+  finn_character_order,
+  load_omniglot,
+  omniglot_split,
+)
+from metajax.data.samplers import (
+  ClassPool,
+  EpisodeSampler,
+  concatenate_pools,
+  make_episode_sampler,
+  sample_episode,
+  sample_meta_batch,
+  validate_episode_spec,
+)
+from metajax.data.sinusoid import (
+  SinusoidParams,
+  make_sinusoid_sampler,
+  sample_sinusoid,
+  sample_sinusoid_params,
+  sinusoid,
+  sinusoid_task,
+)
+from metajax.data.tfds_omniglot import load_tfds_omniglot, prepare_tfds_omniglot
+
+__all__ = [
+  "CACHE_DIR_ENV",
+  "ClassPool",
+  "CorruptDataError",
+  "EpisodeSampler",
+  "MINIIMAGENET_DIR_ENV",
+  "OMNIGLOT_ARCHIVES",
+  "OMNIGLOT_DIR_ENV",
+  "OMNIGLOT_PUBLISHED_COUNTS",
+  "OMNIGLOT_SPLITS",
+  "SinusoidParams",
+  "add_rotations",
+  "concatenate_pools",
+  "find_miniimagenet_dir",
+  "find_omniglot_dir",
+  "finn_character_order",
+  "load_miniimagenet",
+  "load_omniglot",
+  "load_tfds_omniglot",
+  "make_episode_sampler",
+  "make_sinusoid_sampler",
+  "omniglot_split",
+  "prepare_tfds_omniglot",
+  "sample_episode",
+  "sample_meta_batch",
+  "sample_sinusoid",
+  "sample_sinusoid_params",
+  "sinusoid",
+  "sinusoid_task",
+  "validate_episode_spec",
+]
