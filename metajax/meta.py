@@ -204,7 +204,7 @@ def make_meta_step(learner: MAML, optimizer: optax.GradientTransformation, *,
       state.params, tasks, learner, task_map=task_map, has_aux=True)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "outer/loss": loss, "outer/grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "outer/loss": loss, "outer/grad_norm": optax.tree.norm(grads)}
     return MetaState(params, opt_state, state.step + 1), metrics
 
   if jit:

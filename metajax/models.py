@@ -17,10 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metajax.conv import ConvFn, default_conv_impl, max_pool_2x2
 from metajax.types import ApplyFn, Array, Params, PRNGKey
-
-ConvFn = Callable[..., Array]  # same signature as jax.lax.conv_general_dilated
-
 
 class Model(NamedTuple):
   """A model as a bundle of pure functions.
@@ -63,18 +61,6 @@ class BatchStatNorm(nn.Module):
     return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
-def max_pool_2x2(x: Array) -> Array:
-  """2x2 max-pool with stride 2 and VALID (floor) semantics, NHWC.
-
-  Written as a reshape and a max so that its first and second derivatives are elementwise
-  selects, which XLA runs fast on every backend (reduce_window's derivative goes through
-  select-and-scatter).
-  """
-  n, h, w, c = x.shape
-  x = x[:, : h - h % 2, : w - w % 2, :]
-  return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
-
-
 class Conv4Encoder(nn.Module):
   """The standard few-shot Conv-4 (Vinyals et al. 2016; Finn et al. 2017).
 
@@ -85,6 +71,7 @@ class Conv4Encoder(nn.Module):
   filters: int = 64
   num_blocks: int = 4
   conv_fn: ConvFn = jax.lax.conv_general_dilated
+  activation: Callable[[Array], Array] = nn.relu
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -92,7 +79,7 @@ class Conv4Encoder(nn.Module):
       x = nn.Conv(self.filters, (3, 3), padding="SAME", conv_general_dilated=self.conv_fn,
                   name=f"conv{i}")(x)
       x = BatchStatNorm(name=f"norm{i}")(x)
-      x = nn.relu(x)
+      x = self.activation(x)
       x = max_pool_2x2(x)
     return x.reshape(x.shape[0], -1)
 
@@ -106,6 +93,7 @@ class KaoConvEncoder(nn.Module):
 
   filters: int = 64
   conv_fn: ConvFn = jax.lax.conv_general_dilated
+  activation: Callable[[Array], Array] = nn.relu
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -113,7 +101,7 @@ class KaoConvEncoder(nn.Module):
     for i, (kernel, strides) in enumerate(specs):
       x = nn.Conv(self.filters, kernel, strides=strides, padding="VALID",
                   conv_general_dilated=self.conv_fn, name=f"conv{i}")(x)
-      x = nn.relu(x)
+      x = self.activation(x)
       x = BatchStatNorm(name=f"norm{i}")(x)
     return x.reshape(x.shape[0], -1)
 
@@ -122,12 +110,13 @@ class MLPEncoder(nn.Module):
   """A ReLU MLP encoder (e.g. 1 -> 40 -> 40 for the sinusoid tasks of Finn et al.)."""
 
   hidden: Sequence[int] = (40, 40)
+  activation: Callable[[Array], Array] = nn.relu
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f"dense{i}")(x))
+      x = self.activation(nn.Dense(width, name=f"dense{i}")(x))
     return x
 
 
@@ -192,7 +181,8 @@ def _feature_dim(module: _Classifier, dummy: Array) -> int:
 
 
 def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (28, 28, 1),
-          conv_fn: ConvFn | None = None) -> Model:
+          conv_fn: ConvFn | None = None,
+          activation: Callable[[Array], Array] = nn.relu) -> Model:
   """Conv-4 + linear head. Use `filters=64, input_shape=(28, 28, 1)` for Omniglot and
   `filters=32, input_shape=(84, 84, 3)` for mini-ImageNet.
 
@@ -201,32 +191,36 @@ def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (
     filters: channels of every conv layer.
     input_shape: `(H, W, C)` of one image.
     conv_fn: a function with `jax.lax.conv_general_dilated`'s signature; None picks the fastest
-      one measured for the default backend (`metajax.conv.default_conv_fn`).
+      one measured for the default backend (`metajax.conv.default_conv_impl`).
+    activation: the nonlinearity. With ReLU the MAML meta-loss is only piecewise smooth (the
+      inner gradient jumps where a pre-activation changes sign); a smooth one such as softplus
+      makes it smooth, which finite-difference checks need.
   """
   _check_positive(num_classes=num_classes, filters=filters)
-  encoder = Conv4Encoder(filters=filters, conv_fn=_resolve_conv(conv_fn))
+  encoder = Conv4Encoder(filters=filters, conv_fn=_resolve_conv(conv_fn), activation=activation)
   return model_from_encoder(encoder, num_classes, input_shape)
 
 
 def kao_conv(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (28, 28, 1),
-             conv_fn: ConvFn | None = None) -> Model:
-  """Kao et al.'s Omniglot network (see `KaoConvEncoder`) + linear head."""
+             conv_fn: ConvFn | None = None,
+             activation: Callable[[Array], Array] = nn.relu) -> Model:
+  """Kao et al.'s Omniglot network (see `KaoConvEncoder`) + linear head; arguments as `conv4`."""
   _check_positive(num_classes=num_classes, filters=filters)
-  encoder = KaoConvEncoder(filters=filters, conv_fn=_resolve_conv(conv_fn))
+  encoder = KaoConvEncoder(filters=filters, conv_fn=_resolve_conv(conv_fn), activation=activation)
   return model_from_encoder(encoder, num_classes, input_shape)
 
 
-def mlp(num_outputs: int, *, hidden: Sequence[int] = (40, 40),
-        input_shape: Sequence[int] = (1,)) -> Model:
+def mlp(num_outputs: int, *, hidden: Sequence[int] = (40, 40), input_shape: Sequence[int] = (1,),
+        activation: Callable[[Array], Array] = nn.relu) -> Model:
   """ReLU MLP + linear head; the sinusoid model of Finn et al. is `mlp(1, hidden=(40, 40))`."""
   _check_positive(num_outputs=num_outputs, **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
-  return model_from_encoder(MLPEncoder(hidden=tuple(hidden)), num_outputs, input_shape)
+  return model_from_encoder(MLPEncoder(hidden=tuple(hidden), activation=activation), num_outputs,
+                            input_shape)
 
 
 def _resolve_conv(conv_fn: ConvFn | None) -> ConvFn:
-  if conv_fn is not None:
-    return conv_fn
-  return jax.lax.conv_general_dilated
+  # Resolved when the model is built, for the backend JAX will run it on.
+  return conv_fn if conv_fn is not None else default_conv_impl()
 
 
 def _check_positive(**values: Any) -> None:
