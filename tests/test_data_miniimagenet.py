@@ -26,7 +26,9 @@ def _image(label_index: int, i: int, size: int = 84) -> np.ndarray:
   return image
 
 
-def write_csv_format(root: Path, split: str = "train", *, size: int = 84, per_class: int = PER_CLASS) -> None:
+def write_csv_format(
+  root: Path, split: str = "train", *, size: int = 84, per_class: int = PER_CLASS
+) -> None:
   """Ravi & Larochelle layout: <split>.csv (filename,label) + images/<filename>.jpg."""
   (root / "images").mkdir(parents=True, exist_ok=True)
   with open(root / f"{split}.csv", "w", newline="") as f:
@@ -107,9 +109,13 @@ def test_env_var_and_auto_format(tmp_path, monkeypatch):
 def test_bad_input(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load_miniimagenet(tmp_path / "nowhere")
-  with pytest.raises(FileNotFoundError, match="expected mini-imagenet-cache-train.pkl or train.csv"):
+  with pytest.raises(
+    FileNotFoundError, match="expected mini-imagenet-cache-train.pkl or train.csv"
+  ):
     load_miniimagenet(tmp_path)
-  with pytest.raises(ValueError, match="unknown mini-ImageNet split 'valid'; allowed: train, val, test"):
+  with pytest.raises(
+    ValueError, match="unknown mini-ImageNet split 'valid'; allowed: train, val, test"
+  ):
     load_miniimagenet(tmp_path, "valid")
   with pytest.raises(ValueError, match="unknown mini-ImageNet format 'h5'"):
     load_miniimagenet(tmp_path, format="h5")

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metajax.data import omniglot as omniglot_lib
 from metajax.data import (
-  CorruptDataError,
   OMNIGLOT_PUBLISHED_COUNTS,
+  CorruptDataError,
   add_rotations,
   finn_character_order,
   load_omniglot,
   omniglot_split,
 )
+from metajax.data import omniglot as omniglot_lib
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 
@@ -57,7 +57,9 @@ def test_small_archives_counts_match_published(omniglot_dir, omniglot_pool, arch
   index = {name: i for i, name in enumerate(omniglot_pool.class_names)}
   rows = [index[name] for name in pool.class_names]
   np.testing.assert_array_equal(omniglot_pool.metadata["archive"][rows], BACKGROUND)
-  np.testing.assert_array_equal(omniglot_pool.metadata["char_index"][rows], pool.metadata["char_index"])
+  np.testing.assert_array_equal(
+    omniglot_pool.metadata["char_index"][rows], pool.metadata["char_index"]
+  )
   np.testing.assert_array_equal(omniglot_pool.images[rows], pool.images)
 
 
@@ -90,7 +92,9 @@ def test_braille_duplicate_quirk(omniglot_pool):
   assert not np.array_equal(images[2], images[3])
 
 
-def test_cache_is_reused_and_identical(omniglot_dir, omniglot_pool, omniglot_cache_dir, monkeypatch):
+def test_cache_is_reused_and_identical(
+  omniglot_dir, omniglot_pool, omniglot_cache_dir, monkeypatch
+):
   cache_files = list(omniglot_cache_dir.glob("metajax-omniglot-background+evaluation-28px-*.npz"))
   assert len(cache_files) == 1
 
@@ -109,7 +113,9 @@ def test_cache_is_reused_and_identical(omniglot_dir, omniglot_pool, omniglot_cac
 
 
 def test_nearest_resample_reproduces_finns_binary_images(omniglot_dir):
-  pool = load_omniglot(omniglot_dir, archives=["images_background_small1"], resample="nearest", use_cache=False)
+  pool = load_omniglot(
+    omniglot_dir, archives=["images_background_small1"], resample="nearest", use_cache=False
+  )
   assert set(np.unique(pool.images)) <= {0.0, 1.0}
 
 
@@ -194,7 +200,9 @@ def test_add_rotations_metadata_and_errors(omniglot_pool):
     "Alphabet_of_the_Magi/character01/rot180",
     "Alphabet_of_the_Magi/character02/rot180",
   ]
-  np.testing.assert_array_equal(rotated.metadata["char_index"], np.tile(small.metadata["char_index"], 2))
+  np.testing.assert_array_equal(
+    rotated.metadata["char_index"], np.tile(small.metadata["char_index"], 2)
+  )
   with pytest.raises(ValueError, match="multiples of 90"):
     add_rotations(small, (0, 45))
   with pytest.raises(ValueError, match="distinct"):
@@ -220,8 +228,16 @@ def test_extracted_directory_equals_zip(tmp_path, fake_omniglot):
   a = load_omniglot(zipped.parent, archives=[BACKGROUND], use_cache=False)
   b = load_omniglot(extracted.parent, archives=[BACKGROUND], use_cache=False)
   np.testing.assert_array_equal(a.images, b.images)
-  np.testing.assert_array_equal(a.class_names, ["Alpha/character01", "Alpha/character02",
-                                                "Beta/character01", "Beta/character02", "Beta/character03"])
+  np.testing.assert_array_equal(
+    a.class_names,
+    [
+      "Alpha/character01",
+      "Alpha/character02",
+      "Beta/character01",
+      "Beta/character02",
+      "Beta/character03",
+    ],
+  )
   np.testing.assert_array_equal(a.metadata["char_index"], [0, 1, 2, 3, 4])
 
 
@@ -234,7 +250,9 @@ def test_env_var_locates_data(tmp_path, fake_omniglot, monkeypatch):
     load_omniglot(archives=[BACKGROUND])
 
 
-def test_cache_next_to_writable_data_and_rebuilt_when_source_changes(tmp_path, fake_omniglot, monkeypatch):
+def test_cache_next_to_writable_data_and_rebuilt_when_source_changes(
+  tmp_path, fake_omniglot, monkeypatch
+):
   monkeypatch.delenv("METAJAX_CACHE_DIR", raising=False)
   fake_omniglot(tmp_path)
   load_omniglot(tmp_path, archives=[BACKGROUND])
@@ -295,7 +313,9 @@ def test_missing_path_and_archive(tmp_path, fake_omniglot):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load_omniglot(tmp_path / "nowhere")
   fake_omniglot(tmp_path)
-  with pytest.raises(FileNotFoundError, match="'images_evaluation' not found.*images_evaluation.zip"):
+  with pytest.raises(
+    FileNotFoundError, match="'images_evaluation' not found.*images_evaluation.zip"
+  ):
     load_omniglot(tmp_path)  # default archives: background and evaluation
   with pytest.raises(ValueError, match="unknown Omniglot archive 'images_test'"):
     load_omniglot(tmp_path, archives=["images_test"])
@@ -310,7 +330,9 @@ def test_truncated_real_archive(tmp_path, omniglot_dir):
   data.mkdir()
   raw = (omniglot_dir / "images_background_small1.zip").read_bytes()
   (data / "images_background_small1.zip").write_bytes(raw[: len(raw) // 2])
-  with pytest.raises(CorruptDataError, match="corrupt Omniglot archive .*images_background_small1.zip"):
+  with pytest.raises(
+    CorruptDataError, match="corrupt Omniglot archive .*images_background_small1.zip"
+  ):
     load_omniglot(data, archives=["images_background_small1"], cache_dir=tmp_path / "cache")
   assert issubclass(CorruptDataError, ValueError)
 
@@ -345,7 +367,9 @@ def test_unreadable_png(tmp_path, fake_omniglot, as_zip):
 def test_character_with_missing_images(tmp_path, fake_omniglot):
   path = fake_omniglot(tmp_path, as_zip=False)
   (path / "Alpha/character02/0002_20.png").unlink()
-  with pytest.raises(CorruptDataError, match="Alpha/character02 .* has 19 images; every Omniglot character has 20"):
+  with pytest.raises(
+    CorruptDataError, match="Alpha/character02 .* has 19 images; every Omniglot character has 20"
+  ):
     load_omniglot(tmp_path, archives=[BACKGROUND], use_cache=False)
 
 

@@ -13,6 +13,7 @@ from metajax.data import (
   ClassPool,
   concatenate_pools,
   make_episode_sampler,
+  random_subset,
   sample_episode,
   sample_meta_batch,
 )
@@ -54,25 +55,22 @@ def _check_episode(task: Task, ways: int, shots: int, queries: int) -> None:
 
 
 class EpisodeSamplerTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters((5, 1, 3), (3, 2, 5), (12, 1, 6), (1, 1, 1))
+  # Under jit only: eager equality is test_deterministic_and_jit_equals_eager, and op-by-op
+  # sampling of new shapes costs seconds of per-primitive compilation on CPU.
+  @chex.variants(with_jit=True)
+  @parameterized.parameters((5, 1, 3), (3, 2, 5), (12, 1, 6))  # (12, 1, 6): all classes and images
   def test_episode_properties(self, ways, shots, queries):
     images = jnp.asarray(_coded_pool())
-    sample = self.variant(make_episode_sampler(images, ways, shots, queries))
-    for seed in range(5):
-      task = sample(jax.random.key(seed), images)
-      chex.assert_shape(task.support_x, (ways * shots, 2, 2, 1))
-      chex.assert_shape(task.query_x, (ways * queries, 2, 2, 1))
-      chex.assert_type(task.support_x, jnp.float32)
-      chex.assert_type([task.support_y, task.query_y], jnp.int32)
-      _check_episode(task, ways, shots, queries)
-
-  def test_label_major_layout(self):
-    images = jnp.asarray(_coded_pool())
-    task = sample_episode(jax.random.key(0), images, ways=3, shots=2, queries=1)
-    np.testing.assert_array_equal(task.support_y, [0, 0, 1, 1, 2, 2])
-    np.testing.assert_array_equal(task.query_y, [0, 1, 2])
+    sample = make_episode_sampler(images, ways, shots, queries)
+    batch = self.variant(lambda key, images: sample_meta_batch(sample, key, images, num_tasks=8))(
+      jax.random.key(1), images
+    )
+    chex.assert_shape(batch.support_x, (8, ways * shots, 2, 2, 1))
+    chex.assert_shape(batch.query_x, (8, ways * queries, 2, 2, 1))
+    chex.assert_type(batch.support_x, jnp.float32)
+    chex.assert_type([batch.support_y, batch.query_y], jnp.int32)
+    for i in range(8):
+      _check_episode(jax.tree.map(lambda x, i=i: x[i], batch), ways, shots, queries)
 
   def test_deterministic_and_jit_equals_eager(self):
     images = jnp.asarray(_coded_pool())
@@ -83,21 +81,23 @@ class EpisodeSamplerTest(chex.TestCase):
     jitted = jax.jit(sample)(key, images)
     chex.assert_trees_all_equal(eager, again)
     chex.assert_trees_all_equal(eager, jitted)
+    # Label-major layout.
+    np.testing.assert_array_equal(eager.support_y, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    np.testing.assert_array_equal(eager.query_y, np.repeat(np.arange(5), 3))
     other = sample(jax.random.key(43), images)
     assert not np.array_equal(eager.support_x, other.support_x)
 
   def test_meta_batch_equals_loop_over_split_keys(self):
     images = jnp.asarray(_coded_pool())
-    sample = make_episode_sampler(images, 4, 1, 2)
+    sample = make_episode_sampler(images, 5, 2, 3)  # the shapes of the eager test above
     key = jax.random.key(7)
     batch = jax.jit(sample_meta_batch, static_argnums=0, static_argnames="num_tasks")(
       sample, key, images, num_tasks=6
     )
-    chex.assert_shape(batch.support_x, (6, 4, 2, 2, 1))
-    chex.assert_shape(batch.query_y, (6, 8))
-    jitted = jax.jit(sample)
+    chex.assert_shape(batch.support_x, (6, 10, 2, 2, 1))
+    chex.assert_shape(batch.query_y, (6, 15))
     for i, subkey in enumerate(jax.random.split(key, 6)):
-      chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], batch), jitted(subkey, images))
+      chex.assert_trees_all_equal(jax.tree.map(lambda x, i=i: x[i], batch), sample(subkey, images))
     # Tasks differ across the batch.
     assert len({tuple(_codes(batch.support_x[i]).tolist()) for i in range(6)}) > 1
 
@@ -119,25 +119,39 @@ class EpisodeSamplerTest(chex.TestCase):
 
   def test_uint8_pool_is_scaled(self):
     pool = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 2, 2, 1) * 10
-    task = sample_episode(jax.random.key(0), pool, ways=2, shots=1, queries=2)
+    sample = jax.jit(sample_episode, static_argnames=("ways", "shots", "queries", "dtype"))
+    task = sample(jax.random.key(0), pool, ways=2, shots=1, queries=2)
     chex.assert_type(task.support_x, jnp.float32)
     values = np.concatenate([np.ravel(task.support_x), np.ravel(task.query_x)])
     assert set(np.round(values * 255).astype(int)) <= set(np.ravel(pool).tolist())
     assert values.max() <= 1.0
-    bf16 = sample_episode(jax.random.key(0), pool, ways=2, shots=1, queries=2, dtype=jnp.bfloat16)
+    bf16 = sample(jax.random.key(0), pool, ways=2, shots=1, queries=2, dtype=jnp.bfloat16)
     chex.assert_type(bf16.query_x, jnp.bfloat16)
 
   def test_class_pool_argument(self):
     pool = ClassPool(_coded_pool(), np.array([f"c{i}" for i in range(NUM_CLASSES)]))
     sample = make_episode_sampler(pool, 5, 1, 1)
-    _check_episode(sample(jax.random.key(0), pool.images), 5, 1, 1)
+    _check_episode(jax.jit(sample)(jax.random.key(0), pool.images), 5, 1, 1)
     assert len(pool) == NUM_CLASSES and pool.images_per_class == PER_CLASS
     both = concatenate_pools([pool, pool.take([0, 1])])
     assert both.num_classes == NUM_CLASSES + 2
 
 
-class BadEpisodeSpecTest(parameterized.TestCase):
+def test_random_subset_is_uniform_over_ordered_subsets():
+  draws = jax.jit(jax.vmap(lambda key: random_subset(key, 5, 2)))(
+    jax.random.split(jax.random.key(0), 40_000)
+  )
+  pairs, counts = np.unique(np.asarray(draws), axis=0, return_counts=True)
+  assert len(pairs) == 20 and np.all(pairs[:, 0] != pairs[:, 1])  # all 5 * 4 ordered pairs
+  # Each has probability 1/20: 2000 expected, standard deviation ~44.
+  assert np.all(np.abs(counts - 2000) < 250)
+  full = jax.jit(random_subset, static_argnums=(1, 2))(jax.random.key(1), 9, 9)
+  np.testing.assert_array_equal(np.sort(full), np.arange(9))
+  with pytest.raises(ValueError, match="0 <= k <= n, got k=4, n=3"):
+    random_subset(jax.random.key(0), 3, 4)
 
+
+class BadEpisodeSpecTest(parameterized.TestCase):
   @parameterized.parameters(
     (13, 1, 1, r"ways=13 is more than the 12 classes in this pool; allowed: 1 <= ways <= 12"),
     (5, 4, 4, r"shots \+ queries = 4 \+ 4 = 8 is more than the 7 images per class"),
@@ -161,7 +175,9 @@ class BadEpisodeSpecTest(parameterized.TestCase):
 
   def test_shape_accepted_and_pool_rank_checked(self):
     make_episode_sampler((10, 20, 28, 28, 1), 5, 1, 19)
-    with self.assertRaisesRegex(ValueError, r"\[classes, images_per_class, \.\.\.\], got shape \(10,\)"):
+    with self.assertRaisesRegex(
+      ValueError, r"\[classes, images_per_class, \.\.\.\], got shape \(10,\)"
+    ):
       make_episode_sampler(np.zeros(10), 5, 1, 1)
 
   def test_smaller_pool_at_call_time_fails_under_jit(self):
@@ -176,24 +192,26 @@ class BadEpisodeSpecTest(parameterized.TestCase):
 
 
 def test_real_omniglot_episodes(omniglot_finn):
-  """5-way and 20-way episodes from Finn's rotated training split of the real data."""
+  """20-way episodes from Finn's rotated training split of the real data."""
   train = omniglot_finn["train"]
   images = jax.device_put(train.images)
-  for ways, shots, queries in ((5, 1, 15), (20, 1, 5)):
-    sample = make_episode_sampler(train, ways, shots, queries)
-    batch = jax.jit(lambda key, images: sample_meta_batch(sample, key, images, num_tasks=4))(
-      jax.random.key(ways), images
-    )
-    chex.assert_shape(batch.support_x, (4, ways * shots, 28, 28, 1))
-    chex.assert_shape(batch.query_x, (4, ways * queries, 28, 28, 1))
-    chex.assert_type(batch.support_y, jnp.int32)
-    for t in range(4):
-      support = np.asarray(batch.support_x[t])
-      query = np.asarray(batch.query_x[t])
-      # No two identical images in an episode (the Braille duplicate aside, which is 1 in 32,460).
-      flat = np.concatenate([support, query]).reshape(ways * (shots + queries), -1)
-      assert len(np.unique(flat, axis=0)) >= flat.shape[0] - 1
+  ways, shots, queries = 20, 1, 5
+  sample = make_episode_sampler(train, ways, shots, queries)
+  batch = jax.jit(lambda key, images: sample_meta_batch(sample, key, images, num_tasks=4))(
+    jax.random.key(0), images
+  )
+  chex.assert_shape(batch.support_x, (4, ways * shots, 28, 28, 1))
+  chex.assert_shape(batch.query_x, (4, ways * queries, 28, 28, 1))
+  chex.assert_type(batch.support_y, jnp.int32)
+  for t in range(4):
+    support = np.asarray(batch.support_x[t])
+    query = np.asarray(batch.query_x[t])
+    # No two identical images in an episode (the Braille duplicate aside, which is 1 in 32,460).
+    flat = np.concatenate([support, query]).reshape(ways * (shots + queries), -1)
+    assert len(np.unique(flat, axis=0)) >= flat.shape[0] - 1
   with pytest.raises(ValueError, match="ways=101 is more than the 100 classes"):
     make_episode_sampler(omniglot_finn["val"], 101, 1, 1)
-  with pytest.raises(ValueError, match=r"shots \+ queries = 5 \+ 16 = 21 is more than the 20 images"):
+  with pytest.raises(
+    ValueError, match=r"shots \+ queries = 5 \+ 16 = 21 is more than the 20 images"
+  ):
     make_episode_sampler(train, 5, 5, 16)

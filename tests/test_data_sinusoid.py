@@ -24,7 +24,6 @@ ATOL = 1e-5
 
 
 class SinusoidTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters((10, 10), (5, 20), (1, 1))
   def test_shapes_and_closed_form(self, shots, queries):
@@ -35,7 +34,9 @@ class SinusoidTest(chex.TestCase):
     chex.assert_type([task.support_x, task.support_y, task.query_x, task.query_y], jnp.float32)
     _, params = sample_sinusoid(jax.random.key(0), shots=shots, queries=queries)
     for x, y in ((task.support_x, task.support_y), (task.query_x, task.query_y)):
-      np.testing.assert_allclose(y, params.amplitude * np.sin(np.asarray(x) - params.phase), atol=ATOL)
+      np.testing.assert_allclose(
+        y, params.amplitude * np.sin(np.asarray(x) - params.phase), atol=ATOL
+      )
 
   def test_sampler_matches_sample_sinusoid(self):
     key = jax.random.key(3)
@@ -55,7 +56,8 @@ class SinusoidTest(chex.TestCase):
     assert 0.0 <= params.phase.min() < 0.05 and math.pi - 0.05 < params.phase.max() <= math.pi
     # The vmapped parameters are those of the meta-batch's tasks.
     np.testing.assert_allclose(
-      batch.support_y, params.amplitude[:, None, None] * np.sin(batch.support_x - params.phase[:, None, None]),
+      batch.support_y,
+      params.amplitude[:, None, None] * np.sin(batch.support_x - params.phase[:, None, None]),
       atol=ATOL,
     )
     # |y| <= amplitude, and tasks differ.
@@ -63,10 +65,17 @@ class SinusoidTest(chex.TestCase):
     assert len(np.unique(np.round(params.amplitude, 4))) > 1900
 
   def test_params_and_task_with_custom_ranges(self):
-    params = sample_sinusoid_params(jax.random.key(0), amplitude_range=(2.0, 2.0), phase_range=(0.5, 0.5))
+    params = sample_sinusoid_params(
+      jax.random.key(0), amplitude_range=(2.0, 2.0), phase_range=(0.5, 0.5)
+    )
     np.testing.assert_allclose([params.amplitude, params.phase], [2.0, 0.5])
-    task = sinusoid_task(jax.random.key(1), SinusoidParams(jnp.float32(1.0), jnp.float32(0.0)),
-                         shots=3, queries=2, input_range=(0.0, 1.0))
+    task = sinusoid_task(
+      jax.random.key(1),
+      SinusoidParams(jnp.float32(1.0), jnp.float32(0.0)),
+      shots=3,
+      queries=2,
+      input_range=(0.0, 1.0),
+    )
     assert np.all((0.0 <= task.support_x) & (task.support_x <= 1.0))
     np.testing.assert_allclose(task.support_y, np.sin(task.support_x), atol=ATOL)
 

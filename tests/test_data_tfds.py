@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,9 @@ def _assert_same_pool(tfds_pool, archive_pool):
   for name, column in archive_pool.metadata.items():
     np.testing.assert_array_equal(tfds_pool.metadata[name], column)
   assert tfds_pool.images.shape == archive_pool.images.shape
-  np.testing.assert_array_equal(_sorted_within_class(tfds_pool.images), _sorted_within_class(archive_pool.images))
+  np.testing.assert_array_equal(
+    _sorted_within_class(tfds_pool.images), _sorted_within_class(archive_pool.images)
+  )
 
 
 def test_prepared_dataset_is_tfds_omniglot(tfds_data_dir):
@@ -57,6 +60,36 @@ def test_prepared_dataset_is_tfds_omniglot(tfds_data_dir):
   assert info["moduleName"] == "tensorflow_datasets.image_classification.omniglot"
 
 
+def test_full_splits_hold_the_archives_png_bytes(tfds_data_dir, omniglot_dir):
+  """Every TFDS record of train/test is an archive PNG, byte for byte, with the right labels."""
+  import tensorflow_datasets as tfds
+
+  from metajax.data import tfds_omniglot
+
+  builder = tfds.builder("omniglot", data_dir=tfds_data_dir)
+  alphabets = builder.info.features["alphabet"].names
+  for split, archive in (("train", "images_background"), ("test", "images_evaluation")):
+    with zipfile.ZipFile(omniglot_dir / f"{archive}.zip") as zf:
+      expected = sorted(
+        (
+          n.split("/")[1],
+          int(n.split("/")[2][len("character") :]) - 1,
+          int(n.split("/")[3][:4]) - 1,
+          zf.read(n),
+        )
+        for n in zf.namelist()
+        if n.endswith(".png")
+      )
+    records = tfds_omniglot._split_records(builder, split)
+    got = sorted(
+      (alphabets[r["alphabet"]], int(r["alphabet_char_id"]), int(r["label"]), bytes(r["image"]))
+      for r in records
+    )
+    assert len(got) == len(expected)
+    assert got == expected
+
+
+@pytest.mark.slow
 def test_full_pool_equals_archive_loader(tfds_data_dir, omniglot_pool):
   pool = load_tfds_omniglot(tfds_data_dir, use_cache=False)
   _assert_same_pool(pool, omniglot_pool)
@@ -88,8 +121,9 @@ def _to_tfrecord(array_record_dir: Path, tfrecord_dir: Path) -> None:
     reader.close()
     target = tfrecord_dir / path.name.replace(".array_record-", ".tfrecord-")
     with open(target, "wb") as f:
-      for record in records:
-        f.write(struct.pack("<Q", len(record)) + b"\0" * 4 + record + b"\0" * 4)
+      f.writelines(
+        struct.pack("<Q", len(record)) + b"\0" * 4 + record + b"\0" * 4 for record in records
+      )
     path.unlink()
   info_path = tfrecord_dir / "dataset_info.json"
   info = json.loads(info_path.read_text())

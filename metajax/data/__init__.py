@@ -5,6 +5,7 @@ Files -> `ClassPool` (host numpy, cached on disk): `load_omniglot`, `omniglot_sp
 `sample_meta_batch`. Synthetic tasks: `make_sinusoid_sampler`, `sample_sinusoid`.
 """
 
+from metajax.data import omniglot as _omniglot
 from metajax.data.cache import CACHE_DIR_ENV
 from metajax.data.miniimagenet import (
   MINIIMAGENET_DIR_ENV,
@@ -12,10 +13,7 @@ from metajax.data.miniimagenet import (
   load_miniimagenet,
 )
 from metajax.data.omniglot import (
-  ARCHIVES as OMNIGLOT_ARCHIVES,
   OMNIGLOT_DIR_ENV,
-  PUBLISHED_COUNTS as OMNIGLOT_PUBLISHED_COUNTS,
-  SPLITS as OMNIGLOT_SPLITS,
   CorruptDataError,
   add_rotations,
   find_omniglot_dir,
@@ -28,6 +26,7 @@ from metajax.data.samplers import (
   EpisodeSampler,
   concatenate_pools,
   make_episode_sampler,
+  random_subset,
   sample_episode,
   sample_meta_batch,
   validate_episode_spec,
@@ -42,16 +41,20 @@ from metajax.data.sinusoid import (
 )
 from metajax.data.tfds_omniglot import load_tfds_omniglot, prepare_tfds_omniglot
 
+OMNIGLOT_ARCHIVES = _omniglot.ARCHIVES
+OMNIGLOT_PUBLISHED_COUNTS = _omniglot.PUBLISHED_COUNTS
+OMNIGLOT_SPLITS = _omniglot.SPLITS
+
 __all__ = [
   "CACHE_DIR_ENV",
-  "ClassPool",
-  "CorruptDataError",
-  "EpisodeSampler",
   "MINIIMAGENET_DIR_ENV",
   "OMNIGLOT_ARCHIVES",
   "OMNIGLOT_DIR_ENV",
   "OMNIGLOT_PUBLISHED_COUNTS",
   "OMNIGLOT_SPLITS",
+  "ClassPool",
+  "CorruptDataError",
+  "EpisodeSampler",
   "SinusoidParams",
   "add_rotations",
   "concatenate_pools",
@@ -65,6 +68,7 @@ __all__ = [
   "make_sinusoid_sampler",
   "omniglot_split",
   "prepare_tfds_omniglot",
+  "random_subset",
   "sample_episode",
   "sample_meta_batch",
   "sample_sinusoid",

@@ -25,8 +25,9 @@ import stat
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -123,7 +124,9 @@ def array_checksum(arrays: Mapping[str, np.ndarray]) -> str:
   return digest.hexdigest()
 
 
-def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], *, key: str) -> None:
+def save_arrays(
+  path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], *, key: str
+) -> None:
   """Writes `arrays` to a compressed `.npz` at `path`, atomically, with `key` and a checksum.
 
   Args:
@@ -185,11 +188,15 @@ def load_arrays(path: str | os.PathLike[str], *, key: str) -> dict[str, np.ndarr
     warnings.warn(f"ignoring unreadable cache {str(path)!r} ({e!r}); rebuilding it", RuntimeWarning)
     return None
   if stored_key != key:
-    warnings.warn(f"ignoring cache {str(path)!r} built for another source; rebuilding it", RuntimeWarning)
+    warnings.warn(
+      f"ignoring cache {str(path)!r} built for another source; rebuilding it", RuntimeWarning
+    )
     return None
   arrays = _without_meta(payload)
   if array_checksum(arrays) != stored_checksum:
-    warnings.warn(f"ignoring corrupt cache {str(path)!r} (checksum mismatch); rebuilding it", RuntimeWarning)
+    warnings.warn(
+      f"ignoring corrupt cache {str(path)!r} (checksum mismatch); rebuilding it", RuntimeWarning
+    )
     return None
   return arrays
 
@@ -212,5 +219,7 @@ def cached_arrays(
   try:
     save_arrays(path, arrays, key=key)
   except OSError as e:
-    warnings.warn(f"could not write cache {str(path)!r} ({e!r}); continuing without it", RuntimeWarning)
+    warnings.warn(
+      f"could not write cache {str(path)!r} ({e!r}); continuing without it", RuntimeWarning
+    )
   return arrays

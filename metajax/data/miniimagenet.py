@@ -24,7 +24,7 @@ import io
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -55,26 +55,30 @@ def find_miniimagenet_dir(data_dir: str | os.PathLike[str] | None = None) -> Pat
     data_dir = env
   path = Path(data_dir).expanduser()
   if not path.is_dir():
-    raise FileNotFoundError(f"mini-ImageNet directory {str(path)!r} does not exist or is not a directory")
+    raise FileNotFoundError(
+      f"mini-ImageNet directory {str(path)!r} does not exist or is not a directory"
+    )
   return path
 
 
 class _ArrayUnpickler(pickle.Unpickler):
   """Unpickles numpy arrays, scalars, dicts and lists; refuses every other global."""
 
-  _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("builtins", "bytearray"),
-    ("__builtin__", "bytearray"),
-    ("_codecs", "encode"),
-  }
+  _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+    {
+      ("numpy.core.multiarray", "_reconstruct"),
+      ("numpy._core.multiarray", "_reconstruct"),
+      ("numpy.core.multiarray", "scalar"),
+      ("numpy._core.multiarray", "scalar"),
+      ("numpy.core.numeric", "_frombuffer"),
+      ("numpy._core.numeric", "_frombuffer"),
+      ("numpy", "ndarray"),
+      ("numpy", "dtype"),
+      ("builtins", "bytearray"),
+      ("__builtin__", "bytearray"),
+      ("_codecs", "encode"),
+    }
+  )
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) in self._ALLOWED:
@@ -86,7 +90,14 @@ def _load_pickle_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndar
   try:
     with open(path, "rb") as f:
       data = _ArrayUnpickler(f, encoding="latin1").load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+  ) as e:
     raise CorruptDataError(f"cannot read mini-ImageNet pickle {str(path)!r}: {e}") from e
   if not isinstance(data, dict) or "image_data" not in data or "class_dict" not in data:
     keys = sorted(data) if isinstance(data, dict) else type(data).__name__
@@ -96,12 +107,16 @@ def _load_pickle_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndar
     )
   images = np.asarray(data["image_data"])
   if images.ndim != 4 or images.shape[-1] != 3:
-    raise CorruptDataError(f"{str(path)!r}: image_data has shape {images.shape}, expected [N, H, W, 3]")
+    raise CorruptDataError(
+      f"{str(path)!r}: image_data has shape {images.shape}, expected [N, H, W, 3]"
+    )
   labels = sorted(data["class_dict"], key=str)
   indices = [np.asarray(data["class_dict"][label], dtype=np.int64).reshape(-1) for label in labels]
   for label, idx in zip(labels, indices):
     if idx.size and (idx.min() < 0 or idx.max() >= len(images)):
-      raise CorruptDataError(f"{str(path)!r}: class {label!r} indexes outside image_data ({len(images)} images)")
+      raise CorruptDataError(
+        f"{str(path)!r}: class {label!r} indexes outside image_data ({len(images)} images)"
+      )
   return images, np.array([str(label) for label in labels]), indices
 
 
@@ -132,7 +147,9 @@ def _decode_jpeg(path: Path, image_size: int) -> np.ndarray:
         image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
       return np.asarray(image, dtype=np.uint8)
   except FileNotFoundError:
-    raise FileNotFoundError(f"mini-ImageNet image {str(path)!r} listed in the split CSV is missing") from None
+    raise FileNotFoundError(
+      f"mini-ImageNet image {str(path)!r} listed in the split CSV is missing"
+    ) from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise CorruptDataError(f"unreadable image {str(path)!r}: {e}") from e
 
@@ -152,7 +169,7 @@ def load_miniimagenet(
   data_dir: str | os.PathLike[str] | None = None,
   split: str = "train",
   *,
-  format: str = "auto",  # noqa: A002 - the natural name
+  format: str = "auto",
   image_size: int = 84,
   dtype: np.dtype | type | str = np.uint8,
   cache_dir: str | os.PathLike[str] | None = None,
@@ -211,7 +228,10 @@ def load_miniimagenet(
     def build() -> dict[str, np.ndarray]:
       return {
         "images": np.stack(
-          [np.stack([_decode_jpeg(image_dir / f, image_size) for f in by_label[label]]) for label in labels]
+          [
+            np.stack([_decode_jpeg(image_dir / f, image_size) for f in by_label[label]])
+            for label in labels
+          ]
         )
       }
 

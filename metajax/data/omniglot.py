@@ -28,8 +28,8 @@ import os
 import random
 import re
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -87,7 +87,9 @@ def find_omniglot_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     data_dir = env
   path = Path(data_dir).expanduser()
   if not path.is_dir():
-    raise FileNotFoundError(f"Omniglot directory {str(path)!r} does not exist or is not a directory")
+    raise FileNotFoundError(
+      f"Omniglot directory {str(path)!r} does not exist or is not a directory"
+    )
   return path
 
 
@@ -197,7 +199,9 @@ def _read_entries(
     for i, (name, read) in enumerate(files):
       match = _NAME_RE.match(name)
       if match is None:
-        raise CorruptDataError(f"unexpected file name {where}/{name} in {str(source)!r}: expected NNNN_DD.png")
+        raise CorruptDataError(
+          f"unexpected file name {where}/{name} in {str(source)!r}: expected NNNN_DD.png"
+        )
       ids.add(int(match.group(1)))
       try:
         raw = read()
@@ -280,7 +284,10 @@ def load_omniglot(
       source=cache_lib.fingerprint(sources),
     )
     name = f"metajax-omniglot-{'+'.join(a.removeprefix('images_') for a in archives)}"
-    path = cache_lib.resolve_cache_dir(root, cache_dir) / f"{name}-{image_size}px-{resample}-{key[:16]}.npz"
+    path = (
+      cache_lib.resolve_cache_dir(root, cache_dir)
+      / f"{name}-{image_size}px-{resample}-{key[:16]}.npz"
+    )
     arrays = cache_lib.cached_arrays(path, key=key, build=build)
   else:
     arrays = build()
@@ -349,7 +356,9 @@ def finn_character_order(pool: ClassPool, seed: int = 1) -> np.ndarray:
   """
   _require_full(pool, "finn")
   base = np.flatnonzero(np.asarray(pool.metadata.get("rotation", np.zeros(len(pool)))) == 0)
-  order = sorted(base, key=lambda i: (str(pool.metadata["alphabet"][i]), str(pool.metadata["character"][i])))
+  order = sorted(
+    base, key=lambda i: (str(pool.metadata["alphabet"][i]), str(pool.metadata["character"][i]))
+  )
   random.Random(seed).shuffle(order)
   return np.asarray(order, dtype=np.int64)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +162,9 @@ def validate_episode_spec(
   shots = _check_count("shots", shots, 1)
   queries = _check_count("queries", queries, 1)
   if len(pool_shape) < 3:
-    raise ValueError(f"the pool must be [classes, images_per_class, ...], got shape {tuple(pool_shape)}")
+    raise ValueError(
+      f"the pool must be [classes, images_per_class, ...], got shape {tuple(pool_shape)}"
+    )
   num_classes, per_class = int(pool_shape[0]), int(pool_shape[1])
   if ways > num_classes:
     raise ValueError(
@@ -177,6 +179,52 @@ def validate_episode_spec(
   return ways, shots, queries
 
 
+def random_subset(key: PRNGKey, n: int, k: int) -> Array:
+  """Returns `k` distinct integers of `[0, n)`, uniformly at random and in uniformly random order.
+
+  Floyd's algorithm picks a uniform k-subset in `k` steps of `lax.fori_loop` with O(k) memory
+  (independent of `n`); a Fisher-Yates shuffle of the `k` picks then makes their order uniform.
+  `jax.random.choice(..., replace=False)` gives the same distribution but permutes all `n` by
+  sorting, which on CPU is ~200x slower for n = 4400 (85 ms vs 0.4 ms for 32 tasks).
+
+  Args:
+    key: a PRNG key.
+    n: population size (static).
+    k: sample size (static), 0 <= k <= n.
+
+  Returns:
+    int32 array `[k]`.
+  """
+  if not 0 <= k <= n:
+    raise ValueError(f"random_subset needs 0 <= k <= n, got k={k}, n={n}")
+  subset_key, order_key = jax.random.split(key)
+  # Floyd: for j = n-k, ..., n-1 draw t ~ U[0, j]; add t, or j if t was already picked.
+  draws = jax.random.randint(subset_key, (k,), 0, jnp.arange(n - k, n) + 1)
+  init = (jnp.full((k,), -1, jnp.int32), draws.astype(jnp.int32), jnp.int32(n - k))
+  picked, _, _ = jax.lax.fori_loop(0, k, _floyd_step, init)
+  return picked[_shuffle_indices(order_key, k)]
+
+
+def _floyd_step(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+  # Module-level loop bodies (not closures), so that eager calls reuse the compiled loops.
+  picked, draws, offset = carry
+  t = draws[i]
+  return picked.at[i].set(jnp.where(jnp.any(picked == t), offset + i, t)), draws, offset
+
+
+def _shuffle_indices(key: PRNGKey, k: int) -> Array:
+  """A uniform random permutation of `[0, k)` by Fisher-Yates (exact, O(k) steps)."""
+  targets = jax.random.randint(key, (k,), jnp.arange(k), k)  # step i swaps i with U[i, k)
+  perm, _ = jax.lax.fori_loop(0, k, _swap_step, (jnp.arange(k, dtype=jnp.int32), targets))
+  return perm
+
+
+def _swap_step(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+  perm, targets = carry
+  j = targets[i]
+  return perm.at[i].set(perm[j]).at[j].set(perm[i]), targets
+
+
 def sample_episode(
   key: PRNGKey,
   images: ArrayLike,
@@ -189,8 +237,9 @@ def sample_episode(
   """Samples one N-way K-shot episode from a pool of images; a pure function of `key`.
 
   `ways` classes are drawn without replacement; for each, `shots + queries` distinct images are
-  drawn without replacement, the first `shots` for the support set and the rest for the query set
-  (so support and query never share an image). Label `j` goes to the `j`-th drawn class, and as
+  drawn without replacement (both with `random_subset`, exactly uniform), the first `shots` for
+  the support set and the rest for the query set (so support and query never share an image).
+  Label `j` goes to the `j`-th drawn class, and as
   the classes are drawn in uniformly random order the class -> label assignment is a fresh random
   permutation per task. Examples are label-major: `support_y = [0]*shots + [1]*shots + ...`,
   `query_y = [0]*queries + [1]*queries + ...`.
@@ -211,10 +260,10 @@ def sample_episode(
   images = jnp.asarray(images)
   num_classes, per_class = images.shape[0], images.shape[1]
   class_key, image_key = jax.random.split(key)
-  classes = jax.random.choice(class_key, num_classes, (ways,), replace=False)  # [N], random order
-  # Independent uniforms per (class, image); argsort of each row is a uniform random permutation.
-  order = jnp.argsort(jax.random.uniform(image_key, (ways, per_class)), axis=1)  # [N, M]
-  chosen = order[:, : shots + queries]  # [N, K+Q], distinct within a row
+  classes = random_subset(class_key, num_classes, ways)  # [N], distinct, in random order
+  chosen = jax.vmap(random_subset, in_axes=(0, None, None))(
+    jax.random.split(image_key, ways), per_class, shots + queries
+  )  # [N, K+Q], distinct within a row
   episode = images[classes[:, None], chosen]  # [N, K+Q, H, W, D]
   episode = _to_unit_float(episode, dtype)
   item_shape = images.shape[2:]

@@ -10,7 +10,8 @@ and `sample_sinusoid` also returns the amplitude and phase (to plot the true cur
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

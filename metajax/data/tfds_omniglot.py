@@ -26,8 +26,9 @@ import functools
 import os
 import struct
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,14 +64,16 @@ def _builder_class() -> type:
       self._archive_dir = omniglot_lib.find_omniglot_dir(archive_dir)
       super().__init__(**kwargs)
 
-    def _split_generators(self, dl_manager):  # noqa: ARG002 - nothing to download
+    def _split_generators(self, dl_manager):
       sources = {
         split: omniglot_lib._find_source(self._archive_dir, archive)
         for split, archive in SPLIT_TO_ARCHIVE.items()
       }
       alphabets, label_names = set(), {}
       for split, source in sources.items():
-        for alphabet, character_id, label, _, _ in _examples(source, SPLIT_TO_ARCHIVE[split], read=False):
+        for alphabet, character_id, label, _, _ in _examples(
+          source, SPLIT_TO_ARCHIVE[split], read=False
+        ):
           alphabets.add(alphabet)
           label_names[label] = f"{alphabet}_{character_id}"
       self.info.features["alphabet"].names = sorted(alphabets)
@@ -86,19 +89,24 @@ def _builder_class() -> type:
       for alphabet, character_id, label, name, raw in _examples(Path(source), archive, read=True):
         # The same example key as TFDS's builder: "%s_%d_%s" % (alphabet, character_id, image).
         key = f"{alphabet}_{character_id}_{name}"
-        yield key, {
-          "image": raw,
-          "alphabet": alphabet,
-          "alphabet_char_id": character_id,
-          "label": label,
-        }
+        yield (
+          key,
+          {
+            "image": raw,
+            "alphabet": alphabet,
+            "alphabet_char_id": character_id,
+            "label": label,
+          },
+        )
 
   # Recorded as `moduleName` in dataset_info.json: the same as a dataset TFDS prepared itself.
   LocalOmniglot.__module__ = tfds_omniglot.__name__
   return LocalOmniglot
 
 
-def _examples(source: Path, archive: str, *, read: bool) -> Iterator[tuple[str, int, int, str, bytes | None]]:
+def _examples(
+  source: Path, archive: str, *, read: bool
+) -> Iterator[tuple[str, int, int, str, bytes | None]]:
   """Yields (alphabet, alphabet_char_id, label, file name, PNG bytes or None) of an archive."""
   import zipfile
 
@@ -194,8 +202,10 @@ def _split_records(builder: Any, split: str) -> list[dict[str, Any]]:
       for path in builder.info.splits[split].filepaths
       for record in _read_tfrecord(os.fspath(path))
     ]
-  raise ValueError(f"TFDS omniglot in {str(builder.data_dir)!r} is in format {file_format!r}; "
-                   "readable formats: array_record, tfrecord")
+  raise ValueError(
+    f"TFDS omniglot in {str(builder.data_dir)!r} is in format {file_format!r}; "
+    "readable formats: array_record, tfrecord"
+  )
 
 
 def _dataset_files(builder: Any, splits: Sequence[str]) -> list[Path]:
@@ -273,7 +283,9 @@ def load_tfds_omniglot(
   splits = tuple(splits)
   for split in splits:
     if split not in SPLIT_TO_ARCHIVE:
-      raise ValueError(f"unknown TFDS omniglot split {split!r}; allowed: {', '.join(SPLIT_TO_ARCHIVE)}")
+      raise ValueError(
+        f"unknown TFDS omniglot split {split!r}; allowed: {', '.join(SPLIT_TO_ARCHIVE)}"
+      )
   if not splits or len(set(splits)) != len(splits):
     raise ValueError(f"splits={splits} must name distinct TFDS omniglot splits")
   if resample not in omniglot_lib._RESAMPLE:
