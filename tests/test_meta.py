@@ -1,0 +1,219 @@
+"""Tests of the outer loop: meta_loss, task mapping, the jitted meta-step, evaluation."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+
+import metajax as mj
+
+F32_TOL = 1e-5
+F64_TOL = 1e-10
+
+
+def _problem(key, num_tasks=4, dtype=jnp.float32, conv=False):
+  if conv:
+    model = mj.conv4(3, filters=4, input_shape=(16, 16, 1))
+    shape = (16, 16, 1)
+  else:
+    model = mj.mlp(3, hidden=(8,), input_shape=(2,))
+    shape = (2,)
+  kp, kx, kq = jax.random.split(key, 3)
+  params = jax.tree.map(lambda p: p.astype(dtype), model.init(kp))
+  tasks = mj.Task(jax.random.normal(kx, (num_tasks, 6, *shape), dtype),
+                  jnp.tile(jnp.arange(3).repeat(2), (num_tasks, 1)),
+                  jax.random.normal(kq, (num_tasks, 9, *shape), dtype),
+                  jnp.tile(jnp.arange(3).repeat(3), (num_tasks, 1)))
+  return model, params, tasks
+
+
+def _learners(model):
+  base = dict(num_inner_steps=2, inner_lr=0.3)
+  maml = mj.MAML(model.apply, mj.cross_entropy, **base)
+  return {
+    "maml": maml,
+    "fomaml": mj.MAML(model.apply, mj.cross_entropy, first_order=True, **base),
+    "anil": mj.MAML(model.apply, mj.cross_entropy, adapt_mask=mj.head_mask, **base),
+    "maml_zero": mj.with_zeroing(maml),
+    "metasgd": mj.MAML(model.apply, mj.cross_entropy, learn_inner_lr="element", **base),
+  }
+
+
+class MetaLossTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("maml", "fomaml", "anil", "maml_zero", "metasgd")
+  def test_vmap_equals_python_loop_over_tasks(self, name):
+    with jax.enable_x64(True):
+      model, params, tasks = _problem(jax.random.key(0), dtype=jnp.float64)
+      learner = _learners(model)[name]
+      meta_params = learner.init(params)
+      grad_fn = self.variant(jax.grad(lambda p, t: mj.meta_loss(p, t, learner)))
+      vmapped = grad_fn(meta_params, tasks)
+      per_task = [jax.grad(lambda p, t: learner.task_loss(p, t)[0])(
+        meta_params, jax.tree.map(lambda x, i=i: x[i], tasks)) for i in range(4)]
+      looped = jax.tree.map(lambda *g: sum(g) / 4, *per_task)
+      chex.assert_trees_all_close(vmapped, looped, rtol=F64_TOL, atol=1e-13)
+
+  @parameterized.parameters("map", 2)
+  def test_task_map_variants_agree(self, task_map):
+    model, params, tasks = _problem(jax.random.key(1))
+    learner = _learners(model)["maml"]
+    f = jax.jit(jax.value_and_grad(
+      lambda p, tm: mj.meta_loss(p, tasks, learner, task_map=tm)), static_argnums=1)
+    chex.assert_trees_all_close(f(params, "vmap"), f(params, task_map), rtol=F32_TOL,
+                                atol=F32_TOL)
+
+  def test_bad_task_map(self):
+    model, params, tasks = _problem(jax.random.key(1))
+    for bad in ("pmap", 0, True):
+      with self.assertRaisesRegex(ValueError, "task_map must be"):
+        mj.meta_loss(params, tasks, _learners(model)["maml"], task_map=bad)
+
+  def test_metasgd_with_fixed_lrs_equals_maml(self):
+    with jax.enable_x64(True):
+      model, params, tasks = _problem(jax.random.key(2), dtype=jnp.float64)
+      learners = _learners(model)
+      msgd = learners["metasgd"]
+      vg = lambda learner: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda p: mj.meta_loss(p, tasks, learner)))
+      loss_msgd, g_msgd = vg(msgd)(msgd.init(params))
+      loss_maml, g_maml = vg(learners["maml"])(params)
+      np.testing.assert_allclose(loss_msgd, loss_maml, rtol=F64_TOL)
+      chex.assert_trees_all_close(g_msgd["params"], g_maml, rtol=F64_TOL, atol=1e-13)
+      self.assertGreater(float(optax.tree.norm(g_msgd["inner_lr"])), 0.0)
+
+
+class MetaStepTest(chex.TestCase):
+
+  def test_traces_once_over_many_steps_and_learns(self):
+    model, params, tasks = _problem(jax.random.key(3))
+    meta_step = mj.make_meta_step(_learners(model)["maml"], optax.adam(1e-2))
+    state = meta_step.init(params)
+    losses = []
+    for _ in range(8):
+      state, metrics = meta_step.step(state, tasks)
+      losses.append(float(metrics["outer/loss"]))
+    self.assertEqual(int(state.step), 8)
+    self.assertLess(losses[-1], losses[0])  # same batch every step: the meta-loss must fall
+    # A new shape means a retrace, which the guard reports instead of silently recompiling.
+    small = jax.tree.map(lambda x: x[:2], tasks)
+    with self.assertRaisesRegex(AssertionError, "traced 2 times"):
+      meta_step.step(state, small)
+
+  @parameterized.parameters("maml", "anil", "maml_zero", "metasgd")
+  def test_jit_equals_no_jit(self, name):
+    model, params, tasks = _problem(jax.random.key(4))
+    learner = _learners(model)[name]
+    out = []
+    for jit in (True, False):
+      meta_step = mj.make_meta_step(learner, optax.adam(1e-2), jit=jit)
+      state = meta_step.init(params)
+      for _ in range(2):
+        state, metrics = meta_step.step(state, tasks)
+      out.append((state.params, metrics))
+    chex.assert_trees_all_close(out[0], out[1], rtol=F32_TOL, atol=F32_TOL)
+
+  def test_step_matches_manual_optax_update(self):
+    model, params, tasks = _problem(jax.random.key(5))
+    learner = _learners(model)["fomaml"]
+    opt = optax.sgd(0.1)
+    state, _ = mj.make_meta_step(learner, opt).step(mj.make_meta_step(learner, opt).init(params),
+                                                    tasks)
+    grads = jax.grad(mj.meta_loss)(params, tasks, learner)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    chex.assert_trees_all_close(state.params, expected, rtol=F32_TOL, atol=1e-6)
+
+  def test_zeroing_keeps_head_and_starts_from_zero(self):
+    model, params, tasks = _problem(jax.random.key(6))
+    meta_step = mj.make_meta_step(_learners(model)["maml_zero"], optax.adam(1e-2))
+    state, _ = meta_step.step(meta_step.init(params), tasks)
+    # The head's outer gradient is exactly 0, so Adam leaves the stored head untouched.
+    chex.assert_trees_all_equal(state.params["head"], params["head"])
+    self.assertFalse(np.array_equal(state.params["encoder"]["dense0"]["kernel"],
+                                    params["encoder"]["dense0"]["kernel"]))
+
+  def test_init_does_not_alias_caller_params(self):
+    model, params, tasks = _problem(jax.random.key(7))
+    meta_step = mj.make_meta_step(_learners(model)["maml"], optax.adam(1e-2), donate=True)
+    meta_step.step(meta_step.init(params), tasks)
+    # The donated state was a copy: the caller's params are still alive and usable.
+    self.assertTrue(np.isfinite(np.asarray(params["head"]["kernel"])).all())
+
+
+class BadInputTest(parameterized.TestCase):
+
+  def _step(self):
+    model, params, tasks = _problem(jax.random.key(8))
+    meta_step = mj.make_meta_step(_learners(model)["maml"], optax.sgd(0.1))
+    return meta_step, meta_step.init(params), tasks
+
+  def test_mismatched_support_query_shapes(self):
+    meta_step, state, tasks = self._step()
+    bad = tasks._replace(query_x=jnp.zeros((4, 9, 3)))
+    with self.assertRaisesRegex(ValueError, "same example shape"):
+      meta_step.step(state, bad)
+
+  def test_inputs_and_labels_disagree(self):
+    meta_step, state, tasks = self._step()
+    with self.assertRaisesRegex(ValueError, "disagree on the number of examples"):
+      meta_step.step(state, tasks._replace(support_y=tasks.support_y[:, :5]))
+    with self.assertRaisesRegex(ValueError, "same leading task axis"):
+      meta_step.step(state, tasks._replace(query_y=tasks.query_y[:3]))
+
+  def test_labels_out_of_range(self):
+    meta_step, state, tasks = self._step()
+    with self.assertRaisesRegex(ValueError, r"support_y has labels in \[0, 3\], outside \[0, 3\)"):
+      meta_step.step(state, tasks._replace(support_y=tasks.support_y.at[0, 0].set(3)))
+    with self.assertRaisesRegex(ValueError, r"query_y has labels in \[-1, 2\]"):
+      meta_step.step(state, tasks._replace(query_y=tasks.query_y.at[1, 2].set(-1)))
+
+  def test_not_a_task(self):
+    meta_step, state, tasks = self._step()
+    with self.assertRaisesRegex(TypeError, "expected a metajax.Task"):
+      meta_step.step(state, tuple(tasks))
+
+  def test_bad_learn_inner_lr(self):
+    with self.assertRaisesRegex(ValueError, "learn_inner_lr must be"):
+      mj.MAML(lambda p, x: x, mj.mse, inner_lr=0.1, learn_inner_lr="layer")
+
+
+class EvaluateTest(chex.TestCase):
+
+  def test_confidence_interval_closed_form(self):
+    values = np.array([0.2, 0.4, 0.6, 0.8])
+    mean, half = mj.mean_confidence_interval(values)
+    self.assertAlmostEqual(mean, 0.5)
+    self.assertAlmostEqual(half, 1.959963984540054 * np.std(values, ddof=1) / 2.0)
+    with self.assertRaisesRegex(ValueError, "at least one value"):
+      mj.mean_confidence_interval([])
+
+  def test_evaluate_before_after(self):
+    model, params, tasks = _problem(jax.random.key(9), num_tasks=5)
+    learner = _learners(model)["maml"]
+    per_task = mj.evaluate_tasks(learner, params, tasks)
+    for name in ("loss_before", "loss_after", "accuracy_before", "accuracy_after"):
+      self.assertEqual(per_task[name].shape, (5,))
+    # Before adaptation is the unadapted model on the query set.
+    before = jax.vmap(lambda t: mj.accuracy(model.apply(params, t.query_x), t.query_y))(tasks)
+    np.testing.assert_allclose(per_task["accuracy_before"], before)
+    summary = mj.evaluate(learner, params, tasks)
+    self.assertAlmostEqual(summary["accuracy_after"]["mean"],
+                           float(np.mean(per_task["accuracy_after"])), places=6)
+    self.assertEqual(summary["accuracy_after"]["num_tasks"], 5)
+
+  def test_zeroing_evaluates_from_a_zero_head(self):
+    model, params, tasks = _problem(jax.random.key(10), num_tasks=3)
+    learner = _learners(model)["maml_zero"]
+    per_task = mj.evaluate_tasks(learner, params, tasks)
+    # A zero head outputs equal logits: the loss before adaptation is exactly log(3).
+    np.testing.assert_allclose(per_task["loss_before"], np.log(3.0), rtol=1e-6)
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
