@@ -8,9 +8,16 @@ The public API, re-exported from its modules:
 - variants: `zero_head`, `head_mask`, `encoder_mask`
 - losses: `cross_entropy`, `mse_onehot`, `mse`, `accuracy`, `make_loss_fn`
 - evaluation: `evaluate`, `evaluate_tasks`, `mean_confidence_interval`
+- contrastive losses: `info_nce`, `supcon`, `triplet`, `batch_hard_triplet`
 - types: `Task`
+
+Submodules: `metajax.data` (Omniglot, mini-ImageNet, sinusoid tasks, episode samplers),
+`metajax.theory` (MAML's encoder gradient as a noisy contrastive loss, Kao et al.),
+`metajax.conv` (the fast im2col convolution used on CPU).
 """
 
+from metajax import conv, data, theory
+from metajax.contrastive import batch_hard_triplet, info_nce, supcon, triplet
 from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
 from metajax.inner import adapt
 from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
@@ -30,12 +37,16 @@ __all__ = [
   "Task",
   "accuracy",
   "adapt",
+  "batch_hard_triplet",
+  "conv",
   "conv4",
   "cross_entropy",
+  "data",
   "encoder_mask",
   "evaluate",
   "evaluate_tasks",
   "head_mask",
+  "info_nce",
   "kao_conv",
   "make_loss_fn",
   "make_meta_step",
@@ -47,6 +58,9 @@ __all__ = [
   "mse",
   "mse_onehot",
   "summarize",
+  "supcon",
+  "theory",
+  "triplet",
   "with_zeroing",
   "zero_head",
 ]
