@@ -27,6 +27,7 @@ def test_round_trip(tmp_path):
   for name, array in _arrays().items():
     np.testing.assert_array_equal(loaded[name], array)
   assert [p.name for p in path.parent.iterdir()] == ["c.npz"]  # no temporary file left
+  assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_missing_and_stale(tmp_path):

@@ -155,6 +155,7 @@ def save_arrays(
       np.savez_compressed(f, **payload)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache beside shared data is shared
     os.replace(tmp, path)
   except BaseException:
     try:

@@ -239,7 +239,7 @@ def load_omniglot(
       folders; default `$METAJAX_OMNIGLOT_DIR`.
     archives: which archives, in order; any of `ARCHIVES`. The default, background then
       evaluation, is all 1623 characters (what `omniglot_split` needs).
-    image_size: side of the square output images (105 keeps the originals).
+    image_size: side of the square output images (28 as in MAML; 105 keeps the originals).
     resample: "lanczos" (default, antialiased), "box", "bilinear", or "nearest".
     dtype: float32 (values in [0, 1], strokes 1) or uint8 (values in [0, 255], 4x smaller; the
       episode samplers scale it to [0, 1]).
@@ -255,7 +255,7 @@ def load_omniglot(
   Raises:
     FileNotFoundError: no such directory or archive.
     CorruptDataError (a ValueError): a truncated/corrupt archive or an unreadable image.
-    ValueError: an unknown archive or resample name, or a bad image size.
+    ValueError: an unknown archive or resample name, or an image size that is not an int >= 1.
   """
   root = find_omniglot_dir(data_dir)
   archives = tuple(archives)
@@ -265,8 +265,12 @@ def load_omniglot(
     raise ValueError(f"archives {archives} lists an archive twice")
   if resample not in _RESAMPLE:
     raise ValueError(f"resample={resample!r} is not one of {', '.join(_RESAMPLE)}")
-  if not isinstance(image_size, (int, np.integer)) or not 1 <= image_size <= 105:
-    raise ValueError(f"image_size={image_size!r} must be an int in [1, 105]")
+  if (
+    isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1
+  ):
+    raise ValueError(
+      f"image_size={image_size!r} must be a positive int (28 as in MAML, 105 native)"
+    )
   image_size = int(image_size)
   sources = [_find_source(root, archive) for archive in archives]
 
