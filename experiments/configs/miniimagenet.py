@@ -1,0 +1,30 @@
+"""mini-ImageNet configs of the MAML paper (Finn et al. 2017, Table 2; Ravi & Larochelle split).
+
+Conv-4 with 32 filters on 84x84x3 images; 5 inner steps of 0.01 in training, 10 at test; 15
+queries per class; meta-batch 4 (1-shot) / 2 (5-shot); Adam 1e-3; 60,000 steps; 600 test tasks.
+The data is read from `--config.data_dir` or `$METAJAX_MINIIMAGENET_DIR` (see
+`metajax.data.load_miniimagenet` for the accepted layouts).
+
+  5way1shot  48.70 +- 1.84 %
+    python experiments/train.py --config=experiments/configs/miniimagenet.py:5way1shot --workdir=runs/mini_5w1s
+  5way5shot  63.11 +- 0.92 %
+    python experiments/train.py --config=experiments/configs/miniimagenet.py:5way5shot --workdir=runs/mini_5w5s
+
+First-order MAML (`--config.algorithm=fomaml`): 48.07 +- 1.75 and 63.15 +- 0.91 in the paper.
+"""
+
+from metajax.build import default_config
+
+
+def get_config(variant: str = "5way1shot"):
+  if variant not in ("5way1shot", "5way5shot"):
+    raise ValueError(f"unknown miniimagenet config {variant!r}; choose 5way1shot or 5way5shot")
+  shots = int(variant[len("5way")])
+  c = default_config()
+  c.dataset, c.image_size, c.model, c.filters = "miniimagenet", 84, "conv4", 32
+  c.algorithm, c.ways, c.shots, c.queries = "maml", 5, shots, 15
+  c.meta_batch_size = 4 if shots == 1 else 2
+  c.num_inner_steps, c.eval_num_inner_steps, c.inner_lr, c.meta_lr = 5, 10, 0.01, 1e-3
+  c.num_steps, c.eval_split, c.eval_every, c.eval_num_tasks = 60_000, "val", 1_000, 100
+  c.eval_batch_size, c.log_every, c.checkpoint_every = 10, 100, 1_000
+  return c

@@ -1,0 +1,376 @@
+"""From an experiment config to the objects the loop needs: model, learner, optimiser, task sources.
+
+Everything a config selects by name is looked up in a registry here, so a new algorithm, model or
+dataset is one entry, never an `if` in the loop:
+
+    ALGORITHMS["reptile"] = lambda model, loss, config: ...   # -> a learner with MAML's interface
+
+`validate_config` checks a config against what is known about each dataset *before* any data is
+loaded or anything is compiled, and raises one ValueError that lists every problem.
+
+The config fields (see `experiments/configs/omniglot.py` for their defaults and meaning):
+  dataset, data_dir, cache_dir, split, rotations, model, filters, hidden, algorithm, zeroing, loss,
+  ways, shots, queries, meta_batch_size, num_inner_steps, eval_num_inner_steps, inner_lr, meta_lr,
+  optimizer, num_steps, eval_every, eval_split, eval_num_tasks, test_num_tasks, eval_batch_size,
+  eval_seed, log_every, checkpoint_every, keep_checkpoints, seed, task_map, remat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from metajax import losses as losses_lib
+from metajax import models as models_lib
+from metajax.meta import MAML, TaskMap, with_zeroing
+from metajax.types import Array, PRNGKey, Task
+from metajax.variants import head_mask
+
+Config = ml_collections.ConfigDict | ml_collections.FrozenConfigDict
+Learner = MAML  # any object with MAML's interface: init, model_params, adapt, task_loss, ...
+
+
+
+class ConfigError(ValueError):
+  """An invalid config, or one that does not match the checkpoint it should resume from."""
+
+
+# --------------------------------------------------------------------------------------- registry
+
+# name -> (model, loss, config) -> learner. Zeroing (`config.zeroing`) is composed on top of any
+# learner that supports it.
+AlgorithmBuilder = Callable[[models_lib.Model, losses_lib.Loss, Config], Learner]
+
+
+def _maml_kwargs(config: Config) -> dict[str, Any]:
+  return dict(num_inner_steps=config.num_inner_steps, inner_lr=config.inner_lr,
+              remat=config.remat)
+
+
+ALGORITHMS: dict[str, AlgorithmBuilder] = {
+  # Finn et al. 2017: exact second-order meta-gradient.
+  "maml": lambda model, loss, c: MAML(model.apply, loss, **_maml_kwargs(c)),
+  # First-order MAML: no gradient through the inner gradients.
+  "fomaml": lambda model, loss, c: MAML(model.apply, loss, first_order=True, **_maml_kwargs(c)),
+  # Raghu et al. 2020: only the head adapts in the inner loop (second-order, it is cheap here).
+  "anil": lambda model, loss, c: MAML(model.apply, loss, adapt_mask=head_mask, **_maml_kwargs(c)),
+  # Li et al. 2017: one learned inner learning rate per parameter entry, starting at inner_lr.
+  "metasgd": lambda model, loss, c: MAML(model.apply, loss, learn_inner_lr="element",
+                                         **_maml_kwargs(c)),
+}
+
+
+class DatasetSpec(NamedTuple):
+  """What is known about a dataset before loading it (used to validate configs early).
+
+  Attributes:
+    kind: "classification" or "regression".
+    images_per_class: M, or None for synthetic tasks.
+    classes: split name -> number of classes (None if unknown before loading).
+    input_shape: the shape of one example.
+    default_loss: the loss used when `config.loss` is empty.
+  """
+
+  kind: str
+  images_per_class: int | None
+  classes: Callable[[Config], Mapping[str, int]]
+  input_shape: Callable[[Config], tuple[int, ...]]
+  default_loss: str
+
+
+def _omniglot_classes(config: Config) -> dict[str, int]:
+  rotations = _omniglot_rotations(config)
+  counts = {"finn": {"train": 1100, "val": 100, "test": 423},
+            "kao": {"train": 1200, "test": 423},
+            "lake": {"train": 964, "test": 659}}.get(config.split, {})
+  counts = dict(counts)
+  if rotations and "train" in counts:
+    counts["train"] *= 4
+  return counts
+
+
+def _omniglot_rotations(config: Config) -> bool:
+  return config.split == "finn" if config.rotations is None else bool(config.rotations)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+  "omniglot": DatasetSpec("classification", 20, _omniglot_classes,
+                          lambda c: (c.image_size, c.image_size, 1), "cross_entropy"),
+  "miniimagenet": DatasetSpec("classification", 600,
+                              lambda c: {"train": 64, "val": 16, "test": 20},
+                              lambda c: (c.image_size, c.image_size, 3), "cross_entropy"),
+  "sinusoid": DatasetSpec("regression", None, lambda c: {}, lambda c: (1,), "mse"),
+}
+
+# name -> (config, num_outputs, input_shape) -> Model
+MODELS: dict[str, Callable[[Config, int, tuple[int, ...]], models_lib.Model]] = {
+  "conv4": lambda c, n, shape: models_lib.conv4(n, filters=c.filters, input_shape=shape),
+  "kao_conv": lambda c, n, shape: models_lib.kao_conv(n, filters=c.filters, input_shape=shape),
+  "mlp": lambda c, n, shape: models_lib.mlp(n, hidden=tuple(c.hidden), input_shape=shape),
+}
+
+OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+  "adam": optax.adam,
+  "sgd": optax.sgd,
+}
+
+# Fields that may differ between a checkpoint's config and the config of a run resuming from it:
+# schedule, logging, evaluation and where the data lives. Every other field defines the run.
+RESUMABLE_FIELDS = frozenset({
+  "num_steps", "eval_every", "eval_split", "eval_num_tasks", "test_num_tasks", "eval_batch_size",
+  "eval_num_inner_steps", "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints",
+  "data_dir", "cache_dir", "task_map", "remat",
+})
+
+# --------------------------------------------------------------------------------------- config
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with defaults (5-way 1-shot Omniglot MAML, Finn et al.'s split).
+
+  The experiment configs in `experiments/configs/` start from this and override what differs.
+  """
+  c = ml_collections.ConfigDict()
+  # data
+  c.dataset = "omniglot"            # one of DATASETS: omniglot, miniimagenet, sinusoid
+  c.data_dir = ""                   # "" -> $METAJAX_OMNIGLOT_DIR / $METAJAX_MINIIMAGENET_DIR
+  c.cache_dir = ""                  # "" -> metajax.data.cache.resolve_cache_dir's default
+  c.split = "finn"                  # Omniglot class split: finn, kao, lake
+  c.rotations = ml_collections.config_dict.placeholder(bool)  # None -> the split's default
+  c.image_size = 28                 # 28 for Omniglot, 84 for mini-ImageNet
+  # model
+  c.model = "conv4"                 # one of MODELS: conv4, kao_conv, mlp
+  c.filters = 64
+  c.hidden = (40, 40)               # mlp only
+  # algorithm
+  c.algorithm = "maml"              # one of ALGORITHMS: maml, fomaml, anil, metasgd
+  c.zeroing = False                 # Kao et al.'s zeroing trick
+  c.loss = ""                       # "" -> the dataset's default (cross_entropy / mse)
+  # episodes
+  c.ways = 5
+  c.shots = 1
+  c.queries = 15
+  c.meta_batch_size = 32
+  c.num_inner_steps = 1
+  c.eval_num_inner_steps = 3
+  c.inner_lr = 0.4
+  c.meta_lr = 1e-3
+  c.optimizer = "adam"              # one of OPTIMIZERS
+  # schedule
+  c.num_steps = 60_000              # outer steps
+  c.eval_every = 1_000              # 0: only the final evaluation
+  c.eval_split = "val"              # the split evaluated during training
+  c.eval_num_tasks = 100            # tasks per evaluation during training
+  c.test_num_tasks = 600            # tasks of the final evaluation on the "test" split (0: none)
+  c.eval_batch_size = 50            # tasks evaluated at once (memory)
+  c.eval_seed = 0                   # evaluation tasks come from this seed, not from `seed`
+  c.log_every = 100
+  c.checkpoint_every = 1_000
+  c.keep_checkpoints = 3
+  c.seed = 0
+  c.task_map = "vmap"               # "vmap", "map", or an int chunk size (see metajax.map_tasks)
+  c.remat = False
+  return c
+
+
+# --------------------------------------------------------------------------------------- checks
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def parse_task_map(value: Any) -> TaskMap:
+  """"vmap", "map", or a positive int (also given as a string, e.g. "8" from the command line)."""
+  if _is_int(value) and value >= 1:
+    return int(value)
+  if isinstance(value, str):
+    if value in ("vmap", "map"):
+      return value
+    if value.isdigit() and int(value) >= 1:
+      return int(value)
+  raise ValueError(f"task_map must be 'vmap', 'map' or a positive int, got {value!r}")
+
+
+def validate_config(config: Config) -> None:
+  """Checks a config before anything is loaded or compiled.
+
+  Raises:
+    ConfigError (a ValueError): listing every problem found (unknown names, counts out of range, episodes that
+      do not fit the dataset, inconsistent evaluation settings).
+  """
+  problems = []
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  def choice(field: str, options: Mapping[str, Any]) -> bool:
+    value = config.get(field)
+    ok = value in options
+    need(ok, f"{field}={value!r} is not one of {', '.join(sorted(options))}")
+    return ok
+
+  def count(field: str, minimum: int) -> bool:
+    value = config.get(field)
+    ok = _is_int(value) and value >= minimum
+    need(ok, f"{field}={value!r} must be an int >= {minimum}")
+    return ok
+
+  def positive(field: str) -> None:
+    value = config.get(field)
+    need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+         f"{field}={value!r} must be a positive number")
+
+  have_dataset = choice("dataset", DATASETS)
+  choice("algorithm", ALGORITHMS)
+  choice("model", MODELS)
+  choice("optimizer", OPTIMIZERS)
+  need(isinstance(config.get("zeroing"), bool), f"zeroing={config.get('zeroing')!r} must be "
+       "True or False")
+  if config.get("loss"):
+    choice("loss", losses_lib.LOSSES)
+  for field in ("shots", "queries", "meta_batch_size", "num_inner_steps", "eval_num_inner_steps",
+                "eval_num_tasks", "eval_batch_size", "log_every",
+                "checkpoint_every", "keep_checkpoints", "filters"):
+    count(field, 1)
+  for field in ("num_steps", "eval_every", "seed", "eval_seed", "test_num_tasks"):
+    count(field, 0)
+  positive("inner_lr")
+  positive("meta_lr")
+  try:
+    parse_task_map(config.get("task_map"))
+  except ValueError as e:
+    problems.append(str(e))
+  if have_dataset:
+    spec = DATASETS[config.dataset]
+    if spec.kind == "classification":
+      ways_ok = count("ways", 2)
+      if config.dataset == "omniglot":
+        choice("split", {"finn": 0, "kao": 0, "lake": 0})
+      if config.get("model") == "mlp":
+        problems.append(f"model='mlp' is for regression; {config.dataset} needs conv4 or kao_conv")
+      m = spec.images_per_class
+      if _is_int(config.get("shots")) and _is_int(config.get("queries")):
+        need(config.shots + config.queries <= m,
+             f"shots + queries = {config.shots} + {config.queries} is more than the {m} images per "
+             f"class of {config.dataset}")
+      classes = spec.classes(config)
+      if ways_ok and classes:
+        for split in ("train", config.get("eval_split"), "test"):
+          if split in classes:
+            need(config.ways <= classes[split],
+                 f"ways={config.ways} is more than the {classes[split]} classes of the "
+                 f"{config.dataset} {split!r} split")
+      if classes:
+        need(config.get("eval_split") in classes,
+             f"eval_split={config.get('eval_split')!r} is not a split of {config.dataset} "
+             f"(split {config.get('split')!r}): {', '.join(classes)}")
+    else:
+      need(config.get("model") == "mlp", f"model={config.get('model')!r}: {config.dataset} "
+           "regression needs model='mlp'")
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
+                ignore: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
+  """Fields (other than `ignore`) whose values differ between two configs as plain dicts."""
+  keys = sorted((set(saved) | set(current)) - ignore)
+  return [f"{k}: {saved.get(k, '<missing>')!r} in the checkpoint, {current.get(k, '<missing>')!r} "
+          "now" for k in keys if saved.get(k, "<missing>") != current.get(k, "<missing>")]
+
+
+# --------------------------------------------------------------------------------------- builders
+
+
+def num_outputs(config: Config) -> int:
+  """Width of the model's head: `ways` for classification, 1 for regression."""
+  return config.ways if DATASETS[config.dataset].kind == "classification" else 1
+
+
+def build_model(config: Config) -> models_lib.Model:
+  """The model of `config.model` with `num_outputs(config)` outputs."""
+  shape = DATASETS[config.dataset].input_shape(config)
+  return MODELS[config.model](config, num_outputs(config), shape)
+
+
+def build_loss(config: Config) -> losses_lib.Loss:
+  return losses_lib.get_loss(config.get("loss") or DATASETS[config.dataset].default_loss)
+
+
+def build_learner(config: Config, model: models_lib.Model, *,
+                  num_inner_steps: int | None = None) -> Learner:
+  """The learner of `config.algorithm` (with the zeroing trick if `config.zeroing`).
+
+  Args:
+    config: the experiment config.
+    model: from `build_model(config)`.
+    num_inner_steps: overrides `config.num_inner_steps` (e.g. `eval_num_inner_steps`).
+  """
+  learner = ALGORITHMS[config.algorithm](model, build_loss(config), config)
+  if num_inner_steps is not None:
+    learner = dataclasses.replace(learner, num_inner_steps=int(num_inner_steps))
+  if config.zeroing:
+    learner = with_zeroing(learner)
+  return learner
+
+
+def build_optimizer(config: Config) -> optax.GradientTransformation:
+  return OPTIMIZERS[config.optimizer](config.meta_lr)
+
+
+class TaskSource(NamedTuple):
+  """Tasks of one split as a pure function of a key.
+
+  Attributes:
+    sample: `sample(key, *arrays) -> Task` (jittable, vmappable over keys).
+    arrays: device-resident arguments of `sample` (the image pool), passed by reference.
+    num_classes: classes in the split (0 for synthetic tasks).
+  """
+
+  sample: Callable[..., Task]
+  arrays: tuple[Array, ...]
+  num_classes: int
+
+
+def load_task_sources(config: Config, splits: tuple[str, ...]) -> dict[str, TaskSource]:
+  """Loads the dataset and returns one `TaskSource` per split (pools put on device once).
+
+  Images stay uint8 on device (4x smaller than float32); the samplers scale them to [0, 1].
+  """
+  from metajax import data as data_lib  # local: data imports PIL and the loaders
+
+  if config.dataset == "sinusoid":
+    sample = data_lib.make_sinusoid_sampler(config.shots, config.queries)
+    return {split: TaskSource(sample, (), 0) for split in splits}
+  if config.dataset == "omniglot":
+    pool = data_lib.load_omniglot(config.data_dir or None, cache_dir=config.cache_dir or None,
+                                  image_size=config.image_size, dtype=np.uint8)
+    pools = data_lib.omniglot_split(pool, config.split, rotations=_omniglot_rotations(config))
+  elif config.dataset == "miniimagenet":
+    pools = {split: data_lib.load_miniimagenet(config.data_dir or None, split,
+                                               image_size=config.image_size,
+                                               cache_dir=config.cache_dir or None)
+             for split in sorted(set(splits))}
+  else:
+    raise ValueError(f"unknown dataset {config.dataset!r}")
+  sources = {}
+  for split in splits:
+    if split not in pools:
+      raise ValueError(f"{config.dataset} has no split {split!r}; it has {', '.join(pools)}")
+    sample = data_lib.make_episode_sampler(pools[split], config.ways, config.shots, config.queries)
+    sources[split] = TaskSource(sample, (jnp.asarray(pools[split].images),),
+                                pools[split].num_classes)
+  return sources
+
+
+def sample_tasks(source: TaskSource, keys: PRNGKey) -> Task:
+  """One task per key (`keys` is `[num_tasks]`): `vmap(sample)` with the pool unbatched."""
+  return jax.vmap(source.sample, in_axes=(0,) + (None,) * len(source.arrays))(keys, *source.arrays)

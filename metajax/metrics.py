@@ -1,0 +1,243 @@
+"""Metric writers for the training loop: JSON lines, TensorBoard, a progress line, and plots.
+
+Metrics are flat dicts of scalars named `inner/...`, `outer/...`, `eval/...`, `test/...`.
+
+* `JsonlWriter`: one JSON object per line, `{"step": s, "time": t, name: value, ...}` in
+  `<workdir>/metrics.jsonl`; on resume, lines of steps after the restored checkpoint are dropped
+  (`truncate_after`) so the file describes exactly one run.
+* `TensorBoardWriter`: TF event files via `tensorboardX` (when installed; otherwise a no-op with
+  a warning).
+* `ProgressLine`: `step 120/3000 (4%) | 5.1 steps/s | ETA 9m25s | outer/loss 0.913 ...`.
+* `read_metrics` / `plot_learning_curves`: a workdir's metrics as PNG learning curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+Scalars = Mapping[str, float]
+
+
+def _scalar(value: Any) -> float | int:
+  value = np.asarray(value)
+  if value.shape != ():
+    raise ValueError(f"metrics must be scalars, got shape {value.shape}")
+  return value.item()
+
+
+class JsonlWriter:
+  """Appends `{"step": step, "time": unix_time, **scalars}` lines to a file (flushed each write)."""
+
+  def __init__(self, path: str | os.PathLike[str]):
+    self.path = Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops lines with a step > `step` (metrics logged after the checkpoint we resume from)."""
+    if not self.path.exists():
+      return
+    kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: Scalars) -> None:
+    record = {"step": int(step), "time": time.time(),
+              **{k: _scalar(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, allow_nan=True) + "\n")
+
+  def close(self) -> None:
+    pass
+
+
+class TensorBoardWriter:
+  """Scalar summaries as TensorBoard event files in `logdir` (a no-op without tensorboardX)."""
+
+  def __init__(self, logdir: str | os.PathLike[str]):
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:
+      warnings.warn("tensorboardX is not installed: no TensorBoard summaries are written "
+                    "(pip install tensorboardX)", stacklevel=2)
+      self._writer = None
+    else:
+      self._writer = SummaryWriter(str(logdir), flush_secs=30)
+
+  def write(self, step: int, scalars: Scalars) -> None:
+    if self._writer is None:
+      return
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, _scalar(value), int(step))
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def format_duration(seconds: float) -> str:
+  """`3725 -> "1h02m05s"`, `65 -> "1m05s"`, `7.2 -> "7s"`; "?" for NaN or inf."""
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m{secs:02d}s"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
+
+
+def format_progress(step: int, num_steps: int, rate: float, scalars: Scalars,
+                    max_metrics: int = 6) -> str:
+  """The progress line: step, percentage, rate (steps/s), ETA, and a few metrics."""
+  eta = (num_steps - step) / rate if rate > 0 else math.inf
+  pct = 100.0 * step / num_steps if num_steps else 100.0
+  parts = [f"step {step}/{num_steps} ({pct:.0f}%)", f"{rate:.2f} steps/s",
+           f"ETA {format_duration(eta)}"]
+  shown = [(k, v) for k, v in scalars.items() if k.startswith(("outer/", "eval/", "test/"))]
+  shown += [(k, v) for k, v in scalars.items() if k.startswith("inner/")]
+  metrics = " ".join(f"{k} {_scalar(v):.4g}" for k, v in shown[:max_metrics])
+  return " | ".join(parts + ([metrics] if metrics else []))
+
+
+class ProgressLine:
+  """Prints `format_progress` lines; the rate is measured over the steps since the last line."""
+
+  def __init__(self, num_steps: int, start_step: int = 0,
+               print_fn: Callable[[str], None] = print, clock: Callable[[], float] = time.time):
+    self.num_steps = num_steps
+    self._print = print_fn
+    self._clock = clock
+    self._last = (start_step, clock())
+
+  def reset(self, step: int) -> None:
+    """Restarts the rate measurement (e.g. after an evaluation or the first compilation)."""
+    self._last = (step, self._clock())
+
+  def write(self, step: int, scalars: Scalars) -> None:
+    now = self._clock()
+    last_step, last_time = self._last
+    rate = (step - last_step) / max(now - last_time, 1e-9) if step > last_step else 0.0
+    self._last = (step, now)
+    self._print(format_progress(step, self.num_steps, rate, scalars))
+
+  def close(self) -> None:
+    pass
+
+
+class MultiWriter:
+  """Writes the same scalars to several writers."""
+
+  def __init__(self, writers: Sequence[Any]):
+    self.writers = list(writers)
+
+  def write(self, step: int, scalars: Scalars) -> None:
+    for w in self.writers:
+      w.write(step, scalars)
+
+  def close(self) -> None:
+    for w in self.writers:
+      w.close()
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """The records of a metrics file (or of `<workdir>/metrics.jsonl`); a torn last line is skipped."""
+  path = Path(path)
+  if path.is_dir():
+    path = path / METRICS_FILE
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # a line cut by a crash
+  return records
+
+
+def series(records: Iterable[Mapping[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
+  """`(steps, values)` of one metric across records that have it."""
+  pairs = [(r["step"], r[name]) for r in records if name in r and r[name] is not None]
+  if not pairs:
+    return np.zeros(0, np.int64), np.zeros(0)
+  steps, values = zip(*pairs)
+  return np.asarray(steps), np.asarray(values, np.float64)
+
+
+def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str],
+                         title: str = "") -> list[Path]:
+  """Writes one PNG per metric group (`inner`, `outer`, `eval`, ...) and `learning_curves.png`.
+
+  Each group's figure has one panel per metric against the step; `*_ci95` metrics are drawn as a
+  band around the metric they belong to.
+
+  Returns:
+    The paths written.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt
+
+  names = sorted({k for r in records for k in r if "/" in k and not k.endswith("_ci95")})
+  if not names:
+    raise ValueError("no metrics (names like 'outer/loss') to plot")
+  groups: dict[str, list[str]] = {}
+  for name in names:
+    groups.setdefault(name.split("/", 1)[0], []).append(name)
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+
+  def draw(ax, name):
+    steps, values = series(records, name)
+    ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.2)
+    ci_steps, ci = series(records, name + "_ci95")
+    if len(ci) == len(values) and len(ci):
+      ax.fill_between(steps, values - ci, values + ci, alpha=0.25)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.grid(alpha=0.3)
+
+  paths = []
+  for group, members in groups.items():
+    cols = min(3, len(members))
+    rows = math.ceil(len(members) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, members):
+      draw(ax, name)
+    for ax in list(axes.flat)[len(members):]:
+      ax.axis("off")
+    fig.suptitle(f"{title} {group}".strip())
+    fig.tight_layout()
+    path = out_dir / f"{group}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  # one overview: the main curves
+  main = [n for n in ("outer/loss", "outer/query_accuracy", "eval/accuracy_after",
+                      "eval/loss_after") if n in names] or names[:4]
+  fig, axes = plt.subplots(1, len(main), figsize=(4 * len(main), 3), squeeze=False)
+  for ax, name in zip(axes.flat, main):
+    draw(ax, name)
+  fig.suptitle(title)
+  fig.tight_layout()
+  path = out_dir / "learning_curves.png"
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  paths.append(path)
+  return paths
