@@ -7,6 +7,7 @@ import functools
 import chex
 import flax.linen as nn
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -38,6 +39,12 @@ CONV_CASES = (
   ("first_layer_c1", (2, 8, 8, 1), (3, 3), 4, (1, 1), "SAME", None),
 )
 
+# The default suite checks derivatives on the layer shapes of Conv-4 and Kao et al.'s net; the
+# other cases run in CI's slow step.
+FAST = ("same_3x3", "valid_stride2", "kao_2x2", "first_layer_c1")
+FAST_CASES = tuple(c for c in CONV_CASES if c[0] in FAST)
+SLOW_CASES = tuple(c for c in CONV_CASES if c[0] not in FAST)
+
 
 def _inputs(shape, kernel, features, dtype=jnp.float32, seed=0):
   kx, kw = jax.random.split(jax.random.PRNGKey(seed))
@@ -57,21 +64,10 @@ def _im2col_conv(x, w, strides, padding, dil):
                                            precision=lax.Precision.HIGHEST)
 
 
-class ConvTest(chex.TestCase, parameterized.TestCase):
+class _ConvChecks:
+  """Derivative checks shared by the fast and the slow test classes."""
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*CONV_CASES)
-  def test_forward_matches_lax(self, shape, kernel, features, strides, padding, dil):
-    x, w = _inputs(shape, kernel, features)
-    got = self.variant(functools.partial(_im2col_conv, strides=strides, padding=padding,
-                                         dil=dil))(x, w)
-    want = _lax_conv(x, w, strides, padding, dil)
-    chex.assert_trees_all_close(got, want, atol=F32_ATOL, rtol=F32_RTOL)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*CONV_CASES)
-  def test_first_and_second_derivatives_match_lax(self, shape, kernel, features, strides,
-                                                  padding, dil):
+  def _check_derivatives(self, shape, kernel, features, strides, padding, dil):
     x, w = _inputs(shape, kernel, features)
     ct = jax.random.normal(jax.random.PRNGKey(1), _lax_conv(x, w, strides, padding, dil).shape)
 
@@ -99,13 +95,33 @@ class ConvTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(self.variant(lambda: hvp(f_new))(), hvp(f_ref),
                                 atol=1e-3, rtol=1e-3)
 
-  @parameterized.named_parameters(*CONV_CASES)
-  def test_check_grads_order2_float64(self, shape, kernel, features, strides, padding, dil):
+  def _check_grads64(self, shape, kernel, features, strides, padding, dil):
     with jax.enable_x64(True):
       x, w = _inputs(shape, kernel, features, dtype=jnp.float64)
       f = lambda x, w: jnp.tanh(mconv.conv_general_dilated_im2col(
         x, w, strides, padding, rhs_dilation=dil, dimension_numbers=NHWC))
       check_grads(f, (x, w), order=2, modes=("fwd", "rev"), atol=F64_TOL, rtol=F64_TOL)
+
+
+class ConvTest(_ConvChecks, chex.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(*FAST_CASES)
+  def test_check_grads_order2_float64(self, *case):
+    self._check_grads64(*case)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*CONV_CASES)
+  def test_forward_matches_lax(self, shape, kernel, features, strides, padding, dil):
+    x, w = _inputs(shape, kernel, features)
+    got = self.variant(functools.partial(_im2col_conv, strides=strides, padding=padding,
+                                         dil=dil))(x, w)
+    want = _lax_conv(x, w, strides, padding, dil)
+    chex.assert_trees_all_close(got, want, atol=F32_ATOL, rtol=F32_RTOL)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*FAST_CASES)
+  def test_first_and_second_derivatives_match_lax(self, *case):
+    self._check_derivatives(*case)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_vmap_per_example_kernels(self):
@@ -179,6 +195,18 @@ class ConvTest(chex.TestCase, parameterized.TestCase):
     self.assertIs(mconv.default_conv_impl("tpu"), lax.conv_general_dilated)
     self.assertTrue(callable(mconv.default_conv_impl()))
 
+@pytest.mark.slow
+class ConvMoreShapesTest(_ConvChecks, chex.TestCase, parameterized.TestCase):
+  """The derivative checks on the remaining shapes (CI's slow step)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*SLOW_CASES)
+  def test_first_and_second_derivatives_more_shapes(self, *case):
+    self._check_derivatives(*case)
+
+  @parameterized.named_parameters(*SLOW_CASES)
+  def test_check_grads_order2_float64_more_shapes(self, *case):
+    self._check_grads64(*case)
 
 class MaxPoolTest(chex.TestCase, parameterized.TestCase):
 
@@ -211,7 +239,6 @@ class MaxPoolTest(chex.TestCase, parameterized.TestCase):
   def test_too_small_raises(self):
     with self.assertRaises(ValueError):
       mconv.max_pool_2x2(jnp.zeros((1, 1, 4, 2)))
-
 
 if __name__ == "__main__":
   absltest.main()
