@@ -1,0 +1,53 @@
+r"""Adapts a checkpoint to your own support images and prints the class of each query image.
+
+  python experiments/classify.py --workdir=/tmp/metajax_readme \
+    --support_dir=my_alphabet/support --query_dir=my_alphabet/query
+
+support_dir has one sub-folder per class (at most the model's `ways`), query_dir the images to
+classify. Any size or mode works: images are converted to the model's input; for Omniglot-style
+models (dark background) light-background drawings are inverted (--invert=auto|true|false).
+"""
+
+import csv
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from metajax import classify, train
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
+_SUPPORT = flags.DEFINE_string("support_dir", None, "One sub-folder of images per class.")
+_QUERY = flags.DEFINE_string("query_dir", None, "Images to classify.")
+_INVERT = flags.DEFINE_enum("invert", "auto", ["auto", "true", "false"], "Invert images: auto "
+                            "(light-background images, for dark-background models), or force.")
+_STEPS = flags.DEFINE_integer("num_inner_steps", None, "Inner steps (default: the config's "
+                              "eval_num_inner_steps).", lower_bound=1)
+_OUTPUT = flags.DEFINE_string("output", None, "CSV output (default: <workdir>/predictions.csv).")
+flags.mark_flags_as_required(["workdir", "support_dir", "query_dir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    config, model, learner, params, _ = train.restore_learner(_WORKDIR.value,
+                                                              num_inner_steps=_STEPS.value)
+    invert = {"auto": "auto" if config.dataset == "omniglot" else False, "true": True,
+              "false": False}[_INVERT.value]
+    rows = classify.classify_folders(learner, params, model.input_shape, config.ways,
+                                     _SUPPORT.value, _QUERY.value, invert=invert)
+  except (*train.USER_ERRORS, OSError) as e:
+    sys.exit(f"error: {e}")
+  output = Path(_OUTPUT.value or Path(_WORKDIR.value) / "predictions.csv")
+  with open(output, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["image", "label", "probability"])
+    writer.writeheader()
+    writer.writerows(rows)
+  for row in rows:
+    print(f"{row['image']}\t{row['label']}\t{row['probability']:.3f}")
+  print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+  app.run(main)

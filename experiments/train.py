@@ -1,0 +1,38 @@
+r"""Meta-trains a learner as the config says, then evaluates it on held-out test tasks.
+
+Rerunning the same command in the same --workdir resumes from its newest checkpoint.
+
+  python experiments/train.py --config=experiments/configs/omniglot.py:readme \
+    --workdir=/tmp/metajax_readme
+  python experiments/train.py --config=experiments/configs/omniglot.py:5way1shot \
+    --workdir=runs/fomaml_zero --config.algorithm=fomaml --config.zeroing=True
+
+All the logic is in `metajax.train.train_and_evaluate`, importable in notebooks.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from metajax import train
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here; "
+                               "rerunning in the same workdir resumes.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. "
+                                          "experiments/configs/omniglot.py:5way1shot.",
+                                          lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.USER_ERRORS as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

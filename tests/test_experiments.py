@@ -1,0 +1,183 @@
+"""One-step smoke tests of every binary in experiments/, run as the user runs them (subprocesses).
+
+train -> evaluate -> classify -> plot on the `smoke` config on real Omniglot; a run SIGKILLed
+mid-training and restarted ends bit-identical to an uninterrupted one; bad flags fail fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from metajax import checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def env(omniglot_dir, omniglot_cache_dir, omniglot_pool, tmp_path_factory):
+  """Environment of the binaries: the real data, the tests' (already warm) Omniglot cache, and a
+  persistent JAX compilation cache shared by the subprocesses of this module."""
+  del omniglot_pool  # only requested so that the cache is built once, in this process
+  return {**os.environ, "METAJAX_OMNIGLOT_DIR": str(omniglot_dir),
+          "METAJAX_CACHE_DIR": str(omniglot_cache_dir),
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def run(binary: str, *flags: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+  result = subprocess.run([sys.executable, str(REPO / "experiments" / binary), *flags], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+  if check and result.returncode != 0:
+    pytest.fail(f"{binary} {' '.join(flags)} failed ({result.returncode}):\n{result.stdout}\n"
+                f"{result.stderr[-4000:]}")
+  return result
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke")
+  result = run("train.py", "--config=experiments/configs/omniglot.py:smoke",
+               f"--workdir={workdir}", env=env)
+  return workdir, result.stdout
+
+
+def test_train(smoke_workdir):
+  workdir, stdout = smoke_workdir
+  assert "step 2/2 (100%)" in stdout and "steps/s" in stdout
+  assert "test at step 2 (4 tasks, 3 inner steps" in stdout
+  assert "accuracy after:" in stdout and "+-" in stdout
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["step"] == 2 and 0.0 <= results["test/accuracy_after"] <= 1.0
+  assert checkpoint.all_steps(workdir / "checkpoints") == [1, 2]
+  assert json.loads((workdir / "config.json").read_text())["model"] == "kao_conv"
+
+
+def test_train_again_resumes_and_does_not_retrain(smoke_workdir, env):
+  workdir, _ = smoke_workdir
+  before = (workdir / "checkpoints" / "checkpoint_00000002.msgpack").read_bytes()
+  stdout = run("train.py", "--config=experiments/configs/omniglot.py:smoke",
+               f"--workdir={workdir}", env=env).stdout
+  assert "resuming from checkpoint step 2" in stdout
+  assert (workdir / "checkpoints" / "checkpoint_00000002.msgpack").read_bytes() == before
+
+
+def test_evaluate(smoke_workdir, env, tmp_path):
+  workdir, _ = smoke_workdir
+  output = tmp_path / "eval.json"
+  stdout = run("evaluate.py", f"--workdir={workdir}", "--num_tasks=4", "--batch_size=4",
+               f"--output={output}", env=env).stdout
+  assert "accuracy before:" in stdout and "accuracy after:" in stdout
+  result = json.loads(output.read_text())
+  assert result["step"] == 2 and result["num_tasks"] == 4 and result["num_inner_steps"] == 3
+  after = result["metrics"]["accuracy_after"]
+  assert set(after) == {"mean", "ci95", "num_tasks"} and after["num_tasks"] == 4
+  # same fixed tasks as the training run's final test evaluation (same eval_seed, same size)
+  results = json.loads((workdir / "results.json").read_text())
+  assert after["mean"] == pytest.approx(results["test/accuracy_after"], abs=1e-6)
+
+
+def _write_user_images(root: Path, pool, classes: list[int]) -> tuple[Path, Path]:
+  """Omniglot characters as a user would draw them: black on white, other sizes and modes."""
+  support, query = root / "support", root / "query"
+  for c in classes:
+    (support / f"char{c}").mkdir(parents=True)
+    strokes = np.asarray(pool.images[c, 0, ..., 0])
+    image = Image.fromarray(np.uint8(255 * (1 - strokes))).resize((64, 64))
+    image.save(support / f"char{c}" / "a.png")
+    query.mkdir(exist_ok=True)
+    drawn = Image.fromarray(np.uint8(255 * (1 - np.asarray(pool.images[c, 1, ..., 0]))))
+    drawn.resize((50, 50)).convert("RGB").save(query / f"q{c}.jpg")
+  return support, query
+
+
+def test_classify(smoke_workdir, env, tmp_path, omniglot_pool):
+  workdir, _ = smoke_workdir
+  support, query = _write_user_images(tmp_path, omniglot_pool, [1300, 1301, 1302, 1400, 1500])
+  output = tmp_path / "pred.csv"
+  stdout = run("classify.py", f"--workdir={workdir}", f"--support_dir={support}",
+               f"--query_dir={query}", f"--output={output}", env=env).stdout
+  with open(output) as f:
+    rows = list(csv.DictReader(f))
+  assert [Path(r["image"]).name for r in rows] == [f"q{c}.jpg" for c in (1300, 1301, 1302, 1400,
+                                                                          1500)]
+  assert all(r["label"] in {f"char{c}" for c in (1300, 1301, 1302, 1400, 1500)} for r in rows)
+  assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+  assert "q1300.jpg" in stdout
+
+
+def test_classify_too_many_classes(smoke_workdir, env, tmp_path, omniglot_pool):
+  workdir, _ = smoke_workdir
+  support, query = _write_user_images(tmp_path, omniglot_pool, list(range(1300, 1306)))
+  result = run("classify.py", f"--workdir={workdir}", f"--support_dir={support}",
+               f"--query_dir={query}", env=env, check=False)
+  assert result.returncode != 0
+  assert "6 classes but the model was trained for 5-way" in result.stderr
+
+
+def test_plot(smoke_workdir, env, tmp_path):
+  workdir, _ = smoke_workdir
+  stdout = run("plot.py", f"--workdir={workdir}", f"--out_dir={tmp_path}", env=env).stdout
+  names = {p.name for p in tmp_path.glob("*.png")}
+  assert {"outer.png", "inner.png", "test.png", "learning_curves.png"} <= names
+  assert "learning_curves.png" in stdout
+  assert (tmp_path / "outer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_flags_fail_before_any_compute(env, tmp_path):
+  start = time.time()
+  result = run("train.py", "--config=experiments/configs/omniglot.py:smoke",
+               f"--workdir={tmp_path / 'run'}", "--config.algorithm=reptyle", "--config.ways=1",
+               "--config.shots=10", "--config.queries=15", env=env, check=False)
+  assert result.returncode == 1
+  for message in ("algorithm='reptyle' is not one of", "ways=1 must be an int >= 2",
+                  "shots + queries = 10 + 15 is more than the 20 images"):
+    assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+  assert time.time() - start < 60
+
+
+def test_killed_run_resumes_bit_exact(env, tmp_path):
+  flags = ["--config=experiments/configs/sinusoid.py:smoke", "--config.num_steps=200",
+           "--config.checkpoint_every=1", "--config.log_every=100", "--config.eval_every=0",
+           "--config.test_num_tasks=0"]
+  workdir = tmp_path / "killed"
+  ckpt_dir = workdir / "checkpoints"
+  process = subprocess.Popen([sys.executable, str(REPO / "experiments/train.py"), *flags,
+                              f"--workdir={workdir}"], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + TIMEOUT
+  while (checkpoint.latest_step(ckpt_dir) or 0) < 3 and process.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = checkpoint.latest_step(ckpt_dir)
+  assert killed_at is not None and killed_at < 200, "the run ended before it could be killed"
+  stdout = run("train.py", *flags, f"--workdir={workdir}", env=env).stdout
+  assert f"resuming from checkpoint step {killed_at}" in stdout
+
+  # The uninterrupted reference, in this process (checkpoint_every does not change the numbers).
+  config = train.config_from_dict(json.loads((workdir / "config.json").read_text()))
+  config.checkpoint_every = 200
+  train.train_and_evaluate(config, tmp_path / "uninterrupted", print_fn=lambda _: None)
+  resumed, _, step = checkpoint.read_latest(ckpt_dir)
+  reference, _, _ = checkpoint.read_latest(tmp_path / "uninterrupted" / "checkpoints")
+  assert step == 200
+  leaves, reference_leaves = jax.tree.leaves(resumed), jax.tree.leaves(reference)
+  assert len(leaves) == len(reference_leaves) > 0
+  for x, y in zip(leaves, reference_leaves):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
