@@ -279,6 +279,24 @@ def validate_config(config: Config) -> None:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
+def check_data(config: Config) -> None:
+  """Checks that the dataset's directory exists (cheap; before anything is compiled).
+
+  Raises:
+    FileNotFoundError: naming the directory and the flag or environment variable to set.
+  """
+  from metajax import data as data_lib  # local: data imports PIL and the loaders
+
+  find = {"omniglot": data_lib.find_omniglot_dir,
+          "miniimagenet": data_lib.find_miniimagenet_dir}.get(config.dataset)
+  if find is None:
+    return
+  try:
+    find(config.data_dir or None)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e} (binaries: --config.data_dir=...)") from None
+
+
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
                 ignore: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
   """Fields (other than `ignore`) whose values differ between two configs as plain dicts."""

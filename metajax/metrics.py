@@ -41,11 +41,19 @@ class JsonlWriter:
     self.path = Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
 
-  def truncate_after(self, step: int) -> None:
-    """Drops lines with a step > `step` (metrics logged after the checkpoint we resume from)."""
+  def truncate_after(self, step: int, *, also_at_step: tuple[str, ...] = ()) -> None:
+    """Drops lines with a step > `step` (metrics logged after the checkpoint we resume from),
+    and lines at `step` holding a metric with one of the prefixes `also_at_step` (e.g. the final
+    "test/" evaluation, which a resumed run repeats)."""
     if not self.path.exists():
       return
-    kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+
+    def keep(record: Mapping[str, Any]) -> bool:
+      at = record.get("step", 0)
+      return at < step or (at == step and not any(k.startswith(also_at_step) for k in record
+                                                   if also_at_step))
+
+    kept = [r for r in read_metrics(self.path) if keep(r)]
     tmp = self.path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, self.path)
@@ -107,8 +115,8 @@ def format_progress(step: int, num_steps: int, rate: float, scalars: Scalars,
   """The progress line: step, percentage, rate (steps/s), ETA, and a few metrics."""
   eta = (num_steps - step) / rate if rate > 0 else math.inf
   pct = 100.0 * step / num_steps if num_steps else 100.0
-  parts = [f"step {step}/{num_steps} ({pct:.0f}%)", f"{rate:.2f} steps/s",
-           f"ETA {format_duration(eta)}"]
+  parts = [f"step {step}/{num_steps} ({pct:.0f}%)",
+           f"{rate:.2f} steps/s" if rate > 0 else "? steps/s", f"ETA {format_duration(eta)}"]
   shown = [(k, v) for k, v in scalars.items() if k.startswith(("outer/", "eval/", "test/"))]
   shown += [(k, v) for k, v in scalars.items() if k.startswith("inner/")]
   metrics = " ".join(f"{k} {_scalar(v):.4g}" for k, v in shown[:max_metrics])

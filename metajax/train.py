@@ -193,6 +193,7 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
   """
   config = config_from_dict(config.to_dict() if hasattr(config, "to_dict") else config)
   build.validate_config(config)
+  build.check_data(config)
   workdir = prepare_workdir(workdir)
   ckpt_dir = workdir / CHECKPOINT_DIR
   check_resumable(config, ckpt_dir)
@@ -245,7 +246,7 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
                                         task_map=task_map)
 
   jsonl = metrics_lib.JsonlWriter(workdir / metrics_lib.METRICS_FILE)
-  jsonl.truncate_after(step_offset)
+  jsonl.truncate_after(step_offset, also_at_step=("test/",))
   tensorboard = metrics_lib.TensorBoardWriter(workdir / "tensorboard")
   progress = metrics_lib.ProgressLine(config.num_steps, step_offset, print_fn)
   files = metrics_lib.MultiWriter([jsonl, tensorboard])

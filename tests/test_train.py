@@ -110,6 +110,14 @@ def test_bad_config_fails_before_anything_is_written(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_missing_data_fails_before_anything_is_written(tmp_path):
+  config = load_config("omniglot", "smoke")
+  config.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere.*--config.data_dir"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_unknown_field_is_an_error(tmp_path):
   with pytest.raises(build.ConfigError, match="unknown config fields \\['num_step'\\]"):
     train.train_and_evaluate({**sinusoid_config().to_dict(), "num_step": 3}, tmp_path)

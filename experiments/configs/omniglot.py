@@ -31,10 +31,12 @@ meta-batch 32, Adam 1e-3, inner lr 0.4, 2 inner steps in training and 3 at test,
 smoke: 2 steps of a tiny model on real Omniglot (CI):
     python experiments/train.py --config=experiments/configs/omniglot.py:smoke --workdir=/tmp/smoke
 
-readme: the README's quick start, a short real run then 600 held-out test tasks; about 3 minutes
-on a 2-core CPU including preprocessing Omniglot on first use:
+readme: the README's quick start: first-order MAML with the zeroing trick, kao_conv, 5-way 1-shot,
+1 inner step (3 at test), meta-batch 16, 300 steps, then 600 tasks of the 423 held-out characters:
     python experiments/train.py --config=experiments/configs/omniglot.py:readme --workdir=/tmp/metajax_readme
-  measured: see the README (first-order MAML, kao_conv, 5-way 1-shot, 300 steps).
+  measured on a shared 2-core CPU (load average ~9), first run, preprocessing included: 2m34s
+  wall (84 s of CPU), test accuracy 85.52 +- 0.83 % (chance 20 %); without the zeroing trick
+  (`--config.zeroing=False`) the same run gives 72.95 +- 1.04 %.
 """
 
 from metajax.build import default_config
@@ -79,10 +81,10 @@ def get_config(variant: str = "5way1shot"):
     c.log_every, c.checkpoint_every, c.eval_batch_size = 1, 1, 4
     return c
   if variant == "readme":
-    c = _kao(1, False)
+    c = _kao(1, True)  # first-order MAML with the zeroing trick
     c.num_inner_steps, c.eval_num_inner_steps = 1, 3
     c.meta_batch_size, c.queries = 16, 5
     c.num_steps, c.eval_every, c.log_every, c.checkpoint_every = 300, 0, 25, 100
-    c.test_num_tasks, c.eval_batch_size = 600, 100
+    c.test_num_tasks, c.eval_batch_size = 600, 10
     return c
   raise ValueError(f"unknown omniglot config {variant!r}; choose one of {', '.join(VARIANTS)}")
