@@ -29,7 +29,11 @@ def _check_split(params: Params) -> None:
 def zero_head(params: Params) -> Params:
   """Returns params with every leaf of `params["head"]` (weights and bias) set to 0."""
   _check_split(params)
-  return {**params, HEAD: jax.tree.map(jnp.zeros_like, params[HEAD])}
+  # `w * 0` rather than `zeros_like`: with a constant-zero head, XLA:CPU (jaxlib 0.10.2)
+  # miscompiles the batch-norm -> dot of a vmapped forward pass once the batch is large (garbage
+  # logits; tests/test_meta.py::ZeroHeadRegressionTest). The value and its gradient (0) are the
+  # same; a NaN or Inf in the stored head now shows instead of being hidden.
+  return {**params, HEAD: jax.tree.map(lambda w: w * 0, params[HEAD])}
 
 
 def head_mask(params: Params) -> PyTree:

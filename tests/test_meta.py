@@ -217,3 +217,18 @@ class EvaluateTest(chex.TestCase):
 
 if __name__ == "__main__":
   pytest.main([__file__])
+
+
+class ZeroHeadRegressionTest(parameterized.TestCase):
+  """XLA:CPU (jaxlib 0.10.2) returns garbage for a large vmapped forward pass through a
+  constant-zero head (`zeros_like`); `zero_head` must not produce such a constant."""
+
+  def test_large_batch_forward_through_zero_head(self):
+    model = mj.kao_conv(5)
+    params = model.init(jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (100, 75, 28, 28, 1))
+    y = jnp.tile(jnp.arange(5).repeat(15), (100, 1))
+    loss = jax.jit(jax.vmap(
+      lambda x, y: mj.cross_entropy(model.apply(mj.zero_head(params), x), y)))(x, y)
+    # Zero logits: the cross-entropy of every task is exactly log(5).
+    np.testing.assert_allclose(loss, np.log(5.0), rtol=1e-6)
