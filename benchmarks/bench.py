@@ -1,0 +1,742 @@
+"""metajax benchmark suite (issue 9): seconds per outer step, compile time, memory and FLOP rate.
+
+Every number comes from the library's default path: `metajax.conv4` / `metajax.kao_conv`,
+`metajax.MAML`, `metajax.make_meta_step` (the jitted step it builds is lowered and compiled
+ahead of time, and that exact executable is timed). Inputs are synthetic, with exactly the
+workloads' shapes, so only compute is measured (the data path is measured separately).
+
+Workloads (Omniglot 28x28x1, Conv-4 with 64 filters unless said; outer optimiser Adam 1e-3):
+  W1     second-order MAML, 5-way 1-shot, 15 queries/class, meta-batch 32, 1 inner step, lr 0.4
+  W5     W1 with 5 inner steps
+  WFO    W1 first-order
+  WANIL  W1 head-only inner loop (adapt_mask=metajax.head_mask)
+  W20    20-way 1-shot, 5 queries/class, meta-batch 16, 5 inner steps, lr 0.1
+  WP     Kao et al.'s net (metajax.kao_conv), 5-way 1-shot, 15 queries, meta-batch 32, 2 inner
+         steps, lr 0.4, second order;  WPFO: the same first order
+  FB5 / FB20 / FBP  the baselines: a plain forward+backward (+ Adam) of the same network over
+         the same images (every task's support+query images, BatchNorm per task as in MAML)
+
+What is measured, per workload, each in its own fresh subprocess:
+  * s/step: median (and min) of `--reps` timed outer steps after `--warmup` untimed ones
+    (defaults 10 and 2; `--quick`: 3 and 1). Each step is `block_until_ready`-ed.
+  * compile: `jit(...).lower(...)` and `.compile()` wall times (seconds).
+  * GFLOP: XLA `cost_analysis()["flops"]`. XLA counts the body of a while loop once, whatever its
+    trip count, so the inner-loop `lax.scan` of W5/W20/WP would be under-counted. We count on a
+    second lowering of the same step with every `lax.scan` unrolled (`unroll=True`), using the
+    *unoptimised* HLO's cost analysis (no second compile needed), with the task axis vmapped
+    (FLOPs do not depend on --task_map). The compiled program's own count (loop bodies once) is
+    in the JSON as `flops_compiled_loop_once`. GFLOP/s = GFLOP / median s/step.
+  * memory: `exec_peak_mb` = peak RSS during the timed steps minus the RSS just before them
+    (Linux `/proc/self/clear_refs` resets the high-water mark after compilation, so compiler memory
+    is excluded); `rss_peak_mb` = the whole subprocess's peak RSS (`getrusage`, compile included);
+    `xla_temp_mb` = `compiled.memory_analysis().temp_size_in_bytes`, exact for the program.
+  * the load average (`os.getloadavg()`) before and after each workload: on a shared machine the
+    times are inflated, so read them with it.
+
+Other modes (they add to the table; with one of them, the default workloads run only if
+`--workloads` is given):
+  --data         episodes/s of the jitted `sample_meta_batch` (32 tasks, 5-way 1-shot 15 queries)
+                 from the real Omniglot pools ($METAJAX_OMNIGLOT_DIR, default
+                 ../shared/data/omniglot from the repository root), "finn" meta-train split.
+                 On by default when the main workloads run (off with --nodata).
+  --memory       peak memory of W1-like second-order runs with --memory_steps inner steps
+                 (default 1,5,10,20), with and without `remat=True`; JSON + PNG.
+  --devices=N    the task-sharded step (`metajax.sharding`) in a subprocess with
+                 XLA_FLAGS=--xla_force_host_platform_device_count=N, checked against the
+                 one-device step (loss and updated params). On a 2-core CPU N fake devices share
+                 the same 2 cores: this shows correctness and overhead, not speedup.
+  --torch_python=PATH   runs benchmarks/torch_peers.py with that interpreter (a venv with
+                 torch==2.13.0 and higher) on --torch_workloads (default W1,W5,WFO) and reports
+                 metajax/peer ratios. Default: $METAJAX_TORCH_PYTHON, else /tmp/torchvenv if it
+                 exists, else this interpreter if it can import torch, else no peers.
+
+Usage:
+  python benchmarks/bench.py --quick --json=benchmarks/results/quick.json
+  python benchmarks/bench.py --workloads=W1,W5 --conv=lax --task_map=4
+  python benchmarks/bench.py --memory --memory_meta_batch=8 --json=benchmarks/results/memory.json
+  python benchmarks/bench.py --devices=4 --workloads=W1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  net: str  # "conv4" | "kao"
+  ways: int
+  shots: int
+  queries: int
+  meta_batch: int
+  inner_steps: int  # 0 for the plain forward+backward baselines
+  inner_lr: float
+  mode: str  # "second" | "first" | "anil" | "fwdbwd"
+  baseline: str | None = None
+  description: str = ""
+
+
+WORKLOADS = {
+  "W1": Workload("conv4", 5, 1, 15, 32, 1, 0.4, "second", "FB5", "2nd-order MAML 5w1s, 1 step"),
+  "W5": Workload("conv4", 5, 1, 15, 32, 5, 0.4, "second", "FB5", "2nd-order MAML 5w1s, 5 steps"),
+  "WFO": Workload("conv4", 5, 1, 15, 32, 1, 0.4, "first", "FB5", "first-order MAML 5w1s"),
+  "WANIL": Workload("conv4", 5, 1, 15, 32, 1, 0.4, "anil", "FB5", "ANIL (head-only inner loop)"),
+  "W20": Workload("conv4", 20, 1, 5, 16, 5, 0.1, "second", "FB20", "2nd-order 20w1s, 5 steps"),
+  "WP": Workload("kao", 5, 1, 15, 32, 2, 0.4, "second", "FBP", "Kao net, 2nd order, 2 steps"),
+  "WPFO": Workload("kao", 5, 1, 15, 32, 2, 0.4, "first", "FBP", "Kao net, first order, 2 steps"),
+  "FB5": Workload("conv4", 5, 1, 15, 32, 0, 0.0, "fwdbwd", None, "fwd+bwd Conv-4, 32x80 images"),
+  "FB20": Workload("conv4", 20, 1, 5, 16, 0, 0.0, "fwdbwd", None, "fwd+bwd Conv-4, 16x120 images"),
+  "FBP": Workload("kao", 5, 1, 15, 32, 0, 0.0, "fwdbwd", None, "fwd+bwd Kao net, 32x80 images"),
+}
+DEFAULT_WORKLOADS = ["W1", "W5", "WFO", "WANIL", "W20", "WP", "WPFO"]
+TINY = dict(filters=8, meta_batch=4, queries=2)  # --tiny: smoke-test shapes
+
+
+# ============================================================================ worker (subprocess)
+def _proc_status() -> dict[str, int]:
+  """VmRSS / VmHWM of this process in kB (Linux), {} elsewhere."""
+  try:
+    with open("/proc/self/status") as f:
+      return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+              if k in ("VmRSS", "VmHWM")}
+  except OSError:
+    return {}
+
+
+def _reset_peak_rss() -> bool:
+  """Resets the peak-RSS high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _maxrss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def _synthetic_tasks(w: Workload, meta_batch: int, queries: int, seed: int = 0):
+  import jax
+  import jax.numpy as jnp
+
+  import metajax
+
+  kx, kq = jax.random.split(jax.random.key(seed))
+  ns, nq = w.ways * w.shots, w.ways * queries
+  labels = jnp.arange(w.ways, dtype=jnp.int32)
+  return metajax.Task(
+    support_x=jax.random.uniform(kx, (meta_batch, ns, 28, 28, 1), jnp.float32),
+    support_y=jnp.tile(jnp.repeat(labels, w.shots), (meta_batch, 1)),
+    query_x=jax.random.uniform(kq, (meta_batch, nq, 28, 28, 1), jnp.float32),
+    query_y=jnp.tile(jnp.repeat(labels, queries), (meta_batch, 1)),
+  )
+
+
+def _conv_fn(name: str):
+  import jax
+
+  import metajax
+
+  return {"default": None, "lax": jax.lax.conv_general_dilated,
+          "im2col": metajax.conv.conv_general_dilated_im2col}[name]
+
+
+def _parse_task_map(value: str):
+  if value in ("vmap", "map"):
+    return value
+  k = int(value)
+  if k < 1:
+    raise ValueError(f"--task_map must be vmap, map or a positive int, got {value!r}")
+  return k
+
+
+def _build(w: Workload, spec: dict):
+  """-> (jitted step of the library, init state, tasks, a vmap/unrolled twin for FLOP counting)."""
+  import inspect
+
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import metajax
+  import metajax.sharding  # not re-exported by metajax/__init__
+
+  filters = spec.get("filters", 64)
+  meta_batch = spec.get("meta_batch") or w.meta_batch
+  queries = spec.get("queries") or w.queries
+  inner_steps = spec.get("inner_steps") or w.inner_steps
+  task_map = _parse_task_map(spec.get("task_map", "vmap"))
+  net = metajax.conv4 if w.net == "conv4" else metajax.kao_conv
+  model = net(w.ways, filters=filters, conv_fn=_conv_fn(spec.get("conv", "default")))
+  params = model.init(jax.random.key(0))
+  tasks = _synthetic_tasks(w, meta_batch, queries)
+  optimizer = optax.adam(1e-3)
+
+  if w.mode == "fwdbwd":
+    # The same network over the same images, no inner loop: per task, one batch of its
+    # support+query images (BatchNorm statistics per task, as in MAML), then Adam.
+    def task_loss(p, task):
+      x = jnp.concatenate([task.support_x, task.query_x])
+      y = jnp.concatenate([task.support_y, task.query_y])
+      return metajax.cross_entropy(model.apply(p, x), y)
+
+    def make_step(tm):
+      def step(state, tasks):
+        p, opt_state = state
+
+        def loss_fn(p):
+          return jnp.mean(metajax.map_tasks(functools.partial(task_loss, p), tasks, tm))
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), {"outer/loss": loss}
+
+      return step
+
+    state = (jax.tree.map(jnp.array, params), optimizer.init(params))
+    jitted = jax.jit(make_step(task_map), donate_argnums=(0,))
+    twin = jax.jit(make_step("vmap"))
+    return jitted, state, tasks, twin, None
+
+  learner = metajax.MAML(
+    model.apply, metajax.cross_entropy, num_inner_steps=inner_steps, inner_lr=w.inner_lr,
+    first_order=(w.mode == "first"),
+    adapt_mask=metajax.head_mask if w.mode == "anil" else None,
+    remat=bool(spec.get("remat", False)))
+  shardings = None
+  mesh = None
+  if spec.get("devices", 1) > 1:
+    mesh = metajax.sharding.task_mesh()
+    shardings = metajax.sharding.meta_step_shardings(mesh)
+  meta_step = metajax.make_meta_step(learner, optimizer, task_map=task_map, shardings=shardings)
+  # The library's own jitted step (what `meta_step.step` calls after its input checks); see the
+  # report's proposal to expose it as `meta_step.jitted`.
+  jitted = getattr(meta_step.step, "jitted", None) or \
+    inspect.getclosurevars(meta_step.step).nonlocals["compiled"]
+  state = meta_step.init(params)
+  if mesh is not None:
+    state = metajax.sharding.replicate(state, mesh)
+    tasks = metajax.sharding.shard_tasks(tasks, mesh)
+  # FLOP-counting twin: the same step, unjitted (jit=False gives the plain step function behind
+  # the input checks), with tasks vmapped, jitted here only to be lowered.
+  twin = jax.jit(inspect.getclosurevars(
+    metajax.make_meta_step(learner, optimizer, task_map="vmap", jit=False).step
+  ).nonlocals["compiled"])
+  extra = {"meta_step": meta_step, "learner": learner, "optimizer": optimizer, "params": params,
+           "mesh": mesh}
+  return jitted, state, tasks, twin, extra
+
+
+def _count_flops_unrolled(twin, state, tasks) -> float | None:
+  """FLOPs of the step with every lax.scan unrolled (unoptimised HLO cost analysis)."""
+  import jax
+
+  orig_scan = jax.lax.scan
+  jax.lax.scan = functools.partial(orig_scan, unroll=True)  # metajax.inner calls jax.lax.scan
+  try:
+    lowered = twin.lower(state, tasks)
+  finally:
+    jax.lax.scan = orig_scan
+  cost = lowered.cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0]
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _compiled_flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if isinstance(cost, list):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _device_check(extra, tasks_host, w: Workload, spec: dict, sharded_state_after) -> dict:
+  """Runs the one-device (unsharded) step from the same init and compares with the sharded one."""
+  import jax
+  import numpy as np
+
+  import metajax
+
+  meta_step = metajax.make_meta_step(extra["learner"], extra["optimizer"],
+                                     task_map=_parse_task_map(spec.get("task_map", "vmap")))
+  state = meta_step.init(extra["params"])
+  state, metrics = meta_step.step(state, tasks_host)
+  ref = jax.tree.map(np.asarray, state.params)
+  got = jax.tree.map(np.asarray, sharded_state_after.params)
+  diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))]
+  return {"one_device_loss": float(metrics["outer/loss"]),
+          "max_abs_param_diff_after_1_step": max(diffs)}
+
+
+def run_step_worker(spec: dict) -> dict:
+  import jax
+  import numpy as np
+
+  w = WORKLOADS[spec["workload"]]
+  if spec.get("tiny"):
+    spec = {**TINY, **spec}
+  out: dict = {"workload": spec["workload"], "spec": spec, "load_before": os.getloadavg(),
+               "devices": jax.device_count(), "backend": jax.default_backend()}
+  jitted, state, tasks, twin, extra = _build(w, spec)
+  jax.block_until_ready((state, tasks))
+  rss_before_compile = _proc_status().get("VmRSS", 0) / 1024.0
+
+  t0 = time.perf_counter()
+  lowered = jitted.lower(state, tasks)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  out["lower_s"], out["compile_s"] = t1 - t0, t2 - t1
+  out["flops_compiled_loop_once"] = _compiled_flops(compiled)
+  try:
+    out["flops"] = _count_flops_unrolled(twin, state, tasks)
+    out["flops_method"] = "unoptimised HLO cost_analysis, every lax.scan unrolled, tasks vmapped"
+  except Exception as e:  # noqa: BLE001
+    out["flops"], out["flops_method"] = out["flops_compiled_loop_once"], f"compiled ({e!r})"
+  try:
+    mem = compiled.memory_analysis()
+    out["xla_temp_mb"] = mem.temp_size_in_bytes / 2**20
+    out["xla_argument_mb"] = mem.argument_size_in_bytes / 2**20
+    out["xla_output_mb"] = mem.output_size_in_bytes / 2**20
+  except Exception:  # noqa: BLE001
+    out["xla_temp_mb"] = None
+
+  first_loss = None
+  tasks_host = jax.tree.map(np.asarray, tasks) if spec.get("devices", 1) > 1 else None
+  for i in range(spec["warmup"]):
+    state, metrics = compiled(state, tasks)
+    jax.block_until_ready((state, metrics))
+    if i == 0:
+      first_loss = float(metrics["outer/loss"])
+      if tasks_host is not None:
+        out["device_check"] = _device_check(extra, tasks_host, w, spec, state)
+        out["device_check"]["sharded_loss"] = first_loss
+  rss_before = _proc_status().get("VmRSS", 0) / 1024.0
+  out["peak_reset"] = _reset_peak_rss()
+  times = []
+  for i in range(spec["reps"]):
+    t = time.perf_counter()
+    state, metrics = compiled(state, tasks)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+    if first_loss is None:
+      first_loss = float(metrics["outer/loss"])
+  hwm = _proc_status().get("VmHWM", 0) / 1024.0
+  out["times"] = times
+  out["median_s"] = statistics.median(times)
+  out["min_s"] = min(times)
+  out["first_loss"] = first_loss
+  out["final_loss"] = float(metrics["outer/loss"])
+  out["exec_peak_mb"] = (hwm - rss_before) if out["peak_reset"] else None
+  out["rss_before_compile_mb"] = rss_before_compile
+  out["rss_peak_mb"] = _maxrss_mb()
+  out["gflops_per_s"] = (out["flops"] / out["median_s"] / 1e9) if out.get("flops") else None
+  out["load_after"] = os.getloadavg()
+  return out
+
+
+def run_data_worker(spec: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from metajax import data
+
+  out: dict = {"load_before": os.getloadavg()}
+  data_dir = os.environ.get(data.OMNIGLOT_DIR_ENV) or str(REPO.parent / "shared/data/omniglot")
+  t = time.perf_counter()
+  pool = data.load_omniglot(data_dir)
+  out["load_omniglot_s"] = time.perf_counter() - t  # cached after the first run ever
+  train = data.omniglot_split(pool, "finn")["train"]
+  images = jax.device_put(jnp.asarray(train.images))
+  out["pool_shape"] = list(train.images.shape)
+  num_tasks = spec.get("num_tasks", 32)
+  sampler = data.make_episode_sampler(train, 5, 1, 15)
+  fn = jax.jit(lambda key, images: data.sample_meta_batch(sampler, key, images,
+                                                          num_tasks=num_tasks))
+  root = jax.random.key(0)
+  t = time.perf_counter()
+  jax.block_until_ready(fn(root, images))
+  out["compile_s"] = time.perf_counter() - t
+  times = []
+  for i in range(spec.get("reps", 50)):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(jax.random.fold_in(root, i + 1), images))
+    times.append(time.perf_counter() - t)
+  out["times"] = times
+  out["median_s"] = statistics.median(times)
+  out["episodes_per_s"] = num_tasks / out["median_s"]
+  out["num_tasks"] = num_tasks
+  out["load_after"] = os.getloadavg()
+  return out
+
+
+def worker_main(spec: dict) -> None:
+  result = run_data_worker(spec) if spec.get("kind") == "data" else run_step_worker(spec)
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ============================================================================ driver
+def _run_subprocess(spec: dict, env_extra: dict | None = None, timeout: float = 3600) -> dict:
+  env = dict(os.environ)
+  env.update(env_extra or {})
+  cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+  t = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s", "spec": spec}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith(RESULT_PREFIX):
+      result = json.loads(line[len(RESULT_PREFIX):])
+      result["wall_s"] = time.perf_counter() - t
+      return result
+  return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}", "spec": spec}
+
+
+def _torch_python(flag: str | None) -> str | None:
+  if flag is not None:
+    return flag or None  # --torch_python= disables
+  env = os.environ.get("METAJAX_TORCH_PYTHON")
+  if env:
+    return env
+  if Path("/tmp/torchvenv/bin/python").exists():
+    return "/tmp/torchvenv/bin/python"
+  try:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+      return sys.executable
+  except ImportError:
+    pass
+  return None
+
+
+def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: bool,
+               timeout: float = 3600) -> dict:
+  script = Path(__file__).resolve().parent / "torch_peers.py"
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    path = f.name
+  cmd = [python, str(script), f"--workloads={','.join(workloads)}", f"--reps={reps}",
+         f"--warmup={warmup}", f"--json={path}"] + (["--tiny"] if tiny else [])
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s"}
+  try:
+    with open(path) as f:
+      result = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    result = {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+  finally:
+    if os.path.exists(path):
+      os.unlink(path)
+  return result
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=1, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _machine() -> dict:
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  import jax
+
+  return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+          "jax": jax.__version__, "platform": platform.platform()}
+
+
+def _fmt(x, spec=".2f", missing="-"):
+  return missing if x is None else format(x, spec)
+
+
+def _load_str(r: dict) -> str:
+  lb, la = r.get("load_before"), r.get("load_after")
+  return f"{lb[0]:.1f}/{la[0]:.1f}" if lb and la else "-"
+
+
+def format_table(results: dict) -> str:
+  rows = []
+  header = ["workload", "s/step med", "min", "n", "compile s", "GFLOP", "GFLOP/s", "vs fwd+bwd",
+            "exec peak MB", "XLA temp MB", "rss peak MB", "torch higher", "torch.func",
+            "jax/peer", "load 1m"]
+  torch = results.get("torch", {}).get("workloads", {})
+  for name, r in results.get("workloads", {}).items():
+    if "error" in r:
+      rows.append([name, "ERROR: " + r["error"].splitlines()[-1][:80]] + [""] * (len(header) - 2))
+      continue
+    base = results["workloads"].get(WORKLOADS[name].baseline or "", {})
+    vs = (f"{r['median_s'] / base['median_s']:.2f}x" if base.get("median_s") else "-")
+    peers = torch.get(name, {})
+    hi = peers.get("higher", {}).get("median_s")
+    fu = peers.get("func", {}).get("median_s")
+    best = min([p for p in (hi, fu) if p], default=None)
+    rows.append([
+      name, _fmt(r["median_s"], ".3f"), _fmt(r["min_s"], ".3f"), str(len(r["times"])),
+      _fmt(r["lower_s"] + r["compile_s"], ".1f"), _fmt(r["flops"] / 1e9 if r.get("flops") else None,
+                                                        ".1f"),
+      _fmt(r.get("gflops_per_s"), ".1f"), vs, _fmt(r.get("exec_peak_mb"), ".0f"),
+      _fmt(r.get("xla_temp_mb"), ".0f"), _fmt(r.get("rss_peak_mb"), ".0f"), _fmt(hi, ".3f"),
+      _fmt(fu, ".3f"), f"{r['median_s'] / best:.2f}" if best else "-", _load_str(r)])
+  widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+            for i, h in enumerate(header)]
+  lines = [" | ".join(h.ljust(wd) for h, wd in zip(header, widths))]
+  lines.append("-+-".join("-" * wd for wd in widths))
+  lines += [" | ".join(c.ljust(wd) for c, wd in zip(row, widths)) for row in rows]
+  d = results.get("data")
+  if d:
+    if "error" in d:
+      lines.append(f"\ndata path: ERROR {d['error'][-300:]}")
+    else:
+      lines.append(f"\ndata path: {d['episodes_per_s']:.0f} episodes/s (jitted sample_meta_batch "
+                   f"of {d['num_tasks']} 5w1s15q tasks from the finn train pool "
+                   f"{d['pool_shape']}, median {d['median_s'] * 1e3:.1f} ms of "
+                   f"{len(d['times'])}; load_omniglot {d['load_omniglot_s']:.1f} s; load "
+                   f"{_load_str(d)})")
+  for name, r in results.get("devices", {}).items():
+    if "error" in r:
+      lines.append(f"devices {name}: ERROR {r['error'][-300:]}")
+      continue
+    one = results.get("workloads", {}).get(name.split("@")[0], {})
+    chk = r.get("device_check", {})
+    lines.append(f"devices {name}: {r['median_s']:.3f} s/step (min {r['min_s']:.3f}, n "
+                 f"{len(r['times'])}) on {r['devices']} forced host devices"
+                 + (f" vs {one['median_s']:.3f} on 1" if one.get("median_s") else "")
+                 + f"; loss sharded {chk.get('sharded_loss', float('nan')):.6f} vs one device "
+                 f"{chk.get('one_device_loss', float('nan')):.6f}, max |param diff| after 1 step "
+                 f"{chk.get('max_abs_param_diff_after_1_step', float('nan')):.2e}; load "
+                 f"{_load_str(r)}")
+  if results.get("torch", {}).get("error"):
+    lines.append(f"torch peers: ERROR {results['torch']['error'][-300:]}")
+  return "\n".join(lines)
+
+
+def format_memory(mem: dict) -> str:
+  lines = ["inner steps | remat | exec peak MB | XLA temp MB | rss peak MB | s/step | load"]
+  for r in mem.get("runs", []):
+    if "error" in r:
+      lines.append(f"{r['spec'].get('inner_steps')} | {r['spec'].get('remat')} | ERROR "
+                   f"{r['error'][-200:]}")
+      continue
+    s = r["spec"]
+    lines.append(f"{s['inner_steps']} | {s['remat']} | {_fmt(r.get('exec_peak_mb'), '.0f')} | "
+                 f"{_fmt(r.get('xla_temp_mb'), '.0f')} | {_fmt(r.get('rss_peak_mb'), '.0f')} | "
+                 f"{r['median_s']:.2f} | {_load_str(r)}")
+  return "\n".join(lines)
+
+
+def plot_memory(mem: dict, path: str | os.PathLike) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for remat, style in ((False, "o-"), (True, "s--")):
+    runs = sorted((r for r in mem["runs"] if "error" not in r and r["spec"]["remat"] == remat),
+                  key=lambda r: r["spec"]["inner_steps"])
+    steps = [r["spec"]["inner_steps"] for r in runs]
+    label = "remat=True" if remat else "remat=False"
+    axes[0].plot(steps, [r.get("exec_peak_mb") or 0 for r in runs], style, label=label)
+    axes[1].plot(steps, [r.get("xla_temp_mb") or 0 for r in runs], style, label=label)
+  axes[0].set_title("peak RSS during the step (MB)")
+  axes[1].set_title("XLA temp buffers, memory_analysis (MB)")
+  for ax in axes:
+    ax.set_xlabel("inner steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(f"second-order MAML, Conv-4 5w1s15q, meta-batch {mem['meta_batch']} "
+               f"(load {mem.get('load', '?')})", fontsize=10)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--worker", help=argparse.SUPPRESS)
+  p.add_argument("--quick", action="store_true",
+                 help="3 timed steps after 1 warm-up (default 10 after 2), 20 data reps")
+  p.add_argument("--workloads", default=None,
+                 help=f"comma list from {','.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
+  p.add_argument("--json", default=None, help="write all results there (atomically)")
+  p.add_argument("--reps", type=int, default=None)
+  p.add_argument("--warmup", type=int, default=None)
+  p.add_argument("--conv", default="default", choices=["default", "lax", "im2col"],
+                 help="default: the library's choice for the backend (im2col on CPU)")
+  p.add_argument("--task_map", default="vmap", help="vmap | map | k (lax.map over chunks of k)")
+  p.add_argument("--nobaseline", action="store_true", help="skip the fwd+bwd baselines")
+  p.add_argument("--nodata", action="store_true", help="skip the data-path benchmark")
+  p.add_argument("--data", action="store_true", help="run the data-path benchmark")
+  p.add_argument("--torch_python", default=None,
+                 help="interpreter with torch for the peers ('' disables; default: auto)")
+  p.add_argument("--torch_workloads", default="W1,W5,WFO")
+  p.add_argument("--memory", action="store_true", help="the inner-steps x remat memory sweep")
+  p.add_argument("--memory_steps", default="1,5,10,20")
+  p.add_argument("--memory_meta_batch", type=int, default=32)
+  p.add_argument("--memory_png", default=None, help="default: next to --json, else benchmarks/results")
+  p.add_argument("--devices", type=int, default=1, help="N > 1: the task-sharded step on N devices")
+  p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test shapes
+  p.add_argument("--timeout", type=float, default=3600, help="per subprocess, seconds")
+  args = p.parse_args(argv)
+
+  if args.worker:
+    worker_main(json.loads(args.worker))
+    return 0
+
+  reps = args.reps if args.reps is not None else (3 if args.quick else 10)
+  warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+  extra_mode = args.memory or args.devices > 1
+  if args.workloads is None:
+    names = [] if extra_mode else list(DEFAULT_WORKLOADS)
+  else:
+    names = [n for n in args.workloads.split(",") if n]
+  unknown = [n for n in names if n not in WORKLOADS]
+  if unknown:
+    p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+  _parse_task_map(args.task_map)
+  run_names = list(names)
+  if not args.nobaseline:
+    for n in names:
+      b = WORKLOADS[n].baseline
+      if b and b not in run_names:
+        run_names.append(b)
+
+  common = {"conv": args.conv, "task_map": args.task_map, "reps": reps, "warmup": warmup,
+            "tiny": args.tiny}
+  results: dict = {
+    "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+             "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+             "machine": _machine(), "load_start": os.getloadavg(), "reps": reps,
+             "warmup": warmup, "quick": args.quick, "conv": args.conv,
+             "task_map": args.task_map, "tiny": args.tiny,
+             "timing": "median of `reps` outer steps after `warmup` untimed ones, each in its own "
+                       "subprocess; times inflated when the load average exceeds the core count"},
+    "workloads": {},
+  }
+
+  def save():
+    results["meta"]["load_end"] = os.getloadavg()
+    if args.json:
+      write_json_atomic(args.json, results)
+
+  def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
+
+  for name in run_names:
+    log(f"{name} ...")
+    r = _run_subprocess({**common, "workload": name}, timeout=args.timeout)
+    results["workloads"][name] = r
+    log(f"{name}: " + (r["error"][-300:] if "error" in r else
+                       f"{r['median_s']:.3f} s/step, compile {r['compile_s']:.1f} s"))
+    save()
+
+  if (names and not args.nodata) or args.data:
+    log("data path ...")
+    results["data"] = _run_subprocess({"kind": "data", "reps": 20 if args.quick else 100,
+                                       "num_tasks": 32}, timeout=args.timeout)
+    save()
+
+  torch_python = _torch_python(args.torch_python)
+  torch_names = [n for n in args.torch_workloads.split(",") if n in names]
+  if torch_python and torch_names:
+    log(f"torch peers {torch_names} with {torch_python} ...")
+    results["torch"] = _run_torch(torch_python, torch_names, reps, warmup, args.tiny,
+                                  timeout=args.timeout)
+    save()
+  elif names:
+    results["torch"] = {"skipped": "no interpreter with torch (see --torch_python)"}
+
+  if args.devices > 1:
+    results["devices"] = {}
+    env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
+                         f" --xla_force_host_platform_device_count={args.devices}").strip()}
+    for name in (names or ["W1"]):
+      if WORKLOADS[name].mode == "fwdbwd":
+        continue
+      log(f"{name} on {args.devices} devices ...")
+      r = _run_subprocess({**common, "workload": name, "devices": args.devices,
+                           "warmup": max(warmup, 1)}, env, timeout=args.timeout)
+      results["devices"][f"{name}@{args.devices}"] = r
+      save()
+
+  if args.memory:
+    steps = [int(s) for s in args.memory_steps.split(",") if s]
+    mem = {"meta_batch": args.memory_meta_batch, "runs": [], "load": f"{os.getloadavg()[0]:.1f}",
+           "note": "exec_peak_mb: peak RSS during the steps minus RSS before them; xla_temp_mb: "
+                   "compiled.memory_analysis().temp_size_in_bytes"}
+    for remat in (False, True):
+      for s in steps:
+        log(f"memory: {s} inner steps, remat={remat} ...")
+        mem["runs"].append(_run_subprocess(
+          {**common, "workload": "W1", "inner_steps": s, "remat": remat,
+           "meta_batch": args.memory_meta_batch, "reps": 1 if args.quick else min(reps, 3),
+           "warmup": 0}, timeout=args.timeout))
+        results["memory"] = mem
+        save()
+    png = args.memory_png or str((Path(args.json).parent if args.json else REPO / "benchmarks" /
+                                  "results") / "memory.png")
+    plot_memory(mem, png)
+    mem["png"] = png
+    save()
+
+  print()
+  print(f"metajax benchmarks, {results['meta']['date']}, {results['meta']['machine']['cpu']} "
+        f"({results['meta']['machine']['cores']} cores), jax {results['meta']['machine']['jax']}")
+  print(f"load average at start {results['meta']['load_start'][0]:.1f}, end "
+        f"{os.getloadavg()[0]:.1f}; s/step = median of {reps} after {warmup} warm-up; "
+        "'load 1m' = 1-minute load before/after the workload (times are inflated when > cores)")
+  print(format_table(results))
+  if args.memory:
+    print()
+    print(format_memory(results["memory"]))
+    print(f"plot: {results['memory']['png']}")
+  save()
+  failed = [n for n, r in results["workloads"].items() if "error" in r]
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,65 @@
+"""Smoke test of benchmarks/bench.py's quick path on tiny shapes (the driver, one worker run
+in-process, the table, the atomic JSON and the memory plot)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("metajax_bench", BENCH)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
+  # Run the workers in-process (a subprocess per workload is what the real run does; here it
+  # would only add interpreter start-up time).
+  def in_process(spec, env_extra=None, timeout=0):
+    return bench.run_step_worker(spec)
+
+  monkeypatch.setattr(bench, "_run_subprocess", in_process)
+  out = tmp_path / "r" / "quick.json"
+  rc = bench.main(["--quick", "--tiny", "--workloads=WPFO", "--nobaseline", "--nodata",
+                   "--torch_python=", "--reps=2", "--warmup=0", f"--json={out}"])
+  assert rc == 0
+  results = json.loads(out.read_text())
+  r = results["workloads"]["WPFO"]
+  assert len(r["times"]) == 2 and r["median_s"] > 0
+  assert r["compile_s"] > 0 and r["flops"] > 0 and r["xla_temp_mb"] > 0
+  assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
+  assert len(results["meta"]["load_start"]) == 3
+  assert not list(out.parent.glob("*.tmp"))  # atomic write left no temporary behind
+  table = capsys.readouterr().out
+  assert "WPFO" in table and "load average" in table
+
+
+def test_table_and_memory_plot(bench, tmp_path):
+  run = {"median_s": 2.0, "min_s": 1.5, "times": [2.0, 1.5, 2.5], "lower_s": 1.0, "compile_s": 3.0,
+         "flops": 4e9, "gflops_per_s": 2.0, "exec_peak_mb": 10.0, "xla_temp_mb": 9.0,
+         "rss_peak_mb": 700.0, "load_before": [5.0, 5.0, 5.0], "load_after": [6.0, 6.0, 6.0]}
+  results = {"workloads": {"W1": run, "FB5": {**run, "median_s": 1.0},
+                           "W5": {"error": "exit 1: boom"}},
+             "torch": {"workloads": {"W1": {"higher": {"median_s": 4.0},
+                                            "func": {"median_s": 5.0}}}}}
+  table = bench.format_table(results)
+  assert "2.00x" in table  # W1 vs its fwd+bwd baseline
+  assert "0.50" in table  # metajax / best peer
+  assert "ERROR" in table
+  mem = {"meta_batch": 4, "runs": [
+    {**run, "spec": {"inner_steps": s, "remat": remat}} for s in (1, 2) for remat in (False, True)
+  ]}
+  png = tmp_path / "memory.png"
+  bench.plot_memory(mem, png)
+  assert png.stat().st_size > 1000
+  assert "remat" in bench.format_memory(mem)
