@@ -23,7 +23,7 @@ def _image(key, shape=(12, 10, 2)):
 class ApplyAffineTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters((12, 10, 2), (28, 28, 1), (7, 9))
+  @parameterized.parameters((12, 10, 2), (7, 9))
   def test_identity_params_give_the_identity(self, *shape):
     image = _image(jax.random.key(0), shape)
     out = self.variant(aug.apply_affine)(image, aug.identity_affine())
@@ -63,11 +63,10 @@ class ApplyAffineTest(chex.TestCase):
 
 class RandomAugmentTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_shape_dtype_range(self):
     augment = aug.make_affine_augment(max_shear=0.1)
     images = _image(jax.random.key(4), (6, 28, 28, 1))
-    out = self.variant(lambda k, x: aug.augment_batch(augment, k, x))(jax.random.key(5), images)
+    out = jax.jit(lambda k, x: aug.augment_batch(augment, k, x))(jax.random.key(5), images)
     chex.assert_shape(out, images.shape)
     chex.assert_type(out, jnp.float32)
     self.assertGreaterEqual(float(out.min()), 0.0)
@@ -83,7 +82,7 @@ class RandomAugmentTest(chex.TestCase):
     self.assertFalse(np.allclose(augment(jax.random.key(8), image), augment(key, image)))
 
   def test_sampled_params_in_range(self):
-    params = jax.vmap(aug.sample_affine)(jax.random.split(jax.random.key(9), 500))
+    params = jax.jit(jax.vmap(aug.sample_affine))(jax.random.split(jax.random.key(9), 500))
     self.assertLessEqual(float(jnp.max(jnp.abs(params.rotation))), aug.MAX_ROTATION)
     self.assertGreaterEqual(float(params.scale.min()), 0.9)
     self.assertLessEqual(float(params.scale.max()), 1.1)

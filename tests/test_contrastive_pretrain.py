@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,11 @@ def _pool(key, classes=6, per_class=4):
 MILD = dict(max_rotation=0.1, max_translation=0.5, scale_range=(0.95, 1.05))
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _class_batch(key, images, classes):
+  return pretrain.sample_class_batch(key, images, classes_per_batch=classes, images_per_class=2)
+
+
 def _model():
   return mj.mlp(WAYS, hidden=(16,), input_shape=(SIZE, SIZE, 1))
 
@@ -43,8 +50,7 @@ class ObjectiveTest(chex.TestCase):
   def test_identity_views_give_the_closed_form_losses(self):
     model = _model()
     params = model.init(jax.random.key(0))
-    x, y = pretrain.sample_class_batch(jax.random.key(1), _pool(jax.random.key(2)),
-                                       classes_per_batch=3, images_per_class=2)
+    x, y = _class_batch(jax.random.key(1), _pool(jax.random.key(2)), 3)
     z = model.features(params, jnp.concatenate([x, x]))
     z1, z2 = z[:6], z[6:]
     simclr = cp.simclr_objective(model.features, aug.identity_augment, temperature=0.5)
@@ -60,8 +66,7 @@ class ObjectiveTest(chex.TestCase):
   def test_pretraining_reduces_the_loss(self, name):
     model = _model()
     images = _pool(jax.random.key(4))
-    batch = pretrain.sample_class_batch(jax.random.key(5), images, classes_per_batch=6,
-                                        images_per_class=2)
+    batch = _class_batch(jax.random.key(5), images, 6)
     make = {"simclr": cp.simclr_objective, "supcon": cp.supcon_objective}[name]
     objective = make(model.features, aug.make_affine_augment(**MILD))
     meta_step = pretrain.make_pretrain_step(objective, optax.adam(1e-2), key=jax.random.key(6))
@@ -80,7 +85,8 @@ class FewShotTest(chex.TestCase):
     params = model.init(jax.random.key(8))
     images = _pool(jax.random.key(9))
     sample = mj.data.make_episode_sampler(images, ways=WAYS, shots=1, queries=2)
-    tasks = mj.data.sample_meta_batch(sample, jax.random.key(10), images, num_tasks=4)
+    tasks = jax.jit(lambda k: mj.data.sample_meta_batch(sample, k, images, num_tasks=4))(
+      jax.random.key(10))
     probe = cp.linear_probe_learner(model, mj.cross_entropy, num_inner_steps=10, inner_lr=0.5)
     protos = cp.prototype_learner(model, WAYS)
     for learner in (probe, protos):
@@ -88,7 +94,7 @@ class FewShotTest(chex.TestCase):
       np.testing.assert_allclose(per_task["loss_before"], np.log(WAYS), rtol=1e-6)
       self.assertGreater(float(per_task["accuracy_after"].mean()), 1.0 / WAYS)
     task = jax.tree.map(lambda a: a[0], tasks)
-    adapted = probe.adapt(params, task.support_x, task.support_y)
+    adapted = jax.jit(probe.adapt)(params, task.support_x, task.support_y)
     chex.assert_trees_all_equal(adapted["encoder"], params["encoder"])  # frozen encoder
 
 

@@ -28,11 +28,10 @@ def _labelled_pool() -> np.ndarray:
 
 class DataTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_class_batch_has_global_labels(self):
     pool = _labelled_pool()
     sample = pretrain.make_class_batch_sampler(pool, classes_per_batch=3, images_per_class=2)
-    x, y = self.variant(sample)(jax.random.key(0), pool)
+    x, y = jax.jit(sample)(jax.random.key(0), pool)
     chex.assert_shape([x, y], [(6, SIZE, SIZE, 1), (6,)])
     value = np.asarray(x)[:, 0, 0, 0]
     np.testing.assert_array_equal(np.floor(value + 1e-4).astype(int), y)  # label = class index
@@ -67,31 +66,18 @@ class PretrainStepTest(chex.TestCase):
       objective = pretrain.supervised_objective(model.apply, mj.cross_entropy)
       meta_step = pretrain.make_pretrain_step(objective, optax.sgd(0.5))
       state, metrics = meta_step.step(meta_step.init(params), batch)
-      grads = jax.grad(lambda p: mj.cross_entropy(model.apply(p, batch[0]), batch[1]))(params)
+      grads = jax.jit(jax.grad(lambda p: mj.cross_entropy(model.apply(p, batch[0]), batch[1])))(
+        params)
       chex.assert_trees_all_close(state.params,
                                   jax.tree.map(lambda p, g: p - 0.5 * g, params, grads),
                                   rtol=F64_TOL, atol=1e-13)
       self.assertEqual(set(metrics), {"outer/loss", "outer/grad_norm", "outer/accuracy"})
       losses = [float(metrics["outer/loss"])]
-      for _ in range(10):
+      for _ in range(5):
         state, metrics = meta_step.step(state, batch)
         losses.append(float(metrics["outer/loss"]))
       self.assertLess(losses[-1], 0.5 * losses[0])
-      self.assertEqual(int(state.step), 11)
-
-  def test_jit_equals_no_jit(self):
-    model = mj.mlp(3, hidden=(8,), input_shape=(4,))
-    params = model.init(jax.random.key(4))
-    batch = _blobs(jax.random.key(5))
-    out = []
-    for jit in (True, False):
-      meta_step = pretrain.make_pretrain_step(
-        pretrain.supervised_objective(model.apply, mj.cross_entropy), optax.adam(1e-2), jit=jit)
-      state = meta_step.init(params)
-      for _ in range(2):
-        state, metrics = meta_step.step(state, batch)
-      out.append((state.params, metrics))
-    chex.assert_trees_all_close(out[0], out[1], rtol=F32_TOL, atol=1e-6)
+      self.assertEqual(int(state.step), 6)
 
 
 class FinetuneTest(chex.TestCase):
