@@ -9,20 +9,26 @@ The public API, re-exported from its modules:
 - losses: `cross_entropy`, `mse_onehot`, `mse`, `accuracy`, `make_loss_fn`
 - evaluation: `evaluate`, `evaluate_tasks`, `mean_confidence_interval`
 - contrastive losses: `info_nce`, `supcon`, `triplet`, `batch_hard_triplet`
+- the family: `Reptile`, `make_reptile_step`, `ProtoNet`
 - types: `Task`
 
 Submodules: `metajax.data` (Omniglot, mini-ImageNet, sinusoid tasks, episode samplers),
 `metajax.theory` (MAML's encoder gradient as a noisy contrastive loss, Kao et al.),
-`metajax.conv` (the fast im2col convolution used on CPU).
+`metajax.conv` (the fast im2col convolution used on CPU), `metajax.sharding` (tasks over a device
+mesh), `metajax.pretrain` and `metajax.contrastive_pretrain` (joint and contrastive pre-training
+baselines), `metajax.augment` (random affine transforms), `metajax.umtra` (unsupervised tasks).
 """
 
-from metajax import conv, data, theory
+from metajax import (augment, contrastive_pretrain, conv, data, pretrain, sharding, theory,
+                     umtra)
 from metajax.contrastive import batch_hard_triplet, info_nce, supcon, triplet
 from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
 from metajax.inner import adapt
 from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
 from metajax.meta import (MAML, MetaState, MetaStep, make_meta_step, map_tasks, meta_loss,
                           with_zeroing)
+from metajax.protonet import ProtoNet
+from metajax.reptile import Reptile, make_reptile_step
 from metajax.models import Model, conv4, kao_conv, mlp, model_from_encoder
 from metajax.types import Task
 from metajax.variants import encoder_mask, head_mask, zero_head
@@ -34,10 +40,14 @@ __all__ = [
   "MetaState",
   "MetaStep",
   "Model",
+  "ProtoNet",
+  "Reptile",
   "Task",
   "accuracy",
   "adapt",
+  "augment",
   "batch_hard_triplet",
+  "contrastive_pretrain",
   "conv",
   "conv4",
   "cross_entropy",
@@ -50,17 +60,21 @@ __all__ = [
   "kao_conv",
   "make_loss_fn",
   "make_meta_step",
+  "make_reptile_step",
   "map_tasks",
   "mean_confidence_interval",
   "meta_loss",
   "mlp",
   "model_from_encoder",
+  "pretrain",
   "mse",
   "mse_onehot",
+  "sharding",
   "summarize",
   "supcon",
   "theory",
   "triplet",
+  "umtra",
   "with_zeroing",
   "zero_head",
 ]
