@@ -16,11 +16,12 @@ Submodules: `metajax.data` (Omniglot, mini-ImageNet, sinusoid tasks, episode sam
 `metajax.theory` (MAML's encoder gradient as a noisy contrastive loss, Kao et al.),
 `metajax.conv` (the fast im2col convolution used on CPU), `metajax.sharding` (tasks over a device
 mesh), `metajax.pretrain` and `metajax.contrastive_pretrain` (joint and contrastive pre-training
-baselines), `metajax.augment` (random affine transforms), `metajax.umtra` (unsupervised tasks).
+baselines), `metajax.augment` (random affine transforms), `metajax.umtra` (unsupervised tasks),
+`metajax.gradient_noise` (measuring MAML's gradient noise during training).
 """
 
-from metajax import (augment, contrastive_pretrain, conv, data, pretrain, sharding, theory,
-                     umtra)
+from metajax import (augment, contrastive_pretrain, conv, data, gradient_noise, pretrain, sharding,
+                     theory, umtra)
 from metajax.contrastive import batch_hard_triplet, info_nce, supcon, triplet
 from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
 from metajax.inner import adapt
@@ -55,6 +56,7 @@ __all__ = [
   "encoder_mask",
   "evaluate",
   "evaluate_tasks",
+  "gradient_noise",
   "head_mask",
   "info_nce",
   "kao_conv",

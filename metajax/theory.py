@@ -68,7 +68,7 @@ sums to 1). So L = eta E_{(s,t)~S} [q_t - 1{t=u}] <phi(s), phi(q)> (Corollary 1)
 first-order (phi(s) stopped) and the second-order (phi(s) differentiable) learner. With zeroing and
 K > 1 the coefficient noise of the later steps is *not* 0 (s^(k) != 0 for k >= 1).
 
-What differs from the paper's statement (slides in /work/shared/seeds/001_*.txt)
+What differs from the paper's statement (the slides of Kao et al., NeurIPS 2021 workshop)
 * Scale: our losses are means over examples (mse_onehot is mean_n 1/2 ||out - onehot||^2) and
   meta_loss is a mean over tasks, so the query sum becomes 1/M sum_m and E_S is 1/N sum_n; the
   paper writes one query. With these factors the gradients are *equal*, not just proportional.
