@@ -86,7 +86,6 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -176,9 +175,12 @@ learners = {
 # * **the gradient split** on fixed training tasks: `metajax.theory.decompose_encoder_gradient`
 #   gives the encoder gradient as contrastive part + noise. It is exact for the head-only inner
 #   loop of the theory (ANIL); we evaluate it at the parameters each MAML run has reached. With the
-#   zeroing trick and one inner step the noise is 0 up to round-off;
+#   zeroing trick and one inner step the noise is 0 up to round-off (to train the ANIL learners
+#   themselves and take the same measurements, see `metajax.gradient_noise.measure_during_training`
+#   and `experiments/gradient_noise.py`);
 # * **feature similarity**: the mean cosine similarity of the encoder features of same-class and
-#   of different-class pairs of images in the held-out episodes.
+#   of different-class pairs of images in the held-out episodes
+#   (`metajax.gradient_noise.task_feature_similarity`, over `metajax.theory.feature_similarity`).
 
 # %%
 test_learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=TEST_INNER_STEPS,
@@ -194,14 +196,8 @@ def gradient_split(start_params, tasks, first_order):
   return {k: split[k] for k in ("cosine", "total_norm", "contrastive_norm", "noise_norm")}
 
 
-@jax.jit
-def class_similarity(start_params, tasks):
-  def one(task):  # support and query of one episode together
-    x = jnp.concatenate([task.support_x, task.query_x])
-    y = jnp.concatenate([task.support_y, task.query_y])
-    return mj.theory.feature_similarity(model.features(start_params, x), y)
-
-  return jax.tree.map(jnp.mean, jax.vmap(one)(tasks))
+class_similarity = jax.jit(
+  functools.partial(mj.gradient_noise.task_feature_similarity, model.features))
 
 
 def measure(learner, meta_params, step):
