@@ -3,21 +3,20 @@
 Everything a config selects by name is looked up in a registry here, so a new algorithm, model or
 dataset is one entry, never an `if` in the loop:
 
-    ALGORITHMS["reptile"] = lambda model, loss, config: ...   # -> a learner with MAML's interface
+    ALGORITHMS["reptile"] = Algorithm(learner=..., step=make_reptile_step-like builder)
 
 `validate_config` checks a config against what is known about each dataset *before* any data is
 loaded or anything is compiled, and raises one ValueError that lists every problem.
 
 The config fields (see `experiments/configs/omniglot.py` for their defaults and meaning):
   dataset, data_dir, cache_dir, split, rotations, model, filters, hidden, algorithm, zeroing, loss,
-  ways, shots, queries, meta_batch_size, num_inner_steps, eval_num_inner_steps, inner_lr, meta_lr,
+  reptile_serial, ways, train_ways, shots, queries, meta_batch_size, num_inner_steps, eval_num_inner_steps, inner_lr, meta_lr,
   optimizer, num_steps, eval_every, eval_split, eval_num_tasks, test_num_tasks, eval_batch_size,
   eval_seed, log_every, checkpoint_every, keep_checkpoints, seed, task_map, remat.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -28,8 +27,12 @@ import optax
 
 from metajax import losses as losses_lib
 from metajax import models as models_lib
-from metajax.meta import MAML, TaskMap, with_zeroing
+from metajax.augment import make_affine_augment
+from metajax.meta import MAML, MetaStep, TaskMap, make_meta_step, with_zeroing
+from metajax.protonet import ProtoNet
+from metajax.reptile import Reptile, make_reptile_step
 from metajax.types import Array, PRNGKey, Task
+from metajax.umtra import make_umtra_sampler
 from metajax.variants import head_mask
 
 Config = ml_collections.ConfigDict | ml_collections.FrozenConfigDict
@@ -43,26 +46,86 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------- registry
 
-# name -> (model, loss, config) -> learner. Zeroing (`config.zeroing`) is composed on top of any
-# learner that supports it.
-AlgorithmBuilder = Callable[[models_lib.Model, losses_lib.Loss, Config], Learner]
+def _maml_kwargs(config: Config, num_inner_steps: int) -> dict[str, Any]:
+  return dict(num_inner_steps=num_inner_steps, inner_lr=config.inner_lr, remat=config.remat)
 
 
-def _maml_kwargs(config: Config) -> dict[str, Any]:
-  return dict(num_inner_steps=config.num_inner_steps, inner_lr=config.inner_lr,
-              remat=config.remat)
+def train_ways(config: Config) -> int:
+  """Ways of the training episodes: `config.train_ways`, or `config.ways` when it is 0."""
+  return config.get("train_ways") or config.ways
 
 
-ALGORITHMS: dict[str, AlgorithmBuilder] = {
+def _meta_step(learner: Learner, optimizer: optax.GradientTransformation, config: Config, *,
+               task_map: TaskMap, jit: bool) -> MetaStep:
+  del config
+  return make_meta_step(learner, optimizer, task_map=task_map, jit=jit)
+
+
+def _reptile_step(learner: Learner, optimizer: optax.GradientTransformation, config: Config, *,
+                  task_map: TaskMap, jit: bool) -> MetaStep:
+  return make_reptile_step(learner, optimizer, serial=bool(config.reptile_serial),
+                           task_map=task_map, jit=jit)
+
+
+def _episodes(config: Config, images: Array) -> Callable[..., Task]:
+  """Labelled `train_ways`-way `shots`-shot episodes of the training classes."""
+  from metajax import data as data_lib  # local: data imports PIL and the loaders
+
+  return data_lib.make_episode_sampler(images, train_ways(config), config.shots, config.queries)
+
+
+def _umtra_tasks(config: Config, images: Array) -> Callable[..., Task]:
+  """UMTRA's unsupervised tasks, as in the paper: `ways` random images of the pool (labels
+  ignored), the support example the image itself, the query example a random affine augmentation
+  of it (1 shot, 1 query; `shots` and `queries` apply to the labelled evaluation episodes)."""
+  return make_umtra_sampler(images, config.ways, shots=1, queries=1,
+                            augment=make_affine_augment())
+
+
+class Algorithm(NamedTuple):
+  """Everything `config.algorithm` selects.
+
+  Attributes:
+    learner: `(model, loss, config, num_inner_steps) -> learner` (MAML's interface: `init`,
+      `model_params`, `adapt`, `task_loss`); evaluation builds it again with
+      `eval_num_inner_steps` (a learner without inner steps ignores the argument).
+    step: `(learner, optimizer, config, *, task_map, jit) -> MetaStep` (the shared `MetaState`).
+    train_tasks: `(config, train images [C, M, ...]) -> sample(key, images) -> Task`, the
+      training task sampler (evaluation episodes are always labelled `ways`-way episodes).
+    classification_only: refuse regression datasets.
+    higher_way: supports `train_ways` different from `ways` (one learner for both).
+  """
+
+  learner: Callable[[models_lib.Model, losses_lib.Loss, Config, int], Learner]
+  step: Callable[..., MetaStep] = _meta_step
+  train_tasks: Callable[[Config, Array], Callable[..., Task]] = _episodes
+  classification_only: bool = False
+  higher_way: bool = False
+
+
+ALGORITHMS: dict[str, Algorithm] = {
   # Finn et al. 2017: exact second-order meta-gradient.
-  "maml": lambda model, loss, c: MAML(model.apply, loss, **_maml_kwargs(c)),
+  "maml": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, **_maml_kwargs(c, k))),
   # First-order MAML: no gradient through the inner gradients.
-  "fomaml": lambda model, loss, c: MAML(model.apply, loss, first_order=True, **_maml_kwargs(c)),
+  "fomaml": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, first_order=True,
+                                                     **_maml_kwargs(c, k))),
   # Raghu et al. 2020: only the head adapts in the inner loop (second-order, it is cheap here).
-  "anil": lambda model, loss, c: MAML(model.apply, loss, adapt_mask=head_mask, **_maml_kwargs(c)),
+  "anil": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, adapt_mask=head_mask,
+                                                   **_maml_kwargs(c, k))),
   # Li et al. 2017: one learned inner learning rate per parameter entry, starting at inner_lr.
-  "metasgd": lambda model, loss, c: MAML(model.apply, loss, learn_inner_lr="element",
-                                         **_maml_kwargs(c)),
+  "metasgd": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, learn_inner_lr="element",
+                                                      **_maml_kwargs(c, k))),
+  # Nichol et al. 2018: k inner SGD steps, the outer optimiser fed theta - theta' (batched, or
+  # serial with `reptile_serial`).
+  "reptile": Algorithm(lambda model, loss, c, k: Reptile(model.apply, loss, **_maml_kwargs(c, k)),
+                       step=_reptile_step),
+  # Snell et al. 2017: nearest class mean of `model.features`; the head is unused. Trained on
+  # `train_ways`-way episodes ("higher way"), evaluated on `ways`-way ones.
+  "protonet": Algorithm(lambda model, loss, c, k: ProtoNet(model.features, train_ways(c), loss),
+                        classification_only=True, higher_way=True),
+  # Khodadadeh et al. 2019: MAML meta-trained on unlabelled tasks of the training pool.
+  "umtra": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, **_maml_kwargs(c, k)),
+                     train_tasks=_umtra_tasks, classification_only=True),
 }
 
 
@@ -149,11 +212,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.filters = 64
   c.hidden = (40, 40)               # mlp only
   # algorithm
-  c.algorithm = "maml"              # one of ALGORITHMS: maml, fomaml, anil, metasgd
+  c.algorithm = "maml"              # one of ALGORITHMS: maml, fomaml, anil, metasgd, reptile,
+                                    # protonet, umtra
+  c.reptile_serial = False          # reptile: tasks in turn, one outer update each
   c.zeroing = False                 # Kao et al.'s zeroing trick
   c.loss = ""                       # "" -> the dataset's default (cross_entropy / mse)
   # episodes
   c.ways = 5
+  c.train_ways = 0                  # protonet: ways of the training episodes (0: ways)
   c.shots = 1
   c.queries = 15
   c.meta_batch_size = 32
@@ -229,11 +295,19 @@ def validate_config(config: Config) -> None:
          f"{field}={value!r} must be a positive number")
 
   have_dataset = choice("dataset", DATASETS)
-  choice("algorithm", ALGORITHMS)
+  have_algorithm = choice("algorithm", ALGORITHMS)
   choice("model", MODELS)
   choice("optimizer", OPTIMIZERS)
-  need(isinstance(config.get("zeroing"), bool), f"zeroing={config.get('zeroing')!r} must be "
-       "True or False")
+  for field in ("zeroing", "reptile_serial"):
+    need(isinstance(config.get(field), bool), f"{field}={config.get(field)!r} must be True or "
+         "False")
+  if count("train_ways", 0) and config.train_ways and have_algorithm:
+    algorithm = ALGORITHMS[config.algorithm]
+    need(algorithm.higher_way or config.train_ways == config.get("ways"),
+         f"train_ways={config.train_ways} differs from ways={config.get('ways')!r}, which "
+         f"algorithm={config.algorithm!r} does not support (protonet does; 0 means ways)")
+    need(not _is_int(config.get("ways")) or config.train_ways >= config.ways,
+         f"train_ways={config.train_ways} is less than ways={config.ways}")
   if config.get("loss"):
     choice("loss", losses_lib.LOSSES)
   for field in ("shots", "queries", "meta_batch_size", "num_inner_steps", "eval_num_inner_steps",
@@ -268,6 +342,10 @@ def validate_config(config: Config) -> None:
             need(config.ways <= classes[split],
                  f"ways={config.ways} is more than the {classes[split]} classes of the "
                  f"{config.dataset} {split!r} split")
+        if "train" in classes and _is_int(config.get("train_ways")):
+          need(config.train_ways <= classes["train"],
+               f"train_ways={config.train_ways} is more than the {classes['train']} classes of "
+               f"the {config.dataset} 'train' split")
       if classes:
         need(config.get("eval_split") in classes,
              f"eval_split={config.get('eval_split')!r} is not a split of {config.dataset} "
@@ -275,6 +353,9 @@ def validate_config(config: Config) -> None:
     else:
       need(config.get("model") == "mlp", f"model={config.get('model')!r}: {config.dataset} "
            "regression needs model='mlp'")
+      need(not (have_algorithm and ALGORITHMS[config.algorithm].classification_only),
+           f"algorithm={config.get('algorithm')!r} needs a classification dataset, not "
+           f"{config.dataset}")
   if problems:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -332,9 +413,8 @@ def build_learner(config: Config, model: models_lib.Model, *,
     model: from `build_model(config)`.
     num_inner_steps: overrides `config.num_inner_steps` (e.g. `eval_num_inner_steps`).
   """
-  learner = ALGORITHMS[config.algorithm](model, build_loss(config), config)
-  if num_inner_steps is not None:
-    learner = dataclasses.replace(learner, num_inner_steps=int(num_inner_steps))
+  steps = config.num_inner_steps if num_inner_steps is None else int(num_inner_steps)
+  learner = ALGORITHMS[config.algorithm].learner(model, build_loss(config), config, steps)
   if config.zeroing:
     learner = with_zeroing(learner)
   return learner
@@ -342,6 +422,21 @@ def build_learner(config: Config, model: models_lib.Model, *,
 
 def build_optimizer(config: Config) -> optax.GradientTransformation:
   return OPTIMIZERS[config.optimizer](config.meta_lr)
+
+
+def build_meta_step(config: Config, learner: Learner, *, jit: bool = True) -> MetaStep:
+  """The outer update of `config.algorithm` (all share `MetaState`, so checkpoints fit)."""
+  return ALGORITHMS[config.algorithm].step(learner, build_optimizer(config), config,
+                                           task_map=parse_task_map(config.task_map), jit=jit)
+
+
+def train_task_source(config: Config, source: TaskSource) -> TaskSource:
+  """The training tasks of `config.algorithm`, drawn from the pool of `source` (the train split's
+  labelled source from `load_task_sources`); synthetic sources are returned unchanged."""
+  if not source.arrays:
+    return source
+  return source._replace(sample=ALGORITHMS[config.algorithm].train_tasks(config,
+                                                                         source.arrays[0]))
 
 
 class TaskSource(NamedTuple):

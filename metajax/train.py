@@ -39,7 +39,7 @@ from metajax import checkpoint as ckpt_lib
 from metajax import metrics as metrics_lib
 from metajax.data.omniglot import CorruptDataError
 from metajax.eval import evaluate_tasks, summarize
-from metajax.meta import MetaState, TaskMap, make_meta_step
+from metajax.meta import MetaState, TaskMap
 from metajax.types import Array, PRNGKey
 
 PrintFn = Callable[[str], None]
@@ -165,7 +165,9 @@ def check_resumable(config: build.Config, ckpt_dir: Path) -> None:
   saved = ckpt_lib.read_config(ckpt_dir)
   if saved is None:
     return
-  diff = build.config_diff(saved, config_to_dict(config))
+  # fields added since the checkpoint was written take their defaults
+  diff = build.config_diff({**config_to_dict(build.default_config()), **saved},
+                           config_to_dict(config))
   if diff:
     raise build.ConfigError(f"{str(ckpt_dir)!r} holds a checkpoint of a different run; use another "
                      "--workdir, or the same config. Differences:\n  " + "\n  ".join(diff))
@@ -203,7 +205,7 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
   model = build.build_model(config)
   learner = build.build_learner(config, model)
   eval_learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
-  meta_step = make_meta_step(learner, build.build_optimizer(config), task_map=task_map)
+  meta_step = build.build_meta_step(config, learner)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
 
   def fresh_state() -> TrainState:
@@ -226,7 +228,7 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
   sources = build.load_task_sources(config, splits)
   print_fn(f"data: {config.dataset} loaded in {time.time() - start:.1f} s; classes per split: "
            + ", ".join(f"{s} {src.num_classes}" for s, src in sources.items()))
-  train_source = sources["train"]
+  train_source = build.train_task_source(config, sources["train"])
 
   @jax.jit
   def sample_train(step, *arrays):
@@ -286,7 +288,7 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
 
   start = time.time()
   if step_offset < config.num_steps:
-    episodes = (f"{config.ways}-way {config.shots}-shot"
+    episodes = (f"{build.train_ways(config)}-way {config.shots}-shot"
                 if build.DATASETS[config.dataset].kind == "classification" else
                 f"{config.shots}-shot")
     print_fn(f"training {config.algorithm}{' + zeroing' if config.zeroing else ''} {episodes} "
@@ -399,7 +401,7 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
   build.validate_config(config)
   model = build.build_model(config)
   learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
-  meta_step = make_meta_step(learner, build.build_optimizer(config), jit=False)
+  meta_step = build.build_meta_step(config, learner, jit=False)
   target = jax.eval_shape(lambda: TrainState(meta_step.init(model.init(jax.random.key(0))),
                                              jax.random.key_data(jax.random.key(0))))
   state = ckpt_lib.restore_into(target, state_dict)

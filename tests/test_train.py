@@ -16,6 +16,8 @@ import pytest
 
 from metajax import build, checkpoint, metrics, train
 from metajax.meta import MAML
+from metajax.protonet import ProtoNet
+from metajax.reptile import Reptile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,8 +56,10 @@ def assert_trees_bitwise_equal(a, b):
 
 @pytest.mark.parametrize("name, variants", [
   ("omniglot", ("5way1shot", "5way5shot", "20way1shot", "20way5shot", "kao5way1shot",
-                "kao5way1shot_zeroing", "kao5way5shot", "kao5way5shot_zeroing", "smoke",
-                "readme")),
+                "kao5way1shot_zeroing", "kao5way5shot", "kao5way5shot_zeroing", "reptile5way1shot",
+                "reptile5way5shot", "protonet5way1shot", "protonet5way5shot", "protonet20way1shot",
+                "protonet20way5shot", "umtra5way1shot", "smoke", "reptile_smoke",
+                "protonet_smoke", "umtra_smoke", "readme")),
   ("miniimagenet", ("5way1shot", "5way5shot")),
   ("sinusoid", ("default", "smoke")),
 ])
@@ -84,6 +88,11 @@ def test_kao_config_matches_the_paper():
   ({"split": "finn", "eval_split": "test", "rotations": True}, None),
   ({"split": "kao", "eval_split": "val"}, "eval_split='val' is not a split"),
   ({"inner_lr": -0.1}, "inner_lr=-0.1 must be a positive number"),
+  ({"train_ways": 20}, "train_ways=20 differs from ways=5, which algorithm='fomaml' does not"),
+  ({"algorithm": "protonet", "train_ways": 20}, None),
+  ({"algorithm": "protonet", "train_ways": 3}, "train_ways=3 is less than ways=5"),
+  ({"algorithm": "protonet", "train_ways": 2000}, "train_ways=2000 is more than the 1200 classes"),
+  ({"train_ways": -1}, "train_ways=-1 must be an int >= 0"),
 ])
 def test_validate_config(overrides, message):
   config = load_config("omniglot", "smoke")
@@ -145,6 +154,32 @@ def test_build_learner(algorithm, zeroing):
   assert (learner.adapt_mask is not None) == (algorithm == "anil")
   assert (learner.learn_inner_lr == "element") == (algorithm == "metasgd")
   assert len(learner.params_transforms) == int(zeroing)
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "umtra"])
+def test_classification_only_algorithms_refuse_regression(algorithm):
+  with pytest.raises(build.ConfigError, match=f"algorithm='{algorithm}' needs a classification"):
+    build.validate_config(sinusoid_config(algorithm=algorithm))
+
+
+@pytest.mark.parametrize("algorithm, serial, learner_type, step_module", [
+  ("reptile", False, Reptile, "metajax.reptile"), ("reptile", True, Reptile, "metajax.reptile"),
+  ("protonet", False, ProtoNet, "metajax.meta"), ("umtra", False, MAML, "metajax.meta")])
+def test_build_new_algorithms(algorithm, serial, learner_type, step_module):
+  config = load_config("omniglot", "smoke")
+  config.update(algorithm=algorithm, reptile_serial=serial, zeroing=True)
+  if algorithm == "protonet":
+    config.train_ways = 10
+  model = build.build_model(config)
+  learner = build.build_learner(config, model, num_inner_steps=5)
+  assert type(learner) is learner_type
+  assert len(learner.params_transforms) == 1  # zeroing composes with every learner
+  if algorithm == "protonet":
+    assert learner.num_classes == 10  # one learner for 10-way training and 5-way tests
+  else:
+    assert learner.num_inner_steps == 5
+  meta_step = build.build_meta_step(config, learner, jit=False)
+  assert meta_step.step.__module__ == step_module
 
 
 def test_parse_task_map():
@@ -240,3 +275,40 @@ def test_evaluator_tasks_do_not_depend_on_batch_size():
   b = train.make_evaluator(learner, source, num_tasks=5, batch_size=5, key=key)(params)
   assert a["loss_after"].shape == (5,)
   np.testing.assert_allclose(a["loss_after"], b["loss_after"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- algorithms on Omniglot
+
+
+def omniglot_smoke(variant, omniglot_dir, omniglot_cache_dir, **overrides):
+  config = load_config("omniglot", variant)
+  config.update(data_dir=str(omniglot_dir), cache_dir=str(omniglot_cache_dir), eval_every=0,
+                **overrides)
+  return config
+
+
+@pytest.mark.parametrize("variant", ["protonet_smoke", "umtra_smoke"])
+def test_algorithm_smoke_config(variant, omniglot_dir, omniglot_cache_dir, omniglot_pool,
+                                tmp_path):
+  """One step of the algorithm's smoke config on real Omniglot, then the test evaluation."""
+  del omniglot_pool  # only requested so that the cache is warm
+  config = omniglot_smoke(variant, omniglot_dir, omniglot_cache_dir, num_steps=1)
+  result = train.train_and_evaluate(config, tmp_path, print_fn=lambda _: None)
+  assert result["step"] == 1 and np.isfinite(result["outer/loss"])
+  assert 0.0 <= result["test/accuracy_after"] <= 1.0
+  assert checkpoint.all_steps(tmp_path / train.CHECKPOINT_DIR) == [1]
+
+
+def test_reptile_smoke_config_resumes(omniglot_dir, omniglot_cache_dir, omniglot_pool, tmp_path):
+  """Serial Reptile's own meta-step: one step, then a resumed second one and the test
+  evaluation (its checkpoint is the shared MetaState)."""
+  del omniglot_pool
+  config = omniglot_smoke("reptile_smoke", omniglot_dir, omniglot_cache_dir, num_steps=1,
+                          test_num_tasks=0)
+  assert train.train_and_evaluate(config, tmp_path, print_fn=lambda _: None)["step"] == 1
+  lines = []
+  config.update(num_steps=2, test_num_tasks=4)
+  result = train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
+  assert any("resuming from checkpoint step 1" in line for line in lines)
+  assert result["step"] == 2 and np.isfinite(result["outer/grad_norm"])
+  assert 0.0 <= result["test/accuracy_after"] <= 1.0
