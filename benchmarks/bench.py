@@ -26,9 +26,9 @@ What is measured, per workload, each in its own fresh subprocess:
     *unoptimised* HLO's cost analysis (no second compile needed), with the task axis vmapped
     (FLOPs do not depend on --task_map). The compiled program's own count (loop bodies once) is
     in the JSON as `flops_compiled_loop_once`. GFLOP/s = GFLOP / median s/step.
-  * memory: `exec_peak_mb` = peak RSS during the timed steps minus the RSS just before them
-    (Linux `/proc/self/clear_refs` resets the high-water mark after compilation, so compiler memory
-    is excluded); `rss_peak_mb` = the whole subprocess's peak RSS (`getrusage`, compile included);
+  * memory: `exec_peak_mb` = peak RSS while the compiled step runs (warm-up and timed steps)
+    minus the RSS just before the first run (Linux `/proc/self/clear_refs` resets the high-water
+    mark after compilation, so compiler memory is excluded); `rss_peak_mb` = the whole subprocess's peak RSS (`getrusage`, compile included);
     `xla_temp_mb` = `compiled.memory_analysis().temp_size_in_bytes`, exact for the program.
   * the load average (`os.getloadavg()`) before and after each workload: on a shared machine the
     times are inflated, so read them with it.
@@ -190,6 +190,7 @@ def _build(w: Workload, spec: dict):
   params = model.init(jax.random.key(0))
   tasks = _synthetic_tasks(w, meta_batch, queries)
   optimizer = optax.adam(1e-3)
+  per_task = bool(spec.get("params_per_task", False))
 
   if w.mode == "fwdbwd":
     # The same network over the same images, no inner loop: per task, one batch of its
@@ -204,6 +205,9 @@ def _build(w: Workload, spec: dict):
         p, opt_state = state
 
         def loss_fn(p):
+          if per_task:  # see --params_per_task
+            pb = _broadcast_per_task(p, tasks)
+            return jnp.mean(jax.vmap(task_loss)(pb, tasks))
           return jnp.mean(metajax.map_tasks(functools.partial(task_loss, p), tasks, tm))
 
         loss, grads = jax.value_and_grad(loss_fn)(p)
@@ -222,6 +226,27 @@ def _build(w: Workload, spec: dict):
     first_order=(w.mode == "first"),
     adapt_mask=metajax.head_mask if w.mode == "anil" else None,
     remat=bool(spec.get("remat", False)))
+  if per_task:
+    # Prototype of a proposed library change (not the library's path): the meta-params are
+    # broadcast to one copy per task *before* vmap, so every task's network runs with batched
+    # (per-task) weights from the first inner step on; the broadcast's transpose sums the
+    # per-task gradients. Without it, vmap keeps the shared initial weights unbatched and the
+    # first inner step runs as one big batch of all tasks' images (im2col patches of all
+    # 32x80 images at once).
+    def step(state, tasks):
+      def loss_fn(meta_params):
+        losses, _ = jax.vmap(learner.task_loss)(_broadcast_per_task(meta_params, tasks), tasks)
+        return jnp.mean(losses)
+
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      return (metajax.MetaState(optax.apply_updates(state.params, updates), opt_state,
+                                state.step + 1), {"outer/loss": loss})
+
+    state = metajax.MetaState(jax.tree.map(jnp.array, params), optimizer.init(params),
+                              jnp.zeros((), jnp.int32))
+    return jax.jit(step, donate_argnums=(0,)), state, tasks, jax.jit(step), None
+
   shardings = None
   mesh = None
   if spec.get("devices", 1) > 1:
@@ -244,6 +269,14 @@ def _build(w: Workload, spec: dict):
   extra = {"meta_step": meta_step, "learner": learner, "optimizer": optimizer, "params": params,
            "mesh": mesh}
   return jitted, state, tasks, twin, extra
+
+
+def _broadcast_per_task(params, tasks):
+  import jax
+  import jax.numpy as jnp
+
+  num_tasks = tasks.support_x.shape[0]
+  return jax.tree.map(lambda p: jnp.broadcast_to(p, (num_tasks, *jnp.shape(p))), params)
 
 
 def _count_flops_unrolled(twin, state, tasks) -> float | None:
@@ -325,6 +358,11 @@ def run_step_worker(spec: dict) -> dict:
 
   first_loss = None
   tasks_host = jax.tree.map(np.asarray, tasks) if spec.get("devices", 1) > 1 else None
+  # Peak memory of execution: the high-water mark is reset after compilation, before the first
+  # run (the allocator keeps the step's buffers afterwards, so a reset after the warm-up would
+  # miss them).
+  rss_before = _proc_status().get("VmRSS", 0) / 1024.0
+  out["peak_reset"] = _reset_peak_rss()
   for i in range(spec["warmup"]):
     state, metrics = compiled(state, tasks)
     jax.block_until_ready((state, metrics))
@@ -333,8 +371,6 @@ def run_step_worker(spec: dict) -> dict:
       if tasks_host is not None:
         out["device_check"] = _device_check(extra, tasks_host, w, spec, state)
         out["device_check"]["sharded_loss"] = first_loss
-  rss_before = _proc_status().get("VmRSS", 0) / 1024.0
-  out["peak_reset"] = _reset_peak_rss()
   times = []
   for i in range(spec["reps"]):
     t = time.perf_counter()
@@ -350,6 +386,8 @@ def run_step_worker(spec: dict) -> dict:
   out["first_loss"] = first_loss
   out["final_loss"] = float(metrics["outer/loss"])
   out["exec_peak_mb"] = (hwm - rss_before) if out["peak_reset"] else None
+  if tasks_host is not None:
+    out["exec_peak_note"] = "includes the one-device reference step of the device check"
   out["rss_before_compile_mb"] = rss_before_compile
   out["rss_peak_mb"] = _maxrss_mb()
   out["gflops_per_s"] = (out["flops"] / out["median_s"] / 1e9) if out.get("flops") else None
@@ -608,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
                  help="default: the library's choice for the backend (im2col on CPU)")
   p.add_argument("--task_map", default="vmap", help="vmap | map | k (lax.map over chunks of k)")
   p.add_argument("--nobaseline", action="store_true", help="skip the fwd+bwd baselines")
+  p.add_argument("--params_per_task", action="store_true",
+                 help="prototype (not the library's path): broadcast the meta-params to one copy "
+                      "per task before vmap (applies to the baselines too)")
   p.add_argument("--nodata", action="store_true", help="skip the data-path benchmark")
   p.add_argument("--data", action="store_true", help="run the data-path benchmark")
   p.add_argument("--torch_python", default=None,
@@ -645,13 +686,14 @@ def main(argv: list[str] | None = None) -> int:
         run_names.append(b)
 
   common = {"conv": args.conv, "task_map": args.task_map, "reps": reps, "warmup": warmup,
-            "tiny": args.tiny}
+            "tiny": args.tiny, "params_per_task": args.params_per_task}
   results: dict = {
     "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
              "machine": _machine(), "load_start": os.getloadavg(), "reps": reps,
              "warmup": warmup, "quick": args.quick, "conv": args.conv,
              "task_map": args.task_map, "tiny": args.tiny,
+             "params_per_task": args.params_per_task,
              "timing": "median of `reps` outer steps after `warmup` untimed ones, each in its own "
                        "subprocess; times inflated when the load average exceeds the core count"},
     "workloads": {},
