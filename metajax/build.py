@@ -10,13 +10,14 @@ loaded or anything is compiled, and raises one ValueError that lists every probl
 
 The config fields (see `experiments/configs/omniglot.py` for their defaults and meaning):
   dataset, data_dir, cache_dir, split, rotations, model, filters, hidden, algorithm, zeroing, loss,
-  reptile_serial, ways, train_ways, shots, queries, meta_batch_size, num_inner_steps, eval_num_inner_steps, inner_lr, meta_lr,
+  reptile_serial, pretrain_eval, ways, train_ways, shots, queries, meta_batch_size, num_inner_steps, eval_num_inner_steps, inner_lr, meta_lr,
   optimizer, num_steps, eval_every, eval_split, eval_num_tasks, test_num_tasks, eval_batch_size,
   eval_seed, log_every, checkpoint_every, keep_checkpoints, seed, task_map, remat.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -25,8 +26,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from metajax import contrastive_pretrain as contrastive_lib
 from metajax import losses as losses_lib
 from metajax import models as models_lib
+from metajax import pretrain as pretrain_lib
 from metajax.augment import make_affine_augment
 from metajax.meta import MAML, MetaStep, TaskMap, make_meta_step, with_zeroing
 from metajax.protonet import ProtoNet
@@ -55,16 +58,45 @@ def train_ways(config: Config) -> int:
   return config.get("train_ways") or config.ways
 
 
-def _meta_step(learner: Learner, optimizer: optax.GradientTransformation, config: Config, *,
-               task_map: TaskMap, jit: bool) -> MetaStep:
-  del config
+def _meta_step(model: models_lib.Model, learner: Learner, optimizer: optax.GradientTransformation,
+               config: Config, *, task_map: TaskMap, jit: bool) -> MetaStep:
+  del model, config
   return make_meta_step(learner, optimizer, task_map=task_map, jit=jit)
 
 
-def _reptile_step(learner: Learner, optimizer: optax.GradientTransformation, config: Config, *,
-                  task_map: TaskMap, jit: bool) -> MetaStep:
+def _reptile_step(model: models_lib.Model, learner: Learner,
+                  optimizer: optax.GradientTransformation, config: Config, *, task_map: TaskMap,
+                  jit: bool) -> MetaStep:
+  del model
   return make_reptile_step(learner, optimizer, serial=bool(config.reptile_serial),
                            task_map=task_map, jit=jit)
+
+
+# Pre-training baselines: `(model, config) -> objective(params, (x, y), key)`.
+PRETRAIN_OBJECTIVES: dict[str, Callable[[models_lib.Model, Config], Any]] = {
+  "pretrain": lambda model, c: pretrain_lib.supervised_objective(model.apply, build_loss(c)),
+  "simclr": lambda model, c: contrastive_lib.simclr_objective(model.features,
+                                                              make_affine_augment()),
+  "supcon": lambda model, c: contrastive_lib.supcon_objective(model.features,
+                                                              make_affine_augment()),
+}
+
+
+def _pretrain_step(model: models_lib.Model, learner: Learner,
+                   optimizer: optax.GradientTransformation, config: Config, *, task_map: TaskMap,
+                   jit: bool) -> MetaStep:
+  """One optax step on a pooled minibatch: the `[meta_batch_size, B, ...]` chunks of
+  `_class_batches` are flattened into one batch of `meta_batch_size * B` examples. The
+  augmentations of step s come from `fold_in(fold_in(key(seed), 1), s)` (resumable)."""
+  del learner, task_map
+  objective = PRETRAIN_OBJECTIVES[config.algorithm](model, config)
+
+  def pooled(params, batch, key):
+    x, y = (a.reshape((-1,) + a.shape[2:]) for a in batch)
+    return objective(params, (x, y), key)
+
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  return pretrain_lib.make_pretrain_step(pooled, optimizer, key=key, jit=jit)
 
 
 def _episodes(config: Config, images: Array) -> Callable[..., Task]:
@@ -82,6 +114,36 @@ def _umtra_tasks(config: Config, images: Array) -> Callable[..., Task]:
                             augment=make_affine_augment())
 
 
+def _class_batches(config: Config, images: Array) -> Callable[..., Task]:
+  """Pre-training data: per key, `ways` classes of the pool with `shots + queries` images each,
+  labelled with their global class index (as many examples per step as episodic training)."""
+  return pretrain_lib.make_class_batch_sampler(images, classes_per_batch=config.ways,
+                                               images_per_class=config.shots + config.queries)
+
+
+def _pretrained_learner(model: models_lib.Model, loss: losses_lib.Loss, config: Config,
+                        num_inner_steps: int) -> Learner:
+  """The few-shot learner on top of pre-trained params (`config.pretrain_eval`, default the
+  algorithm's): "finetune" all params from a fresh zero `ways`-way head, "linear_probe" (the head
+  only), or "prototypes" (nearest class mean of the features)."""
+  how = config.pretrain_eval or {"pretrain": "finetune"}.get(config.algorithm, "prototypes")
+  if how == "prototypes":
+    return ProtoNet(model.features, config.ways, loss)
+  shape = DATASETS[config.dataset].input_shape(config)
+  small = MODELS[config.model](config, num_outputs(config), shape)
+  head = jax.eval_shape(small.init, jax.random.key(0))["head"]
+  fresh_head = lambda params: pretrain_lib.with_head(  # noqa: E731
+    params, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), head))
+  learner = pretrain_lib.finetune_learner(small.apply, loss, num_inner_steps=num_inner_steps,
+                                          inner_lr=config.inner_lr,
+                                          head_only=how == "linear_probe")
+  return dataclasses.replace(learner, params_transforms=(fresh_head,))
+
+
+def _train_classes(config: Config) -> int:
+  return DATASETS[config.dataset].classes(config).get("train", 0)
+
+
 class Algorithm(NamedTuple):
   """Everything `config.algorithm` selects.
 
@@ -89,11 +151,13 @@ class Algorithm(NamedTuple):
     learner: `(model, loss, config, num_inner_steps) -> learner` (MAML's interface: `init`,
       `model_params`, `adapt`, `task_loss`); evaluation builds it again with
       `eval_num_inner_steps` (a learner without inner steps ignores the argument).
-    step: `(learner, optimizer, config, *, task_map, jit) -> MetaStep` (the shared `MetaState`).
+    step: `(model, learner, optimizer, config, *, task_map, jit) -> MetaStep` (the shared
+      `MetaState`).
     train_tasks: `(config, train images [C, M, ...]) -> sample(key, images) -> Task`, the
       training task sampler (evaluation episodes are always labelled `ways`-way episodes).
     classification_only: refuse regression datasets.
     higher_way: supports `train_ways` different from `ways` (one learner for both).
+    outputs: `config -> ` width of the trained model's head (default `num_outputs`).
   """
 
   learner: Callable[[models_lib.Model, losses_lib.Loss, Config, int], Learner]
@@ -101,6 +165,7 @@ class Algorithm(NamedTuple):
   train_tasks: Callable[[Config, Array], Callable[..., Task]] = _episodes
   classification_only: bool = False
   higher_way: bool = False
+  outputs: Callable[[Config], int] | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -126,7 +191,19 @@ ALGORITHMS: dict[str, Algorithm] = {
   # Khodadadeh et al. 2019: MAML meta-trained on unlabelled tasks of the training pool.
   "umtra": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, **_maml_kwargs(c, k)),
                      train_tasks=_umtra_tasks, classification_only=True),
+  # Joint training on all meta-training classes (a head over all of them), then per test task a
+  # fresh head fine-tuned on the support set (`pretrain_eval`: finetune, linear_probe, prototypes).
+  "pretrain": Algorithm(_pretrained_learner, step=_pretrain_step, train_tasks=_class_batches,
+                        classification_only=True, outputs=_train_classes),
+  # Chen et al. 2020 / Khosla et al. 2020: contrastive pre-training of the encoder on two affine
+  # views, then prototypes (default) or a linear probe.
+  "simclr": Algorithm(_pretrained_learner, step=_pretrain_step, train_tasks=_class_batches,
+                      classification_only=True),
+  "supcon": Algorithm(_pretrained_learner, step=_pretrain_step, train_tasks=_class_batches,
+                      classification_only=True),
 }
+
+PRETRAIN_EVALS = ("finetune", "linear_probe", "prototypes")
 
 
 class DatasetSpec(NamedTuple):
@@ -215,6 +292,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.algorithm = "maml"              # one of ALGORITHMS: maml, fomaml, anil, metasgd, reptile,
                                     # protonet, umtra
   c.reptile_serial = False          # reptile: tasks in turn, one outer update each
+  c.pretrain_eval = ""              # pretrain/simclr/supcon: finetune, linear_probe, prototypes
+                                    # ("": finetune for pretrain, prototypes for the others)
   c.zeroing = False                 # Kao et al.'s zeroing trick
   c.loss = ""                       # "" -> the dataset's default (cross_entropy / mse)
   # episodes
@@ -310,6 +389,8 @@ def validate_config(config: Config) -> None:
          f"train_ways={config.train_ways} is less than ways={config.ways}")
   if config.get("loss"):
     choice("loss", losses_lib.LOSSES)
+  if config.get("pretrain_eval"):
+    choice("pretrain_eval", dict.fromkeys(PRETRAIN_EVALS))
   for field in ("shots", "queries", "meta_batch_size", "num_inner_steps", "eval_num_inner_steps",
                 "eval_num_tasks", "eval_batch_size", "log_every",
                 "checkpoint_every", "keep_checkpoints", "filters"):
@@ -397,7 +478,8 @@ def num_outputs(config: Config) -> int:
 def build_model(config: Config) -> models_lib.Model:
   """The model of `config.model` with `num_outputs(config)` outputs."""
   shape = DATASETS[config.dataset].input_shape(config)
-  return MODELS[config.model](config, num_outputs(config), shape)
+  outputs = ALGORITHMS[config.algorithm].outputs or num_outputs
+  return MODELS[config.model](config, outputs(config), shape)
 
 
 def build_loss(config: Config) -> losses_lib.Loss:
@@ -424,9 +506,10 @@ def build_optimizer(config: Config) -> optax.GradientTransformation:
   return OPTIMIZERS[config.optimizer](config.meta_lr)
 
 
-def build_meta_step(config: Config, learner: Learner, *, jit: bool = True) -> MetaStep:
+def build_meta_step(config: Config, model: models_lib.Model, learner: Learner, *,
+                    jit: bool = True) -> MetaStep:
   """The outer update of `config.algorithm` (all share `MetaState`, so checkpoints fit)."""
-  return ALGORITHMS[config.algorithm].step(learner, build_optimizer(config), config,
+  return ALGORITHMS[config.algorithm].step(model, learner, build_optimizer(config), config,
                                            task_map=parse_task_map(config.task_map), jit=jit)
 
 

@@ -205,7 +205,7 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
   model = build.build_model(config)
   learner = build.build_learner(config, model)
   eval_learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
-  meta_step = build.build_meta_step(config, learner)
+  meta_step = build.build_meta_step(config, model, learner)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
 
   def fresh_state() -> TrainState:
@@ -401,7 +401,7 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
   build.validate_config(config)
   model = build.build_model(config)
   learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
-  meta_step = build.build_meta_step(config, learner, jit=False)
+  meta_step = build.build_meta_step(config, model, learner, jit=False)
   target = jax.eval_shape(lambda: TrainState(meta_step.init(model.init(jax.random.key(0))),
                                              jax.random.key_data(jax.random.key(0))))
   state = ckpt_lib.restore_into(target, state_dict)

@@ -59,7 +59,8 @@ def assert_trees_bitwise_equal(a, b):
                 "kao5way1shot_zeroing", "kao5way5shot", "kao5way5shot_zeroing", "reptile5way1shot",
                 "reptile5way5shot", "protonet5way1shot", "protonet5way5shot", "protonet20way1shot",
                 "protonet20way5shot", "umtra5way1shot", "smoke", "reptile_smoke",
-                "protonet_smoke", "umtra_smoke", "readme")),
+                "protonet_smoke", "umtra_smoke", "pretrain5way1shot", "simclr5way1shot",
+                "supcon5way1shot", "pretrain_smoke", "simclr_smoke", "supcon_smoke", "readme")),
   ("miniimagenet", ("5way1shot", "5way5shot")),
   ("sinusoid", ("default", "smoke")),
 ])
@@ -178,8 +179,27 @@ def test_build_new_algorithms(algorithm, serial, learner_type, step_module):
     assert learner.num_classes == 10  # one learner for 10-way training and 5-way tests
   else:
     assert learner.num_inner_steps == 5
-  meta_step = build.build_meta_step(config, learner, jit=False)
+  meta_step = build.build_meta_step(config, model, learner, jit=False)
   assert meta_step.step.__module__ == step_module
+
+
+@pytest.mark.parametrize("algorithm, pretrain_eval, learner_type, outputs", [
+  ("pretrain", "", MAML, 1200), ("pretrain", "linear_probe", MAML, 1200),
+  ("simclr", "", ProtoNet, 5), ("supcon", "finetune", MAML, 5)])
+def test_build_pretraining_algorithms(algorithm, pretrain_eval, learner_type, outputs):
+  config = load_config("omniglot", "smoke")
+  config.update(algorithm=algorithm, pretrain_eval=pretrain_eval)
+  model = build.build_model(config)
+  params = model.init(jax.random.key(0))
+  assert all(x.shape[-1] == outputs for x in jax.tree.leaves(params["head"]))
+  learner = build.build_learner(config, model, num_inner_steps=3)
+  assert type(learner) is learner_type
+  if learner_type is MAML:  # a fresh zero 5-way head, whatever head was trained
+    head = learner.model_params(learner.init(params))["head"]
+    assert all(x.shape[-1] == 5 and not np.any(x) for x in jax.tree.leaves(head))
+    assert (learner.adapt_mask is not None) == (pretrain_eval == "linear_probe")
+  assert build.build_meta_step(config, model, learner, jit=False).step.__module__ == (
+    "metajax.pretrain")
 
 
 def test_parse_task_map():
@@ -287,12 +307,16 @@ def omniglot_smoke(variant, omniglot_dir, omniglot_cache_dir, **overrides):
   return config
 
 
-@pytest.mark.parametrize("variant", ["protonet_smoke", "umtra_smoke"])
-def test_algorithm_smoke_config(variant, omniglot_dir, omniglot_cache_dir, omniglot_pool,
-                                tmp_path):
-  """One step of the algorithm's smoke config on real Omniglot, then the test evaluation."""
+@pytest.mark.parametrize("variant, overrides", [
+  ("protonet_smoke", {}), ("umtra_smoke", {}), ("pretrain_smoke", {}),
+  ("supcon_smoke", {"pretrain_eval": "linear_probe"})])
+def test_algorithm_smoke_config(variant, overrides, omniglot_dir, omniglot_cache_dir,
+                                omniglot_pool, tmp_path):
+  """One step of the algorithm's smoke config on real Omniglot, then the test evaluation.
+  (simclr_smoke differs from supcon_smoke only in its objective, tested in
+  test_contrastive_pretrain.py; its wiring in test_build_pretraining_algorithms.)"""
   del omniglot_pool  # only requested so that the cache is warm
-  config = omniglot_smoke(variant, omniglot_dir, omniglot_cache_dir, num_steps=1)
+  config = omniglot_smoke(variant, omniglot_dir, omniglot_cache_dir, num_steps=1, **overrides)
   result = train.train_and_evaluate(config, tmp_path, print_fn=lambda _: None)
   assert result["step"] == 1 and np.isfinite(result["outer/loss"])
   assert 0.0 <= result["test/accuracy_after"] <= 1.0

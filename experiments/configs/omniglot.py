@@ -53,7 +53,17 @@ step of 0.4 in training and 3 at test, meta-batch 25, Adam 1e-3, 30,000 steps.
 Add `--config.zeroing=True` for the zeroing trick.
     python experiments/train.py --config=experiments/configs/omniglot.py:umtra5way1shot --workdir=runs/umtra_5w1s
 
-reptile_smoke, protonet_smoke, umtra_smoke: 2 steps of a tiny model (serial Reptile; ProtoNet with
+Pre-training baselines (no paper number of their own here): each step one pooled minibatch of
+meta_batch_size x ways classes x (shots + queries) images with global labels, as many images as
+an episodic step; Finn's split with rotations, conv4, Adam 1e-3, 30,000 steps.
+  pretrain5way1shot  cross-entropy over all 4,400 training classes, then per test task a fresh
+                     (zero) 5-way head and 10 fine-tuning steps of 0.1 on the support set
+                     (`--config.pretrain_eval=linear_probe`: the head only)
+  simclr5way1shot    SimCLR (two affine views, labels unused), then prototypes
+  supcon5way1shot    SupCon (labels used), then prototypes (`--config.pretrain_eval=linear_probe`)
+    python experiments/train.py --config=experiments/configs/omniglot.py:supcon5way1shot --workdir=runs/supcon_5w1s
+
+reptile_smoke, protonet_smoke, umtra_smoke, pretrain_smoke, simclr_smoke, supcon_smoke: 2 steps of a tiny model (serial Reptile; ProtoNet with
 10-way training episodes; UMTRA with the zeroing trick), for CI.
 
 smoke: 2 steps of a tiny model on real Omniglot (CI):
@@ -73,7 +83,8 @@ VARIANTS = ("5way1shot", "5way5shot", "20way1shot", "20way5shot", "kao5way1shot"
             "kao5way1shot_zeroing", "kao5way5shot", "kao5way5shot_zeroing", "reptile5way1shot",
             "reptile5way5shot", "protonet5way1shot", "protonet5way5shot", "protonet20way1shot",
             "protonet20way5shot", "umtra5way1shot", "smoke", "reptile_smoke", "protonet_smoke",
-            "umtra_smoke", "readme")
+            "umtra_smoke", "pretrain5way1shot", "simclr5way1shot", "supcon5way1shot",
+            "pretrain_smoke", "simclr_smoke", "supcon_smoke", "readme")
 
 
 def _maml(ways: int, shots: int):
@@ -124,6 +135,13 @@ def _umtra():
   return c
 
 
+def _pretrain(algorithm: str):
+  c = _maml(5, 1)
+  c.algorithm, c.meta_batch_size, c.queries, c.num_steps = algorithm, 32, 15, 30_000
+  c.num_inner_steps, c.eval_num_inner_steps, c.inner_lr = 10, 10, 0.1
+  return c
+
+
 def _smoke(c):
   c.split, c.rotations, c.model = "kao", False, "kao_conv"
   c.filters, c.queries, c.meta_batch_size = 8, 2, 2
@@ -163,6 +181,10 @@ def get_config(variant: str = "5way1shot"):
     c = _smoke(_umtra())
     c.zeroing = True
     return c
+  if variant in ("pretrain5way1shot", "simclr5way1shot", "supcon5way1shot"):
+    return _pretrain(variant[:-len("5way1shot")])
+  if variant in ("pretrain_smoke", "simclr_smoke", "supcon_smoke"):
+    return _smoke(_pretrain(variant[:-len("_smoke")]))
   if variant == "readme":
     c = _kao(1, True)  # first-order MAML with the zeroing trick
     c.num_inner_steps, c.eval_num_inner_steps = 1, 3
