@@ -6,6 +6,12 @@ Rerunning the same command in the same --workdir resumes from its newest checkpo
     --workdir=/tmp/metajax_readme
   python experiments/train.py --config=experiments/configs/omniglot.py:5way1shot \
     --workdir=runs/fomaml_zero --config.algorithm=fomaml --config.zeroing=True
+  python experiments/train.py --config=experiments/configs/omniglot.py:kao5way1shot \
+    --workdir=runs/reptile --config.algorithm=reptile --config.reptile_serial=True
+
+--config.algorithm: maml, fomaml, anil, metasgd, reptile, protonet (--config.train_ways for
+higher-way training), umtra, pretrain, simclr, supcon (--config.pretrain_eval); see
+`metajax.build.ALGORITHMS` and the named configs in experiments/configs/omniglot.py.
 
 All the logic is in `metajax.train.train_and_evaluate`, importable in notebooks.
 """

@@ -3,7 +3,15 @@
 Everything a config selects by name is looked up in a registry here, so a new algorithm, model or
 dataset is one entry, never an `if` in the loop:
 
-    ALGORITHMS["reptile"] = Algorithm(learner=..., step=make_reptile_step-like builder)
+    ALGORITHMS["reptile"] = Algorithm(
+        learner=lambda model, loss, config, num_inner_steps: Reptile(model.apply, loss, ...),
+        step=_reptile_step)           # (model, learner, optimizer, config, ...) -> MetaStep
+
+An `Algorithm` names the learner (used for training and, rebuilt with `eval_num_inner_steps`, for
+evaluation), the meta-step (all share `MetaState`, so checkpoints, resuming and the NaN stop are
+the loop's, unchanged), and the training data drawn from the train pool (labelled episodes,
+UMTRA's unlabelled tasks, or class minibatches for pre-training); evaluation is always on
+labelled `ways`-way episodes.
 
 `validate_config` checks a config against what is known about each dataset *before* any data is
 loaded or anything is compiled, and raises one ValueError that lists every problem.
