@@ -224,6 +224,7 @@ def make_meta_step(learner: MAML, optimizer: optax.GradientTransformation, *,
       checked_labels.append(True)
     return compiled(state, tasks)
 
+  checked_step.jitted = compiled  # the jax.jit object, for .lower()/.compile() in benchmarks
   return MetaStep(init=init, step=checked_step)
 
 
