@@ -697,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             "tiny": args.tiny, "params_per_task": args.params_per_task}
   results: dict = {
     "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-             "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+             "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
              "machine": _machine(), "load_start": os.getloadavg(), "reps": reps,
              "warmup": warmup, "quick": args.quick, "conv": args.conv,
              "task_map": args.task_map, "tiny": args.tiny,
