@@ -92,19 +92,7 @@ import optax
 
 import metajax as mj
 
-try:
-  from tqdm.auto import trange
-except ImportError:  # no tqdm: print the progress line instead of drawing a bar
-
-  class trange:  # a stand-in for tqdm.trange
-    def __init__(self, n, desc=""):
-      self.n, self.desc = n, desc
-
-    def __iter__(self):
-      return iter(range(self.n))
-
-    def set_postfix(self, **values):
-      print(self.desc, ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
+from tqdm.auto import trange  # a metajax dependency
 
 
 SMOKE = os.environ.get("METAJAX_NOTEBOOK_SMOKE") == "1"  # CI: tiny budgets, same code

@@ -295,6 +295,11 @@ def load_omniglot(
     arrays = cache_lib.cached_arrays(path, key=key, build=build)
   else:
     arrays = build()
+  return pool_from_arrays(arrays, dtype)
+
+
+def pool_from_arrays(arrays: dict[str, np.ndarray], dtype: np.dtype | type | str) -> ClassPool:
+  """The cached Omniglot arrays (images + per-class columns) as an unrotated `ClassPool`."""
   pool = ClassPool(
     images=arrays["images"],
     class_names=np.char.add(np.char.add(arrays["alphabet"], "/"), arrays["character"]),

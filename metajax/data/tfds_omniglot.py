@@ -320,15 +320,4 @@ def load_tfds_omniglot(
     arrays = cache_lib.cached_arrays(path, key=key, build=build)
   else:
     arrays = build()
-  pool = ClassPool(
-    images=arrays["images"],
-    class_names=np.char.add(np.char.add(arrays["alphabet"], "/"), arrays["character"]),
-    metadata={
-      "alphabet": arrays["alphabet"],
-      "character": arrays["character"],
-      "char_index": arrays["char_index"].astype(np.int32),
-      "archive": arrays["archive"],
-      "rotation": np.zeros(len(arrays["alphabet"]), np.int32),
-    },
-  )
-  return pool.astype(dtype)
+  return omniglot_lib.pool_from_arrays(arrays, dtype)
