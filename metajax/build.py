@@ -100,6 +100,8 @@ def _pretrain_step(model: models_lib.Model, learner: Learner,
   objective = PRETRAIN_OBJECTIVES[config.algorithm](model, config)
 
   def pooled(params, batch, key):
+    if isinstance(batch, Task):  # regression tasks: their support and query points, pooled
+      return objective(params, pretrain_lib.tasks_to_batch(batch), key)
     x, y = (a.reshape((-1,) + a.shape[2:]) for a in batch)
     return objective(params, (x, y), key)
 
@@ -134,6 +136,11 @@ def _pretrained_learner(model: models_lib.Model, loss: losses_lib.Loss, config: 
   """The few-shot learner on top of pre-trained params (`config.pretrain_eval`, default the
   algorithm's): "finetune" all params from a fresh zero `ways`-way head, "linear_probe" (the head
   only), or "prototypes" (nearest class mean of the features)."""
+  if DATASETS[config.dataset].kind == "regression":
+    # Finn et al.'s baseline: fine-tune the whole pre-trained network, its output layer included
+    # (a regression head has nothing class-specific to reset).
+    return pretrain_lib.finetune_learner(model.apply, loss, num_inner_steps=num_inner_steps,
+                                         inner_lr=config.inner_lr)
   how = config.pretrain_eval or {"pretrain": "finetune"}.get(config.algorithm, "prototypes")
   if how == "prototypes":
     return ProtoNet(model.features, config.ways, loss)
@@ -148,7 +155,10 @@ def _pretrained_learner(model: models_lib.Model, loss: losses_lib.Loss, config: 
   return dataclasses.replace(learner, params_transforms=(fresh_head,))
 
 
-def _train_classes(config: Config) -> int:
+def _pretrain_outputs(config: Config) -> int:
+  """A head over all meta-training classes (classification), else the dataset's outputs."""
+  if DATASETS[config.dataset].kind == "regression":
+    return num_outputs(config)
   return DATASETS[config.dataset].classes(config).get("train", 0)
 
 
@@ -201,8 +211,10 @@ ALGORITHMS: dict[str, Algorithm] = {
                      train_tasks=_umtra_tasks, classification_only=True),
   # Joint training on all meta-training classes (a head over all of them), then per test task a
   # fresh head fine-tuned on the support set (`pretrain_eval`: finetune, linear_probe, prototypes).
+  # On regression datasets (sinusoid) it trains on the pooled points of the sampled tasks and
+  # fine-tunes every parameter at test time (Finn et al. 2017's pre-training baseline).
   "pretrain": Algorithm(_pretrained_learner, step=_pretrain_step, train_tasks=_class_batches,
-                        classification_only=True, outputs=_train_classes),
+                        outputs=_pretrain_outputs),
   # Chen et al. 2020 / Khosla et al. 2020: contrastive pre-training of the encoder on two affine
   # views, then prototypes (default) or a linear probe.
   "simclr": Algorithm(_pretrained_learner, step=_pretrain_step, train_tasks=_class_batches,

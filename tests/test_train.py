@@ -10,8 +10,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from metajax import build, checkpoint, metrics, train
@@ -161,6 +164,34 @@ def test_build_learner(algorithm, zeroing):
 def test_classification_only_algorithms_refuse_regression(algorithm):
   with pytest.raises(build.ConfigError, match=f"algorithm='{algorithm}' needs a classification"):
     build.validate_config(sinusoid_config(algorithm=algorithm))
+
+
+def test_sinusoid_pretraining_fine_tunes_every_parameter(tmp_path):
+  """Finn et al.'s baseline: one optimiser step on the MSE of the pooled support and query points
+  of the sampled tasks, then plain fine-tuning of the whole network (no fresh head, nothing
+  masked) at test time; and the binary's loop runs it."""
+  config = sinusoid_config(algorithm="pretrain", num_steps=4, log_every=2)
+  model = build.build_model(config)
+  learner = build.build_learner(config, model, num_inner_steps=3)
+  assert isinstance(learner, MAML)
+  assert learner.first_order and learner.adapt_mask is None and not learner.params_transforms
+  assert learner.num_inner_steps == 3
+  meta_step = build.build_meta_step(config, model, learner)
+  source = build.load_task_sources(config, ("train",))["train"]
+  tasks = build.sample_tasks(source, jax.random.split(jax.random.key(1), config.meta_batch_size))
+  params = model.init(jax.random.key(0))
+  state = meta_step.init(params)
+  new_state, step_metrics = meta_step.step(state, tasks)
+  x = np.concatenate([np.reshape(tasks.support_x, (-1, 1)), np.reshape(tasks.query_x, (-1, 1))])
+  y = np.concatenate([np.reshape(tasks.support_y, (-1, 1)), np.reshape(tasks.query_y, (-1, 1))])
+  loss, grads = jax.value_and_grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
+  optimizer = build.build_optimizer(config)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  chex.assert_trees_all_close(new_state.params, optax.apply_updates(params, updates), rtol=1e-5,
+                              atol=1e-6)
+  np.testing.assert_allclose(step_metrics["outer/loss"], loss, rtol=1e-5)
+  result = train.train_and_evaluate(config, tmp_path, print_fn=lambda line: None)
+  assert result["step"] == 4 and np.isfinite(result["outer/loss"])
 
 
 @pytest.mark.parametrize("algorithm, serial, learner_type, step_module", [
