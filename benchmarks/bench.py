@@ -46,7 +46,7 @@ Other modes (they add to the table; with one of them, the default workloads run 
                  one-device step (loss and updated params). On a 2-core CPU N fake devices share
                  the same 2 cores: this shows correctness and overhead, not speedup.
   --torch_python=PATH   runs benchmarks/torch_peers.py with that interpreter (a venv with
-                 torch==2.13.0 and higher) on --torch_workloads (default W1,W5,WFO) and reports
+                 torch==2.13.0 and higher) on --torch_workloads (default: all) and reports
                  metajax/peer ratios. Default: $METAJAX_TORCH_PYTHON, else /tmp/torchvenv if it
                  exists, else this interpreter if it can import torch, else no peers.
 
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--data", action="store_true", help="run the data-path benchmark")
   p.add_argument("--torch_python", default=None,
                  help="interpreter with torch for the peers ('' disables; default: auto)")
-  p.add_argument("--torch_workloads", default="W1,W5,WFO")
+  p.add_argument("--torch_workloads", default="W1,W5,WFO,WANIL,W20,WP,WPFO")
   p.add_argument("--memory", action="store_true", help="the inner-steps x remat memory sweep")
   p.add_argument("--memory_steps", default="1,5,10,20")
   p.add_argument("--memory_meta_batch", type=int, default=32)

@@ -13,8 +13,8 @@ Two idiomatic PyTorch MAML implementations of the same workloads, CPU, `torch.se
 
 The network is the same Conv-4 as `metajax.conv4` (3x3 conv SAME -> BatchNorm with batch
 statistics, no running averages -> ReLU -> 2x2 max-pool, x4, then a linear head) and the same
-inputs (synthetic, NCHW), so both sides do the same arithmetic. Workloads W1, W5, WFO (and WANIL,
-W20 for completeness); see bench.py for their shapes.
+inputs (synthetic, NCHW), so both sides do the same arithmetic. Workloads W1, W5, WFO, WANIL,
+W20 (Conv-4) and WP, WPFO (Kao et al.'s network); see bench.py for their shapes.
 
 Usage (torch is not a metajax dependency; use a separate venv):
   python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 higher
@@ -43,7 +43,10 @@ WORKLOADS = {
   "WFO": (5, 1, 15, 32, 1, 0.4, "first"),
   "WANIL": (5, 1, 15, 32, 1, 0.4, "anil"),
   "W20": (20, 1, 5, 16, 5, 0.1, "second"),
+  "WP": (5, 1, 15, 32, 2, 0.4, "second"),
+  "WPFO": (5, 1, 15, 32, 2, 0.4, "first"),
 }
+KAO_NET = ("WP", "WPFO")  # Kao et al.'s network instead of Conv-4
 TINY = dict(filters=8, meta_batch=4, queries=2)
 
 
@@ -70,6 +73,23 @@ class Conv4(nn.Module):
     for i in range(4):
       layers += [nn.Conv2d(in_channels if i == 0 else filters, filters, 3, padding=1),
                  BatchStatNorm(filters), nn.ReLU(), nn.MaxPool2d(2)]
+    self.encoder = nn.Sequential(*layers)
+    self.head = nn.Linear(filters, num_classes)
+
+  def forward(self, x):
+    return self.head(self.encoder(x).flatten(1))
+
+
+class KaoConv(nn.Module):
+  """Kao et al.'s Omniglot network, as metajax.kao_conv: three 3x3 stride-2 convs without padding
+  and a 2x2 conv, each followed by ReLU then BatchNorm (batch statistics), no pooling."""
+
+  def __init__(self, num_classes: int, filters: int = 64, in_channels: int = 1):
+    super().__init__()
+    layers = []
+    for i, (k, s) in enumerate([(3, 2)] * 3 + [(2, 1)]):
+      layers += [nn.Conv2d(in_channels if i == 0 else filters, filters, k, stride=s),
+                 nn.ReLU(), BatchStatNorm(filters)]
     self.encoder = nn.Sequential(*layers)
     self.head = nn.Linear(filters, num_classes)
 
@@ -158,7 +178,7 @@ def bench_one(name, impl, reps, warmup, tiny=False, seed=0):
   if tiny:
     filters, meta_batch, queries = TINY["filters"], TINY["meta_batch"], TINY["queries"]
   torch.manual_seed(seed)
-  model = Conv4(ways, filters)
+  model = (KaoConv if name in KAO_NET else Conv4)(ways, filters)
   meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   make = make_higher_step if impl == "higher" else make_func_step
   step = make(model, meta_opt, steps, lr, mode)

@@ -63,3 +63,31 @@ def test_table_and_memory_plot(bench, tmp_path):
   bench.plot_memory(mem, png)
   assert png.stat().st_size > 1000
   assert "remat" in bench.format_memory(mem)
+
+
+def test_profile_step_groups_xla_ops_by_kind(tmp_path, monkeypatch):
+  """The profiler summary sums XLA op events by name without the numeric suffix and leaves out
+  Python frames and the executor's own spans."""
+  import gzip
+
+  path = BENCH.parent / "profile_step.py"
+  spec = importlib.util.spec_from_file_location("metajax_profile_step", path)
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setenv("XLA_FLAGS", "")  # the module appends its flag at import
+  spec.loader.exec_module(module)
+  events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 2500},
+            {"ph": "X", "name": "ynn_fusion", "dur": 500},
+            {"ph": "X", "name": "pad_slice_fusion.12", "dur": 1000},
+            {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
+            {"ph": "X", "name": "$api.py:2479 block_until_ready", "dur": 9000},
+            {"ph": "X", "name": "PjitFunction(step)", "dur": 9000},
+            {"ph": "i", "name": "ynn_fusion.4", "dur": 7000}]
+  (tmp_path / "plugins").mkdir()
+  with gzip.open(tmp_path / "plugins" / "host.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  total, count = module.op_kind_times(tmp_path)
+  assert total == {"ynn_fusion": 3.0, "pad_slice_fusion": 1.0}
+  assert count == {"ynn_fusion": 2, "pad_slice_fusion": 1}
+  assert "--xla_cpu_enable_xprof_traceme=true" in module.os.environ["XLA_FLAGS"]
+  with pytest.raises(FileNotFoundError, match="trace"):
+    module.op_kind_times(tmp_path / "plugins" / "none")
