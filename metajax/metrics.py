@@ -249,3 +249,46 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os
   plt.close(fig)
   paths.append(path)
   return paths
+
+
+def plot_comparison(curves: Mapping[str, Sequence[Mapping[str, Any]]], metric: str,
+                    path: str | os.PathLike[str], title: str = "", log_y: bool = False) -> Path:
+  """One PNG with `metric` against the step for several runs (`label -> records`), each with its
+  `<metric>_ci95` band when recorded. Runs without the metric are left out of the legend.
+  `log_y` draws the metric on a log scale (losses that span orders of magnitude).
+
+  Returns:
+    The path written.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  drawn = 0
+  for label, records in curves.items():
+    steps, values = series(records, metric)
+    if not len(steps):
+      continue
+    ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.2, label=label)
+    ci_steps, ci = series(records, metric + "_ci95")
+    if len(ci) == len(values):
+      ax.fill_between(steps, values - ci, values + ci, alpha=0.2)
+    drawn += 1
+  if not drawn:
+    plt.close(fig)
+    raise ValueError(f"no run has the metric {metric!r}")
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_xlabel("outer step")
+  ax.set_ylabel(metric)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -134,6 +134,15 @@ def test_plot(smoke_workdir, env, tmp_path):
   assert {"outer.png", "inner.png", "test.png", "learning_curves.png"} <= names
   assert "learning_curves.png" in stdout
   assert (tmp_path / "outer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  out = tmp_path / "cmp.png"
+  stdout = run("plot.py", f"--compare=a={workdir},b={workdir}", "--metric=outer/loss",
+               f"--out={out}", env=env).stdout
+  assert str(out) in stdout and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  bad = run("plot.py", f"--compare={workdir}", f"--out={out}", env=env, check=False)
+  assert bad.returncode != 0 and "is not label=workdir" in bad.stderr
+  bad = run("plot.py", f"--compare=a={workdir}", "--metric=no/such", f"--out={out}", env=env,
+            check=False)
+  assert bad.returncode != 0 and "no run has the metric 'no/such'" in bad.stderr
 
 
 def test_bad_flags_fail_before_any_compute(env, tmp_path):

@@ -1,0 +1,105 @@
+"""experiments/reproduce.py: the suite is well-formed, the queue trains, evaluates, skips what is
+done, and the report quotes the runs' own files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from absl import app
+
+from metajax import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(name: str, path: Path):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+reproduce = load("metajax_reproduce", REPO / "experiments" / "reproduce.py")
+
+
+def test_suite_is_well_formed():
+  names = [r.name for r in reproduce.SUITE]
+  assert len(names) == len(set(names))
+  configs = {}
+  for run in reproduce.SUITE:
+    assert run.group in reproduce.GROUPS, run
+    assert run.eval_steps and all(k >= 1 for k in run.eval_steps)
+    file, variant = run.config.split(":")
+    if file not in configs:
+      configs[file] = load("metajax_config_" + file.removesuffix(".py"),
+                           REPO / "experiments" / "configs" / file)
+    config = configs[file].get_config(variant)
+    for flag in run.overrides:  # every override names a field of that config
+      field = re.fullmatch(r"--config\.(\w+)=.*", flag).group(1)
+      assert field in config, (run.name, field)
+
+
+def test_select_groups_and_refuse_unknown_names():
+  assert [r.group for r in reproduce.select(["kao"])] == ["kao"] * 12
+  assert [r.name for r in reproduce.select(["kao1s_fo", "finn"])] == ["kao1s_fo", "finn5w1s"]
+  with pytest.raises(app.UsageError, match="nope"):
+    reproduce.select(["nope"])
+
+
+def test_queue_trains_evaluates_resumes_and_reports(tmp_path, monkeypatch):
+  run = reproduce.Run("sin", "sinusoid", "sinusoid.py:smoke", ("--config.num_steps=4",),
+                      "smoke MAML", eval_steps=(1, 2))
+  monkeypatch.setattr(reproduce, "SUITE", (run,))
+  root = tmp_path / "runs"
+  assert reproduce.work([run], root, None, eval_tasks=8, dry_run=False) == 0
+  st = reproduce.status(run, root)
+  assert st["done"] and st["results"]["step"] == 4 and st["step"] == 4
+  assert [e["kind"] for e in st["log"]] == ["train", "eval", "eval"]
+  assert all(e["returncode"] == 0 and e["seconds"] > 0 for e in st["log"])
+
+  # A second pass finds everything done: nothing runs, nothing is logged.
+  assert reproduce.work([run], root, None, eval_tasks=8, dry_run=False) == 0
+  assert len(reproduce.status(run, root)["log"]) == 3
+
+  doc = tmp_path / "docs" / "RESULTS.md"
+  doc.parent.mkdir()
+  doc.write_text(f"# mine\nbefore\n{reproduce.BEGIN}\nold\n{reproduce.END}\nafter\n")
+  reproduce.report(doc, root, eval_tasks=8)
+  text = doc.read_text()
+  assert text.startswith("# mine\nbefore\n") and text.endswith("after\n") and "\nold\n" not in text
+  row = next(line for line in text.splitlines() if line.startswith("| smoke MAML |"))
+  for k in (1, 2):
+    summary = json.loads((root / "sin" / f"eval_test_{k}steps.json").read_text())
+    summary = summary["metrics"]["loss_after"]
+    assert f"{summary['mean']:.3f} +- {summary['ci95']:.3f}" in row
+  assert (doc.parent / "results" / "sinusoid.png").stat().st_size > 0
+  assert "python experiments/train.py --config=experiments/configs/sinusoid.py:smoke" in text
+  assert "No finished run yet." in text  # the other groups
+
+
+def test_unfinished_runs_are_listed_without_figures(tmp_path, monkeypatch):
+  run = reproduce.Run("half", "kao", "omniglot.py:kao5way1shot")
+  monkeypatch.setattr(reproduce, "SUITE", (run,))
+  checkpoint.write_json_atomic(tmp_path / "half" / "config.json", {"num_steps": 3000})
+  doc = tmp_path / "RESULTS.md"
+  reproduce.report(doc, tmp_path)
+  text = doc.read_text()
+  assert "`half` (not started)" in text
+  checkpoint.write_atomic(checkpoint.checkpoint_path(tmp_path / "half" / "checkpoints", 250), b"")
+  reproduce.report(doc, tmp_path)
+  assert "`half` (running/unfinished: step 250 of 3000)" in doc.read_text()
+  assert "| run |" not in text
+
+
+def test_report_refuses_a_file_without_markers(tmp_path):
+  doc = tmp_path / "RESULTS.md"
+  doc.write_text("# hand-written only\n")
+  with pytest.raises(ValueError, match="markers"):
+    reproduce.report(doc, tmp_path)
+  assert doc.read_text() == "# hand-written only\n"
