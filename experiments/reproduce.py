@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -64,7 +65,8 @@ class Run:
     overrides: extra `--config.<field>=<value>` flags.
     label: its row label in the report.
     eval_steps: test-time inner steps of the final evaluations.
-    paper: the published figure (accuracy %, or None) and where it comes from.
+    paper: the published figure (accuracy %, or None), where it comes from, and the test-time
+      inner steps it is compared at (one of `eval_steps`).
   """
 
   name: str
@@ -73,7 +75,7 @@ class Run:
   overrides: tuple[str, ...] = ()
   label: str = ""
   eval_steps: tuple[int, ...] = (1, 3)
-  paper: tuple[float | None, str] = (None, "")
+  paper: tuple[float | None, str, int] = (None, "", 1)
 
   def train_command(self, root: Path, data_dir: str | None) -> list[str]:
     cmd = [sys.executable, "experiments/train.py", f"--config=experiments/configs/{self.config}",
@@ -103,7 +105,7 @@ def _kao(name: str, group: str, shots: int, order: str, zeroing: bool, *extra: s
   label = label or (f"5w{shots}s {order.upper()} " + ("zeroing" if zeroing else "random head")
                     + (f" seed {seed}" if seed else ""))
   return Run(name, group, f"omniglot.py:{variant}", overrides, label,
-             paper=(paper, KAO_PAPER if paper is not None else ""))
+             paper=(paper, KAO_PAPER if paper is not None else "", 1))
 
 
 def _sinusoid(algorithm: str, shots: int) -> Run:
@@ -140,7 +142,7 @@ def _suite() -> list[Run]:
   runs.append(Run("finn5w1s", "finn", "omniglot.py:5way1shot",
                   ("--config.num_steps=2000", "--config.eval_every=500", "--config.seed=0"),
                   "MAML 5w1s, Conv-4, rotations, 2,000 of the paper's 60,000 steps",
-                  eval_steps=(3,), paper=(98.7, "Finn et al. 2017, table 1 (60,000 steps)")))
+                  eval_steps=(3,), paper=(98.7, "Finn et al. 2017, table 1 (60,000 steps)", 3)))
   return runs
 
 
@@ -209,15 +211,23 @@ def _machine() -> dict[str, Any]:
           "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device))}
 
 
+def _children_cpu() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _run_logged(cmd: list[str], workdir: Path, kind: str, machine: dict[str, Any]) -> int:
   """Runs `cmd` from the project root; appends its wall time and outcome to the run's log."""
   workdir.mkdir(parents=True, exist_ok=True)
   shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
   print(f"[reproduce {time.strftime('%H:%M:%S')}] {shown}", flush=True)
   start, load = time.time(), os.getloadavg()[0]
+  cpu_start = _children_cpu()
   rc = subprocess.call(cmd, cwd=ROOT)
   entry = {"kind": kind, "command": shown, "returncode": rc,
            "seconds": round(time.time() - start, 1),
+           # CPU time of the command (all threads): unlike the wall clock, pauses do not count
+           "cpu_seconds": round(_children_cpu() - cpu_start, 1),
            "start": datetime.datetime.fromtimestamp(start, datetime.timezone.utc).isoformat(
              timespec="seconds"),
            "load_start": round(load, 2), "load_end": round(os.getloadavg()[0], 2), **machine}
@@ -269,10 +279,16 @@ def _duration(seconds: float) -> str:
   return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def _finished(entry: dict[str, Any]) -> str:
+  end = datetime.datetime.fromisoformat(entry["start"]) + datetime.timedelta(
+    seconds=entry["seconds"])
+  return f"{end:%Y-%m-%d %H:%M}"
+
+
 def _progress(st: dict[str, Any]) -> str:
   if st["done"]:
     return "finished"
-  if not st["log"] and not st["step"]:
+  if not st["log"] and not st["step"] and not st["config"]:
     return "not started"
   return f"running/unfinished: step {st['step']} of {st['num_steps'] or '?'}"
 
@@ -283,8 +299,8 @@ def group_table(group: str, runs: Sequence[Run], root: Path) -> list[str]:
   metric = "MSE after" if regression else "accuracy % after"
   head = ["run", *[f"{metric} {k} step{'s' * (k > 1)}" for k in steps]]
   if not regression:
-    head += ["paper", "difference (best test steps)"]
-  head += ["train wall", "finished (UTC)"]
+    head += ["paper", "difference (at the paper's test steps)"]
+  head += ["train wall", "train CPU", "finished (UTC)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for run in runs:
     st = status(run, root)
@@ -295,13 +311,16 @@ def group_table(group: str, runs: Sequence[Run], root: Path) -> list[str]:
     cells += [(_mse if regression else _pct)(st["evals"].get(k), key) if k in run.eval_steps
               else "" for k in steps]
     if not regression:
-      paper = run.paper[0]
-      best = max(100 * v[key]["mean"] for v in st["evals"].values())
-      cells += ["-" if paper is None else f"{paper:.1f}",
-                "-" if paper is None else f"{best - paper:+.2f}"]
+      paper, _, paper_steps = run.paper
+      ours = 100 * st["evals"][paper_steps][key]["mean"] if paper is not None else None
+      steps_note = f"{paper_steps} step{'s' * (paper_steps > 1)}"
+      cells += ["-" if paper is None else f"{paper:.1f} ({steps_note})",
+                "-" if paper is None else f"{ours - paper:+.2f}"]
     train_logs = [e for e in st["log"] if e["kind"] == "train"]
+    cpu = [e.get("cpu_seconds") for e in train_logs]
     cells += [_duration(st["train_seconds"]),
-              (train_logs[-1]["start"][:16].replace("T", " ") if train_logs else "-")]
+              _duration(sum(cpu)) if cpu and None not in cpu else "-",
+              _finished(train_logs[-1]) if train_logs else "-"]
     lines.append("| " + " | ".join(cells) + " |")
   if len(lines) == 2:
     return []

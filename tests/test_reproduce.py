@@ -61,7 +61,8 @@ def test_queue_trains_evaluates_resumes_and_reports(tmp_path, monkeypatch):
   st = reproduce.status(run, root)
   assert st["done"] and st["results"]["step"] == 4 and st["step"] == 4
   assert [e["kind"] for e in st["log"]] == ["train", "eval", "eval"]
-  assert all(e["returncode"] == 0 and e["seconds"] > 0 for e in st["log"])
+  assert all(e["returncode"] == 0 and e["seconds"] > 0 and e["cpu_seconds"] > 0
+             for e in st["log"])
 
   # A second pass finds everything done: nothing runs, nothing is logged.
   assert reproduce.work([run], root, None, eval_tasks=8, dry_run=False) == 0
@@ -90,11 +91,15 @@ def test_unfinished_runs_are_listed_without_figures(tmp_path, monkeypatch):
   doc = tmp_path / "RESULTS.md"
   reproduce.report(doc, tmp_path)
   text = doc.read_text()
-  assert "`half` (not started)" in text
+  assert "`half` (running/unfinished: step 0 of 3000)" in text  # a config, no checkpoint yet
   checkpoint.write_atomic(checkpoint.checkpoint_path(tmp_path / "half" / "checkpoints", 250), b"")
   reproduce.report(doc, tmp_path)
   assert "`half` (running/unfinished: step 250 of 3000)" in doc.read_text()
   assert "| run |" not in text
+  run = reproduce.Run("none", "kao", "omniglot.py:kao5way1shot")
+  monkeypatch.setattr(reproduce, "SUITE", (run,))
+  reproduce.report(doc, tmp_path)
+  assert "`none` (not started)" in doc.read_text()
 
 
 def test_report_refuses_a_file_without_markers(tmp_path):
@@ -103,3 +108,27 @@ def test_report_refuses_a_file_without_markers(tmp_path):
   with pytest.raises(ValueError, match="markers"):
     reproduce.report(doc, tmp_path)
   assert doc.read_text() == "# hand-written only\n"
+
+
+def test_classification_rows_compare_with_the_paper_at_its_test_steps(tmp_path, monkeypatch):
+  run = reproduce.Run("fo", "kao", "omniglot.py:kao5way1shot", label="FO random",
+                      paper=(88.6, "Kao et al.", 1))
+  monkeypatch.setattr(reproduce, "SUITE", (run,))
+  workdir = tmp_path / "fo"
+  accuracy = {1: (0.8912, 0.0066), 3: (0.9078, 0.0059)}
+  for k, (mean, ci) in accuracy.items():
+    checkpoint.write_json_atomic(reproduce.eval_file(workdir, k), {"metrics": {
+      "accuracy_after": {"mean": mean, "ci95": ci, "num_tasks": 600}}})
+  checkpoint.write_json_atomic(workdir / "results.json", {"step": 3000})
+  (workdir / "metrics.jsonl").write_text(
+    json.dumps({"step": 250, "eval/accuracy_after": 0.85, "eval/accuracy_after_ci95": 0.02}) + "\n")
+  entry = {"kind": "train", "command": "python experiments/train.py ...", "returncode": 0,
+           "seconds": 5400.0, "cpu_seconds": 7200.0, "start": "2026-11-23T13:00:00+00:00",
+           "cpu": "x", "cores": 2, "backend": "cpu", "device": "cpu", "jax": "0"}
+  (workdir / reproduce.LOG_FILE).write_text(json.dumps(entry) + "\n")
+  doc = tmp_path / "RESULTS.md"
+  reproduce.report(doc, tmp_path)
+  row = next(line for line in doc.read_text().splitlines() if line.startswith("| FO random |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells == ["FO random", "89.12 +- 0.66", "90.78 +- 0.59", "88.6 (1 step)",
+                   f"{100 * accuracy[1][0] - 88.6:+.2f}", "1.50 h", "2.00 h", "2026-11-23 14:30"]
