@@ -293,7 +293,7 @@ def _progress(st: dict[str, Any]) -> str:
   return f"running/unfinished: step {st['step']} of {st['num_steps'] or '?'}"
 
 
-def group_table(group: str, runs: Sequence[Run], root: Path) -> list[str]:
+def group_table(group: str, runs: Sequence[Run], statuses: dict[str, dict[str, Any]]) -> list[str]:
   regression = group == "sinusoid"
   steps = sorted({k for r in runs for k in r.eval_steps})
   metric = "MSE after" if regression else "accuracy % after"
@@ -303,7 +303,7 @@ def group_table(group: str, runs: Sequence[Run], root: Path) -> list[str]:
   head += ["train wall", "train CPU", "finished (UTC)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for run in runs:
-    st = status(run, root)
+    st = statuses[run.name]
     if not st["done"]:
       continue
     key = "loss_after" if regression else "accuracy_after"
@@ -334,15 +334,16 @@ def report(path: Path, root: Path, eval_tasks: int = 600) -> None:
          f"UTC from `{root}/` by "
          f"`python experiments/reproduce.py --root={root} --report={path}`.", ""]
   machines = set()
+  statuses = {r.name: status(r, root) for r in SUITE}  # each run's files read once
   for group, title in GROUPS.items():
     runs = [r for r in SUITE if r.group == group]
-    table = group_table(group, runs, root)
-    pending = [f"`{r.name}` ({_progress(status(r, root))})" for r in runs
-               if not status(r, root)["done"]]
+    table = group_table(group, runs, statuses)
+    pending = [f"`{r.name}` ({_progress(statuses[r.name])})" for r in runs
+               if not statuses[r.name]["done"]]
     out += [f"### {title}", ""]
     if table:
       out += table + [""]
-      finished = [r for r in runs if status(r, root)["done"]]
+      finished = [r for r in runs if statuses[r.name]["done"]]
       metric = "eval/loss_after" if group == "sinusoid" else "eval/accuracy_after"
       curves = {r.label or r.name: metrics.read_metrics(ROOT / root / r.name) for r in finished}
       png = metrics.plot_comparison(curves, metric, plot_dir / f"{group}.png", title=title,
@@ -351,8 +352,7 @@ def report(path: Path, root: Path, eval_tasks: int = 600) -> None:
       out += ["Commands (seed in the flags; the final evaluations use `--eval_seed=0`, the same "
               f"{eval_tasks} test tasks for every run):", "", "```"]
       for r in finished:
-        st = status(r, root)
-        for e in st["log"]:
+        for e in statuses[r.name]["log"]:
           if e["returncode"] == 0:
             out.append(e["command"])
             machines.add((e["cpu"], e["cores"], e["backend"], e["device"], e["jax"]))

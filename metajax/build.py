@@ -135,7 +135,8 @@ def _pretrained_learner(model: models_lib.Model, loss: losses_lib.Loss, config: 
                         num_inner_steps: int) -> Learner:
   """The few-shot learner on top of pre-trained params (`config.pretrain_eval`, default the
   algorithm's): "finetune" all params from a fresh zero `ways`-way head, "linear_probe" (the head
-  only), or "prototypes" (nearest class mean of the features)."""
+  only), or "prototypes" (nearest class mean of the features). On regression datasets: fine-tune
+  every param of the pre-trained network, its head included."""
   if DATASETS[config.dataset].kind == "regression":
     # Finn et al.'s baseline: fine-tune the whole pre-trained network, its output layer included
     # (a regression head has nothing class-specific to reset).

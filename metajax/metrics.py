@@ -187,6 +187,30 @@ def series(records: Iterable[Mapping[str, Any]], name: str) -> tuple[np.ndarray,
   return np.asarray(steps), np.asarray(values, np.float64)
 
 
+def _pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+  import matplotlib
+
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _draw_series(ax: Any, records: Sequence[Mapping[str, Any]], name: str, *,
+                 label: str | None = None, band_alpha: float = 0.25) -> bool:
+  """Plots metric `name` against the step on `ax`, with its `<name>_ci95` band when every point
+  has one. Returns whether the metric had any point."""
+  steps, values = series(records, name)
+  if not len(steps):
+    return False
+  ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.2, label=label)
+  _, ci = series(records, name + "_ci95")
+  if len(ci) == len(values):
+    ax.fill_between(steps, values - ci, values + ci, alpha=band_alpha)
+  return True
+
+
 def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str],
                          title: str = "") -> list[Path]:
   """Writes one PNG per metric group (`inner`, `outer`, `eval`, ...) and `learning_curves.png`.
@@ -197,10 +221,7 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os
   Returns:
     The paths written.
   """
-  import matplotlib
-
-  matplotlib.use("Agg", force=True)
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   names = sorted({k for r in records for k in r if "/" in k and not k.endswith("_ci95")})
   if not names:
@@ -212,11 +233,7 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os
   out_dir.mkdir(parents=True, exist_ok=True)
 
   def draw(ax, name):
-    steps, values = series(records, name)
-    ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.2)
-    ci_steps, ci = series(records, name + "_ci95")
-    if len(ci) == len(values) and len(ci):
-      ax.fill_between(steps, values - ci, values + ci, alpha=0.25)
+    _draw_series(ax, records, name)
     ax.set_title(name, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.grid(alpha=0.3)
@@ -260,23 +277,12 @@ def plot_comparison(curves: Mapping[str, Sequence[Mapping[str, Any]]], metric: s
   Returns:
     The path written.
   """
-  import matplotlib
-
-  matplotlib.use("Agg", force=True)
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  drawn = 0
-  for label, records in curves.items():
-    steps, values = series(records, metric)
-    if not len(steps):
-      continue
-    ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.2, label=label)
-    ci_steps, ci = series(records, metric + "_ci95")
-    if len(ci) == len(values):
-      ax.fill_between(steps, values - ci, values + ci, alpha=0.2)
-    drawn += 1
-  if not drawn:
+  drawn = [_draw_series(ax, records, metric, label=label, band_alpha=0.2)
+           for label, records in curves.items()]
+  if not any(drawn):
     plt.close(fig)
     raise ValueError(f"no run has the metric {metric!r}")
   if log_y:
