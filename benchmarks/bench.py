@@ -75,6 +75,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from metajax import runtime
+
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -441,9 +443,7 @@ def worker_main(spec: dict) -> None:
 
 
 # ============================================================================ driver
-def _run_subprocess(spec: dict, env_extra: dict | None = None, timeout: float = 3600) -> dict:
-  env = dict(os.environ)
-  env.update(env_extra or {})
+def _run_subprocess(spec: dict, env: dict, timeout: float = 3600) -> dict:
   cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
   t = time.perf_counter()
   try:
@@ -476,7 +476,7 @@ def _torch_python(flag: str | None) -> str | None:
   return None
 
 
-def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: bool,
+def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: bool, env: dict,
                timeout: float = 3600) -> dict:
   script = Path(__file__).resolve().parent / "torch_peers.py"
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -484,7 +484,7 @@ def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: 
   cmd = [python, str(script), f"--workloads={','.join(workloads)}", f"--reps={reps}",
          f"--warmup={warmup}", f"--json={path}"] + (["--tiny"] if tiny else [])
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f} s"}
   try:
@@ -669,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--devices", type=int, default=1, help="N > 1: the task-sharded step on N devices")
   p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test shapes
   p.add_argument("--timeout", type=float, default=3600, help="per subprocess, seconds")
+  p.add_argument("--hugepages", default="auto", choices=["auto", "off"],
+                 help="auto: every subprocess (metajax and the torch peers alike) runs with "
+                      "glibc's huge-page malloc where metajax.runtime says it helps, as the "
+                      "binaries do; off: without it, for the A/B")
   args = p.parse_args(argv)
 
   if args.worker:
@@ -693,6 +697,12 @@ def main(argv: list[str] | None = None) -> int:
       if b and b not in run_names:
         run_names.append(b)
 
+  if args.hugepages == "off":
+    env = runtime.without_hugepage_tunable(os.environ)
+  elif runtime.decide(os.environ, sys.platform, runtime.glibc_version(), runtime.thp_mode()).reexec:
+    env = runtime.with_hugepage_tunable(os.environ)
+  else:
+    env = dict(os.environ)
   common = {"conv": args.conv, "task_map": args.task_map, "reps": reps, "warmup": warmup,
             "tiny": args.tiny, "params_per_task": args.params_per_task}
   results: dict = {
@@ -701,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
              "machine": _machine(), "load_start": os.getloadavg(), "reps": reps,
              "warmup": warmup, "quick": args.quick, "conv": args.conv,
              "task_map": args.task_map, "tiny": args.tiny,
-             "params_per_task": args.params_per_task,
+             "params_per_task": args.params_per_task, "hugepages": args.hugepages,
+             "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "thp_mode": runtime.thp_mode(),
              "timing": "median of `reps` outer steps after `warmup` untimed ones, each in its own "
                        "subprocess; times inflated when the load average exceeds the core count"},
     "workloads": {},
@@ -717,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
 
   for name in run_names:
     log(f"{name} ...")
-    r = _run_subprocess({**common, "workload": name}, timeout=args.timeout)
+    r = _run_subprocess({**common, "workload": name}, env, timeout=args.timeout)
     results["workloads"][name] = r
     log(f"{name}: " + (r["error"][-300:] if "error" in r else
                        f"{r['median_s']:.3f} s/step, compile {r['compile_s']:.1f} s"))
@@ -726,14 +737,14 @@ def main(argv: list[str] | None = None) -> int:
   if (names and not args.nodata) or args.data:
     log("data path ...")
     results["data"] = _run_subprocess({"kind": "data", "reps": 20 if args.quick else 100,
-                                       "num_tasks": 32}, timeout=args.timeout)
+                                       "num_tasks": 32}, env, timeout=args.timeout)
     save()
 
   torch_python = _torch_python(args.torch_python)
   torch_names = [n for n in args.torch_workloads.split(",") if n in names]
   if torch_python and torch_names:
     log(f"torch peers {torch_names} with {torch_python} ...")
-    results["torch"] = _run_torch(torch_python, torch_names, reps, warmup, args.tiny,
+    results["torch"] = _run_torch(torch_python, torch_names, reps, warmup, args.tiny, env,
                                   timeout=args.timeout)
     save()
   elif names:
@@ -741,14 +752,14 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.devices > 1:
     results["devices"] = {}
-    env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
-                         f" --xla_force_host_platform_device_count={args.devices}").strip()}
+    flag = f"--xla_force_host_platform_device_count={args.devices}"
+    dev_env = {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {flag}".strip()}
     for name in (names or ["W1"]):
       if WORKLOADS[name].mode == "fwdbwd":
         continue
       log(f"{name} on {args.devices} devices ...")
       r = _run_subprocess({**common, "workload": name, "devices": args.devices,
-                           "warmup": max(warmup, 1)}, env, timeout=args.timeout)
+                           "warmup": max(warmup, 1)}, dev_env, timeout=args.timeout)
       results["devices"][f"{name}@{args.devices}"] = r
       save()
 
@@ -763,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         mem["runs"].append(_run_subprocess(
           {**common, "workload": "W1", "inner_steps": s, "remat": remat,
            "meta_batch": args.memory_meta_batch, "reps": 1 if args.quick else min(reps, 3),
-           "warmup": 0}, timeout=args.timeout))
+           "warmup": 0}, env, timeout=args.timeout))
         results["memory"] = mem
         save()
     png = args.memory_png or str((Path(args.json).parent if args.json else REPO / "benchmarks" /

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax import classify, train
+from metajax import classify, runtime, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
 _SUPPORT = flags.DEFINE_string("support_dir", None, "One sub-folder of images per class.")
@@ -50,4 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
   app.run(main)

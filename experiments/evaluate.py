@@ -11,7 +11,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax import checkpoint, train
+from metajax import checkpoint, runtime, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
 _SPLIT = flags.DEFINE_string("split", "test", "Class split the tasks come from.")
@@ -43,4 +43,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
   app.run(main)

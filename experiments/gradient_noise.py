@@ -34,7 +34,7 @@ import optax
 from absl import app, flags
 
 import metajax as mj
-from metajax import data
+from metajax import data, runtime
 from metajax import gradient_noise as gn
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the JSON and the PNG go.")
@@ -118,4 +118,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
   app.run(main)

@@ -21,7 +21,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from metajax import train
+from metajax import runtime, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here; "
                                "rerunning in the same workdir resumes.")
@@ -41,4 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
   app.run(main)

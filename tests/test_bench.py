@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,10 @@ def bench():
 def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
   # Run the workers in-process (a subprocess per workload is what the real run does; here it
   # would only add interpreter start-up time).
-  def in_process(spec, env_extra=None, timeout=0):
+  envs = []
+
+  def in_process(spec, env, timeout=0):
+    envs.append(env)
     return bench.run_step_worker(spec)
 
   monkeypatch.setattr(bench, "_run_subprocess", in_process)
@@ -39,6 +43,14 @@ def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
   assert r["compile_s"] > 0 and r["flops"] > 0 and r["xla_temp_mb"] > 0
   assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
   assert len(results["meta"]["load_start"]) == 3
+  # The subprocess environment is the one recorded, and --hugepages=auto adds the tunable only
+  # where metajax.runtime says it helps on this machine.
+  recorded = results["meta"]["glibc_tunables"]
+  assert envs and all(e.get("GLIBC_TUNABLES", "") == recorded for e in envs)
+  live = bench.runtime.decide(os.environ, sys.platform, bench.runtime.glibc_version(),
+                              bench.runtime.thp_mode())
+  assert (bench.runtime.HUGEPAGE_TUNABLE in results["meta"]["glibc_tunables"]) == (
+    live.reexec or bench.runtime.HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""))
   assert not list(out.parent.glob("*.tmp"))  # atomic write left no temporary behind
   table = capsys.readouterr().out
   assert "WPFO" in table and "load average" in table
@@ -91,3 +103,32 @@ def test_profile_step_groups_xla_ops_by_kind(tmp_path, monkeypatch):
   assert "--xla_cpu_enable_xprof_traceme=true" in module.os.environ["XLA_FLAGS"]
   with pytest.raises(FileNotFoundError, match="trace"):
     module.op_kind_times(tmp_path / "plugins" / "none")
+
+
+def test_page_faults_script_reports_each_call(capsys):
+  """benchmarks/page_faults.py runs its jitted conv fwd+bwd and prints one row per timed call with
+  the environment it measured (tiny batch: this checks the script, not the machine)."""
+  path = BENCH.parent / "page_faults.py"
+  spec = importlib.util.spec_from_file_location("metajax_page_faults", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.main(["--reps=2", "--batch=2"]) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out[0].startswith("conv fwd+bwd: GLIBC_TUNABLES=") and "minor faults" in out[1]
+  rows = [line.split() for line in out[2:]]
+  assert [r[0] for r in rows] == ["0", "1"]
+  assert all(float(r[1]) > 0 and int(r[2]) >= 0 for r in rows)
+
+
+def test_unroll_miscompile_reproducer_runs(capsys):
+  """benchmarks/unroll_miscompile.py prints its four variants; on the MLP (which XLA compiles
+  correctly either way) they all agree with the rolled eager gradient."""
+  path = BENCH.parent / "unroll_miscompile.py"
+  spec = importlib.util.spec_from_file_location("metajax_unroll_miscompile", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.main(["--net=mlp"]) == 0
+  rows = capsys.readouterr().out.strip().splitlines()[1:]
+  assert [r.split()[:2] for r in rows] == [["rolled", "eager"], ["rolled", "jit"],
+                                          ["unrolled", "eager"], ["unrolled", "jit"]]
+  assert all(float(r.split()[2]) < 1e-5 for r in rows)
