@@ -697,12 +697,8 @@ def main(argv: list[str] | None = None) -> int:
       if b and b not in run_names:
         run_names.append(b)
 
-  if args.hugepages == "off":
-    env = runtime.without_hugepage_tunable(os.environ)
-  elif runtime.decide(os.environ, sys.platform, runtime.glibc_version(), runtime.thp_mode()).reexec:
-    env = runtime.with_hugepage_tunable(os.environ)
-  else:
-    env = dict(os.environ)
+  env = (runtime.without_hugepage_tunable(os.environ) if args.hugepages == "off" else
+         runtime.hugepage_environ(os.environ))
   common = {"conv": args.conv, "task_map": args.task_map, "reps": reps, "warmup": warmup,
             "tiny": args.tiny, "params_per_task": args.params_per_task}
   results: dict = {

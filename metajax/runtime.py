@@ -30,7 +30,9 @@ __all__ = [
   "HUGEPAGE_TUNABLE",
   "Decision",
   "decide",
+  "decide_here",
   "glibc_version",
+  "hugepage_environ",
   "reexec_with_hugepages",
   "thp_mode",
   "with_hugepage_tunable",
@@ -128,6 +130,19 @@ def decide(environ: Mapping[str, str], platform: str, glibc: tuple[int, int] | N
   return Decision(True, "glibc >= 2.35 and THP mode 'madvise': malloc can use huge pages")
 
 
+def decide_here(environ: Mapping[str, str]) -> Decision:
+  """`decide` for this machine: its platform, glibc and THP mode, with `environ`."""
+  return decide(environ, sys.platform, glibc_version(), thp_mode())
+
+
+def hugepage_environ(environ: Mapping[str, str]) -> dict[str, str]:
+  """The environment a binary would re-execute with: `environ` plus the tunable where it helps.
+
+  For launching subprocesses (benchmark workers, test workers) the way the binaries run.
+  """
+  return with_hugepage_tunable(environ) if decide_here(environ).reexec else dict(environ)
+
+
 def reexec_with_hugepages() -> Decision:
   """Re-execute the running command with `HUGEPAGE_TUNABLE` when `decide` says it helps.
 
@@ -136,7 +151,7 @@ def reexec_with_hugepages() -> Decision:
   tunable). Otherwise it returns the `Decision`, so a caller can log why not. Never call it from
   library code or a test process: it replaces the whole interpreter.
   """
-  decision = decide(os.environ, sys.platform, glibc_version(), thp_mode())
+  decision = decide_here(os.environ)
   if decision.reexec:
     sys.stdout.flush()
     sys.stderr.flush()

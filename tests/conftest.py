@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -20,15 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from metajax import runtime as _runtime
+
 # The test processes (pytest-xdist's workers are started after this module is imported) and the
 # binaries they launch use the malloc the binaries re-execute themselves with
 # (metajax.runtime): the same code paths, and the suite's big jitted steps run faster.
-if os.environ.get("METAJAX_HUGEPAGES", "1") != "0":
-  from metajax import runtime as _runtime
-
-  if _runtime.decide(os.environ, sys.platform, _runtime.glibc_version(),
-                     _runtime.thp_mode()).reexec:
-    os.environ.update(_runtime.with_hugepage_tunable(os.environ))
+os.environ.update(_runtime.hugepage_environ(os.environ))
 
 OMNIGLOT_DIR_ENV = "METAJAX_OMNIGLOT_DIR"
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared/data/omniglot"

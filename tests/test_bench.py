@@ -47,10 +47,7 @@ def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
   # where metajax.runtime says it helps on this machine.
   recorded = results["meta"]["glibc_tunables"]
   assert envs and all(e.get("GLIBC_TUNABLES", "") == recorded for e in envs)
-  live = bench.runtime.decide(os.environ, sys.platform, bench.runtime.glibc_version(),
-                              bench.runtime.thp_mode())
-  assert (bench.runtime.HUGEPAGE_TUNABLE in results["meta"]["glibc_tunables"]) == (
-    live.reexec or bench.runtime.HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""))
+  assert recorded == bench.runtime.hugepage_environ(os.environ).get("GLIBC_TUNABLES", "")
   assert not list(out.parent.glob("*.tmp"))  # atomic write left no temporary behind
   table = capsys.readouterr().out
   assert "WPFO" in table and "load average" in table

@@ -47,6 +47,18 @@ def test_with_hugepage_tunable_appends_keeps_others_and_respects_an_explicit_val
   assert runtime.with_hugepage_tunable(explicit) == explicit
 
 
+def test_hugepage_environ_follows_the_live_decision():
+  env = runtime.without_hugepage_tunable(os.environ)
+  env.pop("METAJAX_HUGEPAGES")
+  out = runtime.hugepage_environ(env)
+  if runtime.decide_here(env).reexec:
+    assert out == runtime.with_hugepage_tunable(env)
+  else:
+    assert out == env
+  assert runtime.hugepage_environ({**env, "METAJAX_HUGEPAGES": "0"}) == {
+    **env, "METAJAX_HUGEPAGES": "0"}
+
+
 def test_without_hugepage_tunable_strips_it_and_opts_out():
   out = runtime.without_hugepage_tunable(
     {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "A": "b"})
@@ -94,7 +106,7 @@ def test_reexec_keeps_arguments_and_environment_and_adds_the_tunable(tmp_path):
   result = json.loads(out.strip().splitlines()[-1])
   assert result["argv"] == [str(script), "--flag=1", "two words"]
   assert result["other"] == "kept"
-  live = runtime.decide(env, sys.platform, runtime.glibc_version(), runtime.thp_mode())
+  live = runtime.decide_here(env)
   if live.reexec:
     # Re-executed once: the new process found the tunable and did not go round again.
     assert result["tunables"] == runtime.HUGEPAGE_TUNABLE
