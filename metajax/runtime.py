@@ -4,9 +4,9 @@ Why this module exists: XLA:CPU takes each executable's temporaries from `malloc
 meta-step over 32 tasks: im2col patch matrices, activations kept for the backward pass). glibc
 serves blocks that large with a fresh `mmap` and unmaps them on `free`, so every step faults every
 4 KiB page in again and the kernel zeroes it: one fwd+bwd of a convolution over a [2560, 14, 14,
-64] batch took 660,000 minor page faults and more system time than compute time. glibc >= 2.35
-backs those blocks with 2 MiB transparent huge pages when `GLIBC_TUNABLES` holds
-`glibc.malloc.hugetlb=1`, 512x fewer faults; on this project's 2-core CPU that took the
+64] batch took 660,000 minor page faults and about as much system time as compute time. glibc
+>= 2.35 backs those blocks with 2 MiB transparent huge pages when `GLIBC_TUNABLES` holds
+`glibc.malloc.hugetlb=1`: 100-350x fewer faults measured; on this project's 2-core CPU that took the
 second-order W1 meta-step from 4.3 to 2.2 s at the same peak memory (docs/BENCHMARKS.md; the
 PyTorch peers gain from it too). It matters only when the kernel's THP mode is `madvise` (the
 Debian and Ubuntu default): with `always` every large block gets huge pages anyway, with `never`
