@@ -11,7 +11,8 @@ Here a convolution is written as *patches + matmul*: the padded input is cut int
 `prod(kernel_size)` statically shifted (strided) slices, concatenated along the feature axis and
 contracted with the reshaped kernel by one `dot_general`. Every derivative of that is again made of
 slices, pads, concatenations and dots, and under `vmap` with per-task kernels the dot becomes a
-*batched matmul*, which XLA:CPU runs at matmul speed. Max-pooling 2x2 is a reshape + max.
+*batched matmul*, which XLA:CPU runs at matmul speed. Max-pooling 2x2 is a reshape + max, with
+a derivative through one argmax per window.
 
 Both are drop-in replacements:
 
@@ -178,11 +179,13 @@ def max_pool_2x2(x: ArrayLike) -> Array:
   """2x2 max-pooling with stride 2 and VALID (floor) semantics, on NHWC input.
 
   Equal to `flax.linen.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')` (odd trailing rows
-  and columns are dropped), but written as slice + reshape + max, so its derivatives are
+  and columns are dropped), but written as reshape + max, so its derivatives are
   compares/selects and reshapes instead of `select_and_scatter` (whose own derivative XLA handles
-  slowly). On exact ties inside a window the gradient is split equally between the tied entries
-  (reduce_window picks one); with continuous inputs, or after a ReLU whose derivative is zero at
-  the tie, the results agree.
+  slowly). The derivative routes each window's tangent through the first of its maxima (row
+  major), found by one `argmax`, as `reduce_window`'s does. Why not `jnp.max`'s own rule (the
+  tangent averaged over every entry equal to the max): it compares the input with the max again,
+  and XLA:CPU may recompute a fused input with different rounding for the two, so that no entry
+  matches and the gradient is wrong (`benchmarks/xla_cpu_miscompile.py --case=one_step`).
 
   Args:
     x: `[..., H, W, C]` array (any leading batch dimensions).
@@ -197,8 +200,23 @@ def max_pool_2x2(x: ArrayLike) -> Array:
     raise ValueError(f"max_pool_2x2 needs H, W >= 2, got {(h, w)}.")
   if (h, w) != (2 * ho, 2 * wo):
     x = x[..., : 2 * ho, : 2 * wo, :]
-  x = x.reshape(*lead, ho, 2, wo, 2, c)
-  return jnp.max(x, axis=(-4, -2))
+  # [..., ho, 2, wo, 2, c] -> [..., ho, wo, 4, c]: the window on one axis, for max and argmax.
+  x = jnp.moveaxis(x.reshape(*lead, ho, 2, wo, 2, c), -4, -3).reshape(*lead, ho, wo, 4, c)
+  return _window_max(x)
+
+
+@jax.custom_jvp
+def _window_max(w: Array) -> Array:
+  """Max over axis -2, differentiated through the first argmax (see `max_pool_2x2`)."""
+  return jnp.max(w, axis=-2)
+
+
+@_window_max.defjvp
+def _window_max_jvp(primals, tangents):
+  (w,), (t,) = primals, tangents
+  first = jnp.argmax(w, axis=-2)  # one reduction: the tangent and its transpose agree on it
+  onehot = (first[..., None, :] == jnp.arange(w.shape[-2])[:, None]).astype(t.dtype)
+  return jnp.max(w, axis=-2), jnp.sum(t * onehot, axis=-2)
 
 
 def default_conv_impl(backend: str | None = None) -> ConvFn:

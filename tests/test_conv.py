@@ -208,6 +208,7 @@ class ConvMoreShapesTest(_ConvChecks, chex.TestCase, parameterized.TestCase):
   def test_check_grads_order2_float64_more_shapes(self, *case):
     self._check_grads64(*case)
 
+
 class MaxPoolTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -236,9 +237,29 @@ class MaxPoolTest(chex.TestCase, parameterized.TestCase):
       check_grads(lambda x: jnp.sin(mconv.max_pool_2x2(x)), (x,), order=2, atol=F64_TOL,
                   rtol=F64_TOL)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ties_route_to_the_first_maximum(self):
+    # One 2x2 window, two exact ties: the gradient goes to the first in row-major order (as
+    # reduce_window's select_and_scatter), never split and never lost.
+    x = jnp.array([[[[1.0], [3.0]], [[3.0], [2.0]]]])  # [1, 2, 2, 1]
+    g = self.variant(jax.grad(lambda x: jnp.sum(mconv.max_pool_2x2(x))))(x)
+    np.testing.assert_array_equal(g[0, :, :, 0], [[0.0, 1.0], [0.0, 0.0]])
+    zeros = jnp.zeros((1, 4, 4, 2))  # every window tied: each routes one unit
+    g = self.variant(jax.grad(lambda x: jnp.sum(mconv.max_pool_2x2(x))))(zeros)
+    np.testing.assert_array_equal(g[0, ::2, ::2], 1.0)
+    self.assertEqual(float(jnp.sum(g)), 8.0)
+
+  def test_forward_mode(self):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 6, 3))
+    t = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    _, got = jax.jvp(mconv.max_pool_2x2, (x,), (t,))
+    _, want = jax.jvp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), (x,), (t,))
+    chex.assert_trees_all_close(got, want)
+
   def test_too_small_raises(self):
     with self.assertRaises(ValueError):
       mconv.max_pool_2x2(jnp.zeros((1, 1, 4, 2)))
+
 
 if __name__ == "__main__":
   absltest.main()
