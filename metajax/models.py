@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from metajax.conv import ConvFn, default_conv_impl, max_pool_2x2
 from metajax.types import ApplyFn, Array, Params, PRNGKey
 
+
 class Model(NamedTuple):
   """A model as a bundle of pure functions.
 
@@ -145,6 +146,8 @@ def model_from_encoder(encoder: nn.Module, num_outputs: int,
   module = _Classifier(encoder=encoder.clone(name="encoder"), num_outputs=num_outputs)
   dummy = jnp.zeros((2, *input_shape), jnp.float32)
 
+  # Jitted: run eagerly, flax's initialisers compile one small XLA program per op (seconds).
+  @jax.jit
   def init(key: PRNGKey) -> Params:
     variables = module.init(key, dummy)
     extra = set(variables) - {"params"}
