@@ -18,11 +18,12 @@ Submodules: `metajax.data` (Omniglot, mini-ImageNet, sinusoid tasks, episode sam
 mesh), `metajax.pretrain` and `metajax.contrastive_pretrain` (joint and contrastive pre-training
 baselines), `metajax.augment` (random affine transforms), `metajax.umtra` (unsupervised tasks),
 `metajax.gradient_noise` (measuring MAML's gradient noise during training), `metajax.runtime`
-(re-executing a script with glibc's huge-page malloc, which makes XLA:CPU steps 1.5-2x faster).
+(re-executing a script with glibc's huge-page malloc, which makes XLA:CPU steps 1.5-2x faster),
+`metajax.xla` (`jit` with the compiler options that keep XLA:CPU's meta-gradients correct).
 """
 
 from metajax import (augment, contrastive_pretrain, conv, data, gradient_noise, pretrain, runtime,
-                     sharding, theory, umtra)
+                     sharding, theory, umtra, xla)
 from metajax.contrastive import batch_hard_triplet, info_nce, supcon, triplet
 from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
 from metajax.inner import adapt

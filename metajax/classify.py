@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from metajax import xla
 from metajax.types import Array
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -131,7 +132,7 @@ def classify_folders(learner: Any, meta_params: Any, input_shape: Sequence[int],
     raise ValueError(f"no query images in {str(query_dir)!r}")
   support_x = load_images(paths, input_shape, invert=invert)
   query_x = load_images(queries, input_shape, invert=invert)
-  fn = jax.jit(predict, static_argnums=(0, 5))
+  fn = xla.jit(predict, static_argnums=(0, 5))
   predicted, probs = jax.device_get(fn(learner, meta_params, support_x, labels, query_x,
                                        len(names)))
   return [{"image": str(q), "label": names[int(k)], "probability": float(p[k])}

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from metajax import losses as losses_lib
+from metajax import xla
 from metajax.meta import MAML, MetaParams, TaskMap, _is_classification, map_tasks
 from metajax.types import Array, ArrayLike, Task
 
@@ -66,7 +67,7 @@ def evaluate(learner: MAML, meta_params: MetaParams, tasks: Task, *,
   """`evaluate_tasks` then `summarize`: mean and 95% CI of each metric over the tasks."""
   fn = lambda p, t: evaluate_tasks(learner, p, t, task_map=task_map)  # noqa: E731
   if jit:
-    fn = jax.jit(fn)
+    fn = xla.jit(fn)
   return summarize(jax.device_get(fn(meta_params, tasks)))
 
 

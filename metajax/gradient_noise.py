@@ -40,6 +40,7 @@ import optax
 
 from metajax import losses as losses_lib
 from metajax import theory
+from metajax import xla
 from metajax.eval import Z_95, evaluate_tasks
 from metajax.meta import MAML, make_meta_step, with_zeroing
 from metajax.models import Model
@@ -216,7 +217,7 @@ def measure_during_training(
                                  num_inner_steps=num_inner_steps)
   sample = sample_train_tasks
   if jit:
-    measure_fn, sample = jax.jit(measure_fn), jax.jit(sample_train_tasks)
+    measure_fn, sample = xla.jit(measure_fn), jax.jit(sample_train_tasks)
   state = init(params)
   pending: list[Mapping[str, Array]] = []
   for step in range(num_steps + 1):

@@ -39,6 +39,7 @@ import optax
 
 from metajax import losses as losses_lib
 from metajax import meta as meta_lib
+from metajax import xla
 from metajax.data.sinusoid import INPUT_RANGE, sample_sinusoid, sinusoid
 from metajax.data.samplers import (ClassPool, _check_count, _pool_shape, _to_unit_float,
                                    random_subset)
@@ -174,7 +175,7 @@ def make_pretrain_step(objective: Objective, optimizer: optax.GradientTransforma
 
   if not jit:
     return MetaStep(init=init, step=step)
-  return MetaStep(init=init, step=jax.jit(meta_lib._max_traces(step, 1),
+  return MetaStep(init=init, step=xla.jit(meta_lib._max_traces(step, 1),
                                           donate_argnums=(0,) if donate else ()))
 
 

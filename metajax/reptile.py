@@ -39,6 +39,7 @@ import optax
 
 from metajax import losses as losses_lib
 from metajax import meta as meta_lib
+from metajax import xla
 from metajax.meta import MAML, MetaParams, MetaState, MetaStep, TaskMap
 from metajax.types import Array, Params, Task
 
@@ -168,7 +169,7 @@ def make_reptile_step(learner: Reptile, optimizer: optax.GradientTransformation,
 
 def _checked(step, init, learner, *, jit: bool, donate: bool) -> MetaStep:
   """Jit (once, guarded) and validate inputs exactly as `metajax.make_meta_step` does."""
-  compiled = (jax.jit(meta_lib._max_traces(step, 1), donate_argnums=(0,) if donate else ())
+  compiled = (xla.jit(meta_lib._max_traces(step, 1), donate_argnums=(0,) if donate else ())
               if jit else step)
   checked_labels = []
 

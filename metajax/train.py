@@ -37,6 +37,7 @@ import numpy as np
 from metajax import build
 from metajax import checkpoint as ckpt_lib
 from metajax import metrics as metrics_lib
+from metajax import xla
 from metajax.data.omniglot import CorruptDataError
 from metajax.eval import evaluate_tasks, summarize
 from metajax.meta import MetaState, TaskMap
@@ -127,7 +128,7 @@ def make_evaluator(learner: build.Learner, source: build.TaskSource, *, num_task
   indices = jnp.arange(num_batches * batch_size).reshape(num_batches, batch_size)
   keys = jax.vmap(jax.vmap(lambda i: jax.random.fold_in(key, i)))(indices)
 
-  @jax.jit
+  @xla.jit
   def run_batch(meta_params, batch_keys, *arrays):
     tasks = build.sample_tasks(build.TaskSource(source.sample, arrays, 0), batch_keys)
     return evaluate_tasks(learner, meta_params, tasks, task_map=task_map)
