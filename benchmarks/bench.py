@@ -18,7 +18,8 @@ Workloads (Omniglot 28x28x1, Conv-4 with 64 filters unless said; outer optimiser
 
 What is measured, per workload, each in its own fresh subprocess:
   * s/step: median (and min) of `--reps` timed outer steps after `--warmup` untimed ones
-    (defaults 10 and 2; `--quick`: 3 and 1). Each step is `block_until_ready`-ed.
+    (defaults 10 and 2; `--quick`: 3 and 1, on W1, WFO and WP unless `--workloads` is given).
+    Each step is `block_until_ready`-ed.
   * compile: `jit(...).lower(...)` and `.compile()` wall times (seconds).
   * GFLOP: XLA `cost_analysis()["flops"]`. XLA counts the body of a while loop once, whatever its
     trip count, so the inner-loop `lax.scan` of W5/W20/WP would be under-counted. We count on a
@@ -108,6 +109,9 @@ WORKLOADS = {
   "FBP": Workload("kao", 5, 1, 15, 32, 0, 0.0, "fwdbwd", None, "fwd+bwd Kao net, 32x80 images"),
 }
 DEFAULT_WORKLOADS = ["W1", "W5", "WFO", "WANIL", "W20", "WP", "WPFO"]
+# --quick without --workloads: one second-order, one first-order and Kao et al.'s workload (with
+# their baselines and peers) fit in 5 minutes on a 2-core CPU; all seven take ~20.
+QUICK_WORKLOADS = ["W1", "WFO", "WP"]
 TINY = dict(filters=8, meta_batch=4, queries=2)  # --tiny: smoke-test shapes
 
 
@@ -219,7 +223,8 @@ def _build(w: Workload, spec: dict):
       return step
 
     state = (jax.tree.map(jnp.array, params), optimizer.init(params))
-    jitted = jax.jit(make_step(task_map), donate_argnums=(0,))
+    # Compiled as the library compiles its steps (metajax.xla.jit), for a like-for-like ratio.
+    jitted = metajax.xla.jit(make_step(task_map), donate_argnums=(0,))
     twin = jax.jit(make_step("vmap"))
     return jitted, state, tasks, twin, None
 
@@ -247,7 +252,7 @@ def _build(w: Workload, spec: dict):
 
     state = metajax.MetaState(jax.tree.map(jnp.array, params), optimizer.init(params),
                               jnp.zeros((), jnp.int32))
-    return jax.jit(step, donate_argnums=(0,)), state, tasks, jax.jit(step), None
+    return metajax.xla.jit(step, donate_argnums=(0,)), state, tasks, jax.jit(step), None
 
   shardings = None
   mesh = None
@@ -643,9 +648,11 @@ def main(argv: list[str] | None = None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--quick", action="store_true",
-                 help="3 timed steps after 1 warm-up (default 10 after 2), 20 data reps")
+                 help="3 timed steps after 1 warm-up (default 10 after 2), 20 data reps, and "
+                      f"workloads {','.join(QUICK_WORKLOADS)} unless --workloads is given")
   p.add_argument("--workloads", default=None,
-                 help=f"comma list from {','.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
+                 help=f"comma list from {','.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)}; "
+                      f"with --quick {','.join(QUICK_WORKLOADS)})")
   p.add_argument("--json", default=None, help="write all results there (atomically)")
   p.add_argument("--reps", type=int, default=None)
   p.add_argument("--warmup", type=int, default=None)
@@ -683,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
   warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
   extra_mode = args.memory or args.devices > 1
   if args.workloads is None:
-    names = [] if extra_mode else list(DEFAULT_WORKLOADS)
+    names = [] if extra_mode else list(QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
   else:
     names = [n for n in args.workloads.split(",") if n]
   unknown = [n for n in names if n not in WORKLOADS]
