@@ -15,10 +15,11 @@ Cases:
             That one compares the pooled input with the max again; XLA:CPU recomputes a fused
             input with different rounding for the two, so entries stop matching and the rolled,
             plain-jit gradient is wrong. metajax's max-pool routes the tangent through one argmax.
-`--net=mlp` / `--net=kao` run the unroll case on an MLP / Kao et al.'s net (no pooling).
+`--net=mlp` / `--net=kao` run the unroll case on an MLP / Kao et al.'s net (no pooling);
+`--activation` swaps the case's nonlinearity.
 
   python benchmarks/xla_cpu_miscompile.py [--case=unroll|max_pool] [--dtype=float32|float64]
-      [--net=conv4|kao|mlp]
+      [--net=conv4|kao|mlp] [--activation=relu|softplus]
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--dtype", default=None, choices=["float32", "float64"],
                  help="default: float32 for unroll, float64 for max_pool")
   p.add_argument("--net", default="conv4", choices=["conv4", "kao", "mlp"])
+  p.add_argument("--activation", default=None, choices=["relu", "softplus"],
+                 help="default: relu for unroll, softplus for max_pool")
   args = p.parse_args(argv)
   dtype_name = args.dtype or ("float32" if args.case == "unroll" else "float64")
 
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_enable_x64", True)
   dtype = jnp.dtype(dtype_name)
 
-  steps, num_tasks, act = (2, 8, jax.nn.relu) if args.case == "unroll" else (1, 2, jax.nn.softplus)
+  steps, num_tasks, act = (2, 8, "relu") if args.case == "unroll" else (1, 2, "softplus")
+  act = {"relu": jax.nn.relu, "softplus": jax.nn.softplus}[args.activation or act]
   model, shape = {
     "conv4": (mj.conv4(3, filters=4, input_shape=(16, 16, 1), activation=act), (16, 16, 1)),
     "kao": (mj.kao_conv(3, filters=4, activation=act), (28, 28, 1)),

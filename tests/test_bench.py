@@ -145,3 +145,29 @@ def test_miscompile_reproducer_max_pool_case(capsys):
                                   for h in ("eager", "jax.jit", "metajax.xla.jit")]
   assert all(float(r[2]) < 1e-12 for r in rows[:3])
   assert float(rows[3][2]) == 0.0 and float(rows[5][2]) < 1e-12
+
+
+def _git(*args):
+  import subprocess
+  return subprocess.run(["git", *args], cwd=BENCH.parents[1], capture_output=True, text=True)
+
+
+PATCHES = sorted(p.name for p in (BENCH.parent / "patches").glob("*.patch"))
+
+
+@pytest.mark.parametrize("patch", PATCHES)
+def test_patches_still_apply(patch):
+  """Every patch docs/BENCHMARKS.md measures applies to today's tree, so its row can be re-run."""
+  if _git("rev-parse", "--git-dir").returncode != 0:
+    pytest.skip("not a git checkout")
+  result = _git("apply", "--check", f"benchmarks/patches/{patch}")
+  assert result.returncode == 0, result.stderr
+
+
+def test_ab_script_rejects_unknown_patch_and_flag():
+  import subprocess
+  script = BENCH.parent / "ab_patches.sh"
+  for arg, message in (("no_such_patch", "no benchmarks/patches/no_such_patch.patch"),
+                       ("--bad", "unknown flag --bad")):
+    result = subprocess.run(["bash", str(script), arg], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr
