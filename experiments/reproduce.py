@@ -3,12 +3,18 @@ r"""The reproduction suite of docs/RESULTS.md (issue 8): a resumable queue of ru
 Every run is one `experiments/train.py` invocation in `<root>/<run>` (it resumes from its newest
 checkpoint when restarted), followed by `experiments/evaluate.py` on the final checkpoint with each
 of the run's test inner-step counts (600 test tasks by default, the same tasks for every run).
-Finished steps are skipped, so the queue can be killed at any time and started again:
+Finished steps are skipped, so the queue can be killed at any time and started again (SIGTERM to
+the queue's own process stops it cleanly: the running command is logged up to that point):
 
   nice -n 19 python experiments/reproduce.py --root=workdirs/reproduce \
       --data_dir=../shared/data/omniglot > workdirs/reproduce.log 2>&1 &
   python experiments/reproduce.py --root=workdirs/reproduce --list          # what is done
   python experiments/reproduce.py --root=workdirs/reproduce --report=docs/RESULTS.md
+  python experiments/reproduce.py --root=workdirs/reproduce --archive=docs/results/runs
+
+A new checkout has no `workdirs/`: `--archive=docs/results/runs` copies every started run's small
+files (and an unfinished run's newest checkpoint) into the repository, and copying those folders
+back into the root lets a later session's queue skip the finished runs and resume the others.
 
 `--runs` selects runs or groups by name (default: every run, in the order below, the paper's
 central comparisons first). Each invocation's wall time, return code, load and machine are appended
@@ -27,6 +33,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +59,8 @@ _LIST = flags.DEFINE_bool("list", False, "Print each run's status and exit.")
 _REPORT = flags.DEFINE_string("report", None, "Write the generated section of this Markdown file "
                               "(and its plots next to it, in results/) and exit.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+_ARCHIVE = flags.DEFINE_string("archive", None, "Copy each run's small files (and, for a run not "
+                               "finished yet, its newest checkpoint) into this folder and exit.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,14 +225,33 @@ def _children_cpu() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def _run_logged(cmd: list[str], workdir: Path, kind: str, machine: dict[str, Any]) -> int:
+class _Stop:
+  """SIGTERM handler of the queue: the running command gets the signal and is still logged (wall
+  and CPU time up to that point), and no further command starts."""
+
+  def __init__(self) -> None:
+    self.requested = False
+    self.child: subprocess.Popen | None = None
+
+  def __call__(self, signum: int, frame: Any) -> None:
+    del signum, frame
+    self.requested = True
+    if self.child is not None and self.child.poll() is None:
+      self.child.terminate()  # train.py dies at once; its checkpoints every 250 steps remain
+
+
+def _run_logged(cmd: list[str], workdir: Path, kind: str, machine: dict[str, Any],
+                stop: _Stop | None = None) -> int:
   """Runs `cmd` from the project root; appends its wall time and outcome to the run's log."""
   workdir.mkdir(parents=True, exist_ok=True)
   shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
   print(f"[reproduce {time.strftime('%H:%M:%S')}] {shown}", flush=True)
   start, load = time.time(), os.getloadavg()[0]
   cpu_start = _children_cpu()
-  rc = subprocess.call(cmd, cwd=ROOT)
+  child = subprocess.Popen(cmd, cwd=ROOT)
+  if stop is not None:
+    stop.child = child
+  rc = child.wait()
   entry = {"kind": kind, "command": shown, "returncode": rc,
            "seconds": round(time.time() - start, 1),
            # CPU time of the command (all threads): unlike the wall clock, pauses do not count
@@ -238,27 +266,77 @@ def _run_logged(cmd: list[str], workdir: Path, kind: str, machine: dict[str, Any
 
 def work(runs: Sequence[Run], root: Path, data_dir: str | None, eval_tasks: int,
          dry_run: bool) -> int:
-  """Trains and evaluates every unfinished run; returns the number of runs that failed."""
+  """Trains and evaluates every unfinished run; returns the number of runs that failed.
+
+  SIGTERM stops the queue cleanly: the running command is terminated and logged, nothing more
+  starts, and the next invocation resumes from the newest checkpoint.
+  """
   failed = 0
   machine = {} if dry_run else _machine()
-  for run in runs:
-    st = status(run, root)
-    if st["done"]:
-      continue
-    todo = []
-    if st["results"] is None:
-      todo.append(("train", run.train_command(root, data_dir)))
-    todo += [("eval", run.eval_command(root, k, eval_tasks))
-             for k, v in st["evals"].items() if v is None]
-    for kind, cmd in todo:
-      if dry_run:
-        print(" ".join(shlex.quote(c) for c in ["python", *cmd[1:]]))
+  stop = _Stop()
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    for run in runs:
+      st = status(run, root)
+      if st["done"]:
         continue
-      if _run_logged(cmd, ROOT / root / run.name, kind, machine) != 0:
-        print(f"[reproduce] {run.name}: {kind} failed; going on with the next run", flush=True)
-        failed += 1
-        break
+      todo = []
+      if st["results"] is None:
+        todo.append(("train", run.train_command(root, data_dir)))
+      todo += [("eval", run.eval_command(root, k, eval_tasks))
+               for k, v in st["evals"].items() if v is None]
+      for kind, cmd in todo:
+        if dry_run:
+          print(" ".join(shlex.quote(c) for c in ["python", *cmd[1:]]))
+          continue
+        rc = _run_logged(cmd, ROOT / root / run.name, kind, machine, stop)
+        if stop.requested:
+          print(f"[reproduce] stopped by SIGTERM during {run.name}: {kind}", flush=True)
+          return failed
+        if rc != 0:
+          print(f"[reproduce] {run.name}: {kind} failed; going on with the next run", flush=True)
+          failed += 1
+          break
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   return failed
+
+
+# ------------------------------------------------------------------------------------ archive
+
+# What the report reads; with the newest checkpoint of an unfinished run, what resuming needs.
+SMALL_FILES = ("config.json", "results.json", "metrics.jsonl", LOG_FILE)
+
+
+def archive(runs: Sequence[Run], root: Path, dest: Path) -> list[str]:
+  """Copies each started run's small files into `dest/<run>/`; returns the runs copied.
+
+  A finished run gets its config, results, evaluations, metrics and queue log; an unfinished one
+  also its newest checkpoint, so that copying `dest/<run>` back into a root on a fresh machine
+  (a new checkout has no `workdirs/`) lets the queue resume it there. Files are written
+  atomically; a checkpoint archived earlier is replaced (or dropped once the run is finished).
+  """
+  copied = []
+  for run in runs:
+    workdir = ROOT / root / run.name
+    if not (workdir / "config.json").exists():
+      continue
+    target = ROOT / dest / run.name
+    names = [*SMALL_FILES, *(eval_file(Path(), k).name for k in run.eval_steps)]
+    for name in names:
+      if (workdir / name).exists():
+        checkpoint.write_atomic(target / name, (workdir / name).read_bytes())
+    step = checkpoint.latest_step(workdir / "checkpoints")
+    keep = None
+    if not status(run, root)["done"] and step is not None:
+      keep = checkpoint.checkpoint_path(target / "checkpoints", step)
+      src = checkpoint.checkpoint_path(workdir / "checkpoints", step)
+      checkpoint.write_atomic(keep, src.read_bytes())
+    for old in (target / "checkpoints").glob("checkpoint_*.msgpack"):
+      if old != keep:
+        old.unlink()
+    copied.append(run.name)
+  return copied
 
 
 # ------------------------------------------------------------------------------------- report
@@ -388,6 +466,10 @@ def main(argv):
     return 0
   if _REPORT.value:
     report(Path(_REPORT.value), root, _EVAL_TASKS.value)
+    return 0
+  if _ARCHIVE.value:
+    dest = Path(os.path.relpath(Path(_ARCHIVE.value).resolve(), ROOT))
+    print(f"archived into {dest}: {', '.join(archive(runs, root, dest)) or 'nothing'}")
     return 0
   return 1 if work(runs, root, _DATA_DIR.value, _EVAL_TASKS.value, _DRY_RUN.value) else 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -132,3 +133,55 @@ def test_classification_rows_compare_with_the_paper_at_its_test_steps(tmp_path, 
   cells = [c.strip() for c in row.strip("|").split("|")]
   assert cells == ["FO random", "89.12 +- 0.66", "90.78 +- 0.59", "88.6 (1 step)",
                    f"{100 * accuracy[1][0] - 88.6:+.2f}", "1.50 h", "2.00 h", "2026-11-23 14:30"]
+
+
+def test_archive_keeps_what_resuming_needs(tmp_path, monkeypatch):
+  run = reproduce.Run("half", "kao", "omniglot.py:kao5way1shot", eval_steps=(1,))
+  monkeypatch.setattr(reproduce, "SUITE", (run,))
+  root, dest = tmp_path / "root", tmp_path / "archive"
+  checkpoint.write_json_atomic(root / "half" / "config.json", {"num_steps": 3000})
+  (root / "half" / "metrics.jsonl").write_text('{"step": 250}\n')
+  for step in (250, 500):
+    checkpoint.write_atomic(checkpoint.checkpoint_path(root / "half" / "checkpoints", step),
+                            f"state {step}".encode())
+  (root / "half" / "tensorboard").mkdir()
+  assert reproduce.archive([run], root, dest) == ["half"]
+  assert sorted(p.name for p in (dest / "half").rglob("*") if p.is_file()) == [
+    "checkpoint_00000500.msgpack", "config.json", "metrics.jsonl"]
+  # Copied back into an empty root, the run resumes from the archived step.
+  assert reproduce.status(run, dest)["step"] == 500 and not reproduce.status(run, dest)["done"]
+
+  # Finished: the archive keeps its figures and drops the checkpoint.
+  checkpoint.write_json_atomic(root / "half" / "results.json", {"step": 3000})
+  checkpoint.write_json_atomic(reproduce.eval_file(root / "half", 1), {"metrics": {}})
+  assert reproduce.archive([run], root, dest) == ["half"]
+  assert sorted(p.name for p in (dest / "half").rglob("*") if p.is_file()) == [
+    "config.json", "eval_test_1steps.json", "metrics.jsonl", "results.json"]
+  assert reproduce.status(run, dest)["done"]
+
+  # A run that never started is skipped.
+  other = reproduce.Run("none", "kao", "omniglot.py:kao5way1shot")
+  assert reproduce.archive([other], root, dest) == []
+
+
+def test_sigterm_stops_the_queue_and_logs_the_running_command(tmp_path, monkeypatch):
+  import signal
+  import threading
+
+  runs = [reproduce.Run(n, "kao", "omniglot.py:kao5way1shot", eval_steps=(1,)) for n in "ab"]
+  monkeypatch.setattr(reproduce, "SUITE", tuple(runs))
+  monkeypatch.setattr(reproduce.Run, "train_command",
+                      lambda self, root, data_dir: [sys.executable, "-c",
+                                                    "import time; time.sleep(120)"])
+  previous = signal.getsignal(signal.SIGTERM)
+  timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+  timer.start()
+  try:
+    assert reproduce.work(runs, tmp_path, None, eval_tasks=8, dry_run=False) == 0
+  finally:
+    timer.cancel()
+  assert signal.getsignal(signal.SIGTERM) is previous
+  log = reproduce.status(runs[0], tmp_path)["log"]
+  assert [(e["kind"], e["returncode"]) for e in log] == [("train", -signal.SIGTERM)]
+  assert 2.0 < log[0]["seconds"] < 60
+  assert not (tmp_path / "b").exists()  # nothing started after the signal
