@@ -185,7 +185,7 @@ def max_pool_2x2(x: ArrayLike) -> Array:
   major), found by one `argmax`, as `reduce_window`'s does. Why not `jnp.max`'s own rule (the
   tangent averaged over every entry equal to the max): it compares the input with the max again,
   and XLA:CPU may recompute a fused input with different rounding for the two, so that no entry
-  matches and the gradient is wrong (`benchmarks/xla_cpu_miscompile.py --case=one_step`).
+  matches and the gradient is wrong (`benchmarks/xla_cpu_miscompile.py --case=max_pool`).
 
   Args:
     x: `[..., H, W, C]` array (any leading batch dimensions).
