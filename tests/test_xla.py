@@ -63,9 +63,9 @@ class CompilerOptionsTest(absltest.TestCase):
 
 
 class ConvMetaGradientTest(chex.TestCase):
-  """XLA:CPU with its fusion emitters gets these float64 Conv-4 meta-gradients wrong under jit
-  (jax/jaxlib 0.10.2); `metajax.xla.jit` must get them right: equal to the op-by-op gradient and
-  to central finite differences."""
+  """Float64 Conv-4 meta-gradients that XLA:CPU with its fusion emitters got wrong under jit
+  (jax/jaxlib 0.10.2): the unrolled one still is; the one-step one was, with the old max-pool
+  derivative. Each must equal the op-by-op gradient and central finite differences."""
 
   def _check(self, unroll, jit=xla.jit, **kw):
     with jax.enable_x64(True):
