@@ -13,9 +13,10 @@ and central finite differences agree with each other, `tests/test_xla.py`):
     right either way.
 
 With `xla_cpu_use_fusion_emitters=False` XLA:CPU uses its older loop emitters, and every case
-above is right, including the two that are wrong under plain `jax.jit`; the measured Conv-4
-meta-steps are as fast (within run-to-run noise, `docs/BENCHMARKS.md`). metajax keeps it as a
-guard for the miscompile it cannot explain. The option is given per compiled function
+above is right, including the two that are wrong under plain `jax.jit`. The measured Conv-4
+meta-steps are as fast, but for W20 (20-way, 5 inner steps), which may be 10-15% slower
+(`docs/BENCHMARKS.md`, one A/B run). metajax keeps it as a guard for the miscompile it cannot
+explain. The option is given per compiled function
 (`jax.jit(..., compiler_options=...)`), so it touches only metajax's own programs, not the rest of
 the process. Other backends get no extra options.
 
