@@ -26,7 +26,7 @@ done
 for p in "${patches[@]}"; do
   [ -f "benchmarks/patches/$p.patch" ] || { echo "no benchmarks/patches/$p.patch" >&2; exit 2; }
 done
-if ! git diff --quiet -- metajax/ || [ -n "$(git status --porcelain -- metajax/)" ]; then
+if [ -n "$(git status --porcelain -- metajax/)" ]; then  # modified or untracked
   echo "metajax/ has uncommitted changes; commit or stash them first" >&2
   exit 2
 fi

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -148,7 +149,6 @@ def test_miscompile_reproducer_max_pool_case(capsys):
 
 
 def _git(*args):
-  import subprocess
   return subprocess.run(["git", *args], cwd=BENCH.parents[1], capture_output=True, text=True)
 
 
@@ -165,7 +165,6 @@ def test_patches_still_apply(patch):
 
 
 def test_ab_script_rejects_unknown_patch_and_flag():
-  import subprocess
   script = BENCH.parent / "ab_patches.sh"
   for arg, message in (("no_such_patch", "no benchmarks/patches/no_such_patch.patch"),
                        ("--bad", "unknown flag --bad")):
