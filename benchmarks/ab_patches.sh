@@ -5,7 +5,7 @@
 # peers; its JSON goes to benchmarks/results/ab_<arm>.json (--out=DIR to change).
 #
 #   bash benchmarks/ab_patches.sh [--out=DIR] [--workloads=W1,W5,WFO,W20] PATCH...
-#   bash benchmarks/ab_patches.sh fusion_emitters_on fused_batchnorm scan_unroll
+#   bash benchmarks/ab_patches.sh fusion_emitters_on conv_width_im2col
 #
 # It applies each patch to the working tree and restores metajax/ with `git checkout` afterwards,
 # so it refuses to run while metajax/ has uncommitted changes.

@@ -192,7 +192,8 @@ def _build(w: Workload, spec: dict):
   inner_steps = spec.get("inner_steps") or w.inner_steps
   task_map = _parse_task_map(spec.get("task_map", "vmap"))
   net = metajax.conv4 if w.net == "conv4" else metajax.kao_conv
-  model = net(w.ways, filters=filters, conv_fn=_conv_fn(spec.get("conv", "default")))
+  model = net(w.ways, filters=filters, conv_fn=_conv_fn(spec.get("conv", "default")),
+              fused_norm=spec.get("norm", "fused") == "fused")
   params = model.init(jax.random.key(0))
   tasks = _synthetic_tasks(w, meta_batch, queries)
   optimizer = optax.adam(1e-3)
@@ -232,7 +233,8 @@ def _build(w: Workload, spec: dict):
     model.apply, metajax.cross_entropy, num_inner_steps=inner_steps, inner_lr=w.inner_lr,
     first_order=(w.mode == "first"),
     adapt_mask=metajax.head_mask if w.mode == "anil" else None,
-    remat=bool(spec.get("remat", False)))
+    remat=bool(spec.get("remat", False)),
+    **({} if spec.get("unroll") is None else {"unroll": spec["unroll"] or True}))
   if per_task:
     # Prototype of a proposed library change (not the library's path): the meta-params are
     # broadcast to one copy per task *before* vmap, so every task's network runs with batched
@@ -658,6 +660,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--conv", default="default", choices=["default", "lax", "im2col"],
                  help="default: the library's choice for the backend (im2col on CPU)")
+  p.add_argument("--norm", default="fused", choices=["fused", "plain"],
+                 help="BatchNorm differentiated through metajax.norm's JVP rule (the library's "
+                      "default) or through its plain formula, for the A/B")
+  p.add_argument("--unroll", type=int, default=None,
+                 help="metajax.MAML's unroll (inner steps per loop iteration; 0: all); default: "
+                      "the library's")
   p.add_argument("--task_map", default="vmap", help="vmap | map | k (lax.map over chunks of k)")
   p.add_argument("--nobaseline", action="store_true", help="skip the fwd+bwd baselines")
   p.add_argument("--params_per_task", action="store_true",
@@ -706,13 +714,14 @@ def main(argv: list[str] | None = None) -> int:
 
   env = (runtime.without_hugepage_tunable(os.environ) if args.hugepages == "off" else
          runtime.hugepage_environ(os.environ))
-  common = {"conv": args.conv, "task_map": args.task_map, "reps": reps, "warmup": warmup,
-            "tiny": args.tiny, "params_per_task": args.params_per_task}
+  common = {"conv": args.conv, "norm": args.norm, "unroll": args.unroll,
+            "task_map": args.task_map, "reps": reps,
+            "warmup": warmup, "tiny": args.tiny, "params_per_task": args.params_per_task}
   results: dict = {
     "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
              "machine": _machine(), "load_start": os.getloadavg(), "reps": reps,
-             "warmup": warmup, "quick": args.quick, "conv": args.conv,
+             "warmup": warmup, "quick": args.quick, "conv": args.conv, "norm": args.norm,
              "task_map": args.task_map, "tiny": args.tiny,
              "params_per_task": args.params_per_task, "hugepages": args.hugepages,
              "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "thp_mode": runtime.thp_mode(),

@@ -75,6 +75,7 @@ def adapt(
   first_order: bool = False,
   adapt_mask: Mask | None = None,
   remat: bool = False,
+  unroll: int | bool = 1,
   return_losses: bool = False,
 ) -> Params | tuple[Params, Array]:
   """Adapts `params` to one task by `num_inner_steps` gradient steps on `loss_fn(params, x, y)`.
@@ -101,6 +102,11 @@ def adapt(
       `metajax.head_mask` for ANIL.
     remat: rematerialise each inner step (`jax.checkpoint`) in the backward pass: memory no
       longer grows with the inner activations of every step, at the cost of recomputing them.
+    unroll: `lax.scan`'s unroll: how many inner steps one loop iteration runs (True: all).
+      Unrolling lets XLA skip the loop's stacked copies of each step's residuals (W20 13%
+      faster on CPU, `docs/BENCHMARKS.md`) but XLA:CPU (jaxlib 0.10.2) miscompiles some
+      unrolled second-order Conv-4 meta-gradients, under either emitter setting
+      (`benchmarks/xla_cpu_miscompile.py`); the rolled default was right in every case tested.
     return_losses: also return the support loss before each step, `[num_inner_steps]`.
 
   Returns:
@@ -144,7 +150,7 @@ def adapt(
 
   if remat:
     step = jax.checkpoint(step)
-  carry, losses = jax.lax.scan(step, carry, None, length=num_inner_steps)
+  carry, losses = jax.lax.scan(step, carry, None, length=num_inner_steps, unroll=unroll)
   leaves = carry if optimizer is None else carry[0]
   new_params = merge(leaves)
   return (new_params, losses) if return_losses else new_params

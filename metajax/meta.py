@@ -47,6 +47,8 @@ class MAML:
     first_order: FOMAML: no gradient through the inner gradients.
     adapt_mask: which params adapt in the inner loop (e.g. `metajax.head_mask` for ANIL).
     remat: rematerialise each inner step in the backward pass (memory flat in inner steps).
+    unroll: inner steps per iteration of the inner loop's `lax.scan` (True: all); see
+      `metajax.adapt` (rolled, the default, is the configuration found right on XLA:CPU).
     learn_inner_lr: None (fixed), "tensor" (one learned lr per param tensor) or "element" (one per
       parameter entry, Meta-SGD); the learned lrs start at `inner_lr`.
     params_transforms: functions applied, in order, to the model params before the inner loop and
@@ -61,6 +63,7 @@ class MAML:
   first_order: bool = False
   adapt_mask: Any = None
   remat: bool = False
+  unroll: int | bool = 1
   learn_inner_lr: Literal["tensor", "element"] | None = None
   params_transforms: tuple[Callable[[Params], Params], ...] = ()
 
@@ -100,7 +103,7 @@ class MAML:
       loss_fn=losses_lib.make_loss_fn(self.apply_fn, self.loss),
       num_inner_steps=self.num_inner_steps, inner_lr=inner_lr, optimizer=self.optimizer,
       first_order=self.first_order, adapt_mask=self.adapt_mask, remat=self.remat,
-      return_losses=return_losses)
+      unroll=self.unroll, return_losses=return_losses)
 
   def task_loss(self, meta_params: MetaParams, task: Task) -> tuple[Array, dict[str, Array]]:
     """Query loss of one task at the adapted params, and per-task metrics."""

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from metajax.conv import ConvFn, default_conv_impl, max_pool_2x2
+from metajax.norm import batch_stat_norm
 from metajax.types import ApplyFn, Array, Params, PRNGKey
 
 
@@ -45,21 +46,18 @@ class BatchStatNorm(nn.Module):
   """BatchNorm that always uses the current batch's statistics (no running averages).
 
   Normalises over every axis but the last (N, H, W for images), then applies a learned per-channel
-  scale and bias.
+  scale and bias (`metajax.norm.batch_stat_norm`; `fused=False` differentiates the plain formula).
   """
 
   epsilon: float = 1e-5
+  fused: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), x.dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), x.dtype)
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes, keepdims=True)
-    # E[(x - mean)^2] rather than E[x^2] - mean^2: it stays >= 0 in float32.
-    var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return batch_stat_norm(x, scale, bias, self.epsilon, fused=self.fused)
 
 
 class Conv4Encoder(nn.Module):
@@ -73,13 +71,14 @@ class Conv4Encoder(nn.Module):
   num_blocks: int = 4
   conv_fn: ConvFn = jax.lax.conv_general_dilated
   activation: Callable[[Array], Array] = nn.relu
+  fused_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for i in range(self.num_blocks):
       x = nn.Conv(self.filters, (3, 3), padding="SAME", conv_general_dilated=self.conv_fn,
                   name=f"conv{i}")(x)
-      x = BatchStatNorm(name=f"norm{i}")(x)
+      x = BatchStatNorm(fused=self.fused_norm, name=f"norm{i}")(x)
       x = self.activation(x)
       x = max_pool_2x2(x)
     return x.reshape(x.shape[0], -1)
@@ -95,6 +94,7 @@ class KaoConvEncoder(nn.Module):
   filters: int = 64
   conv_fn: ConvFn = jax.lax.conv_general_dilated
   activation: Callable[[Array], Array] = nn.relu
+  fused_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -103,7 +103,7 @@ class KaoConvEncoder(nn.Module):
       x = nn.Conv(self.filters, kernel, strides=strides, padding="VALID",
                   conv_general_dilated=self.conv_fn, name=f"conv{i}")(x)
       x = self.activation(x)
-      x = BatchStatNorm(name=f"norm{i}")(x)
+      x = BatchStatNorm(fused=self.fused_norm, name=f"norm{i}")(x)
     return x.reshape(x.shape[0], -1)
 
 
@@ -185,7 +185,7 @@ def _feature_dim(module: _Classifier, dummy: Array) -> int:
 
 def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (28, 28, 1),
           conv_fn: ConvFn | None = None,
-          activation: Callable[[Array], Array] = nn.relu) -> Model:
+          activation: Callable[[Array], Array] = nn.relu, fused_norm: bool = True) -> Model:
   """Conv-4 + linear head. Use `filters=64, input_shape=(28, 28, 1)` for Omniglot and
   `filters=32, input_shape=(84, 84, 3)` for mini-ImageNet.
 
@@ -198,18 +198,22 @@ def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (
     activation: the nonlinearity. With ReLU the MAML meta-loss is only piecewise smooth (the
       inner gradient jumps where a pre-activation changes sign); a smooth one such as softplus
       makes it smooth, which finite-difference checks need.
+    fused_norm: BatchNorm differentiated through its compact JVP rule (`metajax.norm`, faster);
+      False differentiates the plain formula (a reference; the same values within rounding).
   """
   _check_positive(num_classes=num_classes, filters=filters)
-  encoder = Conv4Encoder(filters=filters, conv_fn=_resolve_conv(conv_fn), activation=activation)
+  encoder = Conv4Encoder(filters=filters, conv_fn=_resolve_conv(conv_fn), activation=activation,
+                         fused_norm=fused_norm)
   return model_from_encoder(encoder, num_classes, input_shape)
 
 
 def kao_conv(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (28, 28, 1),
              conv_fn: ConvFn | None = None,
-             activation: Callable[[Array], Array] = nn.relu) -> Model:
+             activation: Callable[[Array], Array] = nn.relu, fused_norm: bool = True) -> Model:
   """Kao et al.'s Omniglot network (see `KaoConvEncoder`) + linear head; arguments as `conv4`."""
   _check_positive(num_classes=num_classes, filters=filters)
-  encoder = KaoConvEncoder(filters=filters, conv_fn=_resolve_conv(conv_fn), activation=activation)
+  encoder = KaoConvEncoder(filters=filters, conv_fn=_resolve_conv(conv_fn), activation=activation,
+                           fused_norm=fused_norm)
   return model_from_encoder(encoder, num_classes, input_shape)
 
 

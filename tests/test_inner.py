@@ -188,6 +188,19 @@ class AdaptTest(chex.TestCase):
       g2 = self.variant(jax.grad(lambda p: mj.meta_loss(p, tasks, remat)))(params)
       chex.assert_trees_all_close(g1, g2, rtol=F64_TOL, atol=1e-12)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_unroll_gives_the_same_meta_gradient_conv4(self):
+    # The Conv-4 with BatchNorm is where XLA:CPU once miscompiled an unrolled loop under plain
+    # jit (metajax.xla): rolled, partly and fully unrolled must agree to float64 rounding.
+    with jax.enable_x64(True):
+      model, params, tasks = _tiny_conv_problem(jax.random.key(9))
+      grads = [self.variant(jax.grad(lambda p, u=u: mj.meta_loss(
+                 p, tasks, mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=3,
+                                   inner_lr=0.1, unroll=u))))(params)
+               for u in (1, 2, True)]
+      for g in grads[1:]:
+        chex.assert_trees_all_close(g, grads[0], rtol=F64_TOL, atol=1e-12)
+
 
 @pytest.mark.slow
 class AdaptMoreStepsTest(chex.TestCase):

@@ -64,8 +64,9 @@ class CompilerOptionsTest(absltest.TestCase):
 
 class ConvMetaGradientTest(chex.TestCase):
   """Float64 Conv-4 meta-gradients that XLA:CPU with its fusion emitters got wrong under jit
-  (jax/jaxlib 0.10.2): the unrolled one still is; the one-step one was, with the old max-pool
-  derivative. Each must equal the op-by-op gradient and central finite differences."""
+  (jax/jaxlib 0.10.2): the unrolled one with the plain-formula BatchNorm (still wrong, see
+  `xla_cpu_miscompile.py --norm=plain`); the one-step one with the old max-pool derivative. Each
+  must equal the op-by-op gradient and central finite differences."""
 
   def _check(self, unroll, jit=xla.jit, **kw):
     with jax.enable_x64(True):
