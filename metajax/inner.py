@@ -7,6 +7,7 @@ Its derivative wrt `params` is the exact second-order MAML meta-gradient unless
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -103,10 +104,11 @@ def adapt(
     remat: rematerialise each inner step (`jax.checkpoint`) in the backward pass: memory no
       longer grows with the inner activations of every step, at the cost of recomputing them.
     unroll: `lax.scan`'s unroll: how many inner steps one loop iteration runs (True: all).
-      Unrolling lets XLA skip the loop's stacked copies of each step's residuals (W20 13%
+      Unrolling lets XLA skip the loop's stacked copies of each step's residuals (W20 12-14%
       faster on CPU, `docs/BENCHMARKS.md`) but XLA:CPU (jaxlib 0.10.2) miscompiles some
       unrolled second-order Conv-4 meta-gradients, under either emitter setting
-      (`benchmarks/xla_cpu_miscompile.py`); the rolled default was right in every case tested.
+      (`benchmarks/xla_cpu_sweep.py`), so unrolling on CPU warns; the rolled default was right in
+      every case tested.
     return_losses: also return the support loss before each step, `[num_inner_steps]`.
 
   Returns:
@@ -150,6 +152,11 @@ def adapt(
 
   if remat:
     step = jax.checkpoint(step)
+  unrolled = unroll is True or (not isinstance(unroll, bool) and unroll > 1)
+  if unrolled and num_inner_steps > 1 and jax.default_backend() == "cpu":
+    warnings.warn(f"adapt(unroll={unroll!r}) on CPU: XLA:CPU (jaxlib 0.10.2) miscompiles some "
+                  "unrolled second-order meta-gradients (benchmarks/xla_cpu_sweep.py); the rolled "
+                  "loop (unroll=1) was right in every case tested", stacklevel=2)
   carry, losses = jax.lax.scan(step, carry, None, length=num_inner_steps, unroll=unroll)
   leaves = carry if optimizer is None else carry[0]
   new_params = merge(leaves)

@@ -5,8 +5,11 @@ of a small Conv-4 (`benchmarks/xla_cpu_miscompile.py` reproduces each case; eage
 and central finite differences agree with each other, `tests/test_xla.py`):
 
   * with 2 inner steps and the inner loop unrolled (`lax.scan(..., unroll=True)`), the gradient
-    is 11% off in float32 and 4% in float64; the cause is not known. metajax's inner loop is
-    rolled, which compiles right either way;
+    was 11% off in float32 and 4% in float64 with BatchNorm differentiated through its formula;
+    with `metajax.norm`'s JVP rule that case is right, but a 2-task one is wrong with the
+    emitters *off* (`xla_cpu_miscompile.py --tasks=2 --activation=softplus --dtype=float64`).
+    The cause is not known. metajax's inner loop is rolled by default, which compiled right in
+    every case tried, under either setting;
   * with 1 inner step, rolled, when max-pooling was differentiated by `jnp.max`'s rule (20% off):
     XLA recomputed a fused input with different rounding for the max and for the comparison with
     it. `metajax.conv.max_pool_2x2` now routes the tangent through one argmax, which compiles
