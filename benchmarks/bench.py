@@ -293,7 +293,8 @@ def _count_flops_unrolled(twin, state, tasks) -> float | None:
   import jax
 
   orig_scan = jax.lax.scan
-  jax.lax.scan = functools.partial(orig_scan, unroll=True)  # metajax.inner calls jax.lax.scan
+  # metajax.inner calls jax.lax.scan with its own `unroll=`: override it, not just default it.
+  jax.lax.scan = lambda *a, **k: orig_scan(*a, **{**k, "unroll": True})
   try:
     lowered = twin.lower(state, tasks)
   finally:
@@ -688,7 +689,13 @@ def main(argv: list[str] | None = None) -> int:
                  help="auto: every subprocess (metajax and the torch peers alike) runs with "
                       "glibc's huge-page malloc where metajax.runtime says it helps, as the "
                       "binaries do; off: without it, for the A/B")
+  p.add_argument("--preload", default=None,
+                 help="a malloc library for every subprocess, metajax's and the peers' alike "
+                      "(LD_PRELOAD, e.g. libtcmalloc_minimal.so.4), for an allocator A/B; with "
+                      "it the glibc huge-page tunable is left out")
   args = p.parse_args(argv)
+  if args.preload and not Path(args.preload).is_file():
+    p.error(f"--preload={args.preload!r}: no such file")
 
   if args.worker:
     worker_main(json.loads(args.worker))
@@ -712,8 +719,10 @@ def main(argv: list[str] | None = None) -> int:
       if b and b not in run_names:
         run_names.append(b)
 
-  env = (runtime.without_hugepage_tunable(os.environ) if args.hugepages == "off" else
-         runtime.hugepage_environ(os.environ))
+  env = (runtime.without_hugepage_tunable(os.environ) if args.hugepages == "off" or args.preload
+         else runtime.hugepage_environ(os.environ))
+  if args.preload:  # METAJAX_HUGEPAGES=0: the workers must not re-execute with glibc's tunable
+    env = {**env, "LD_PRELOAD": args.preload, "METAJAX_HUGEPAGES": "0"}
   common = {"conv": args.conv, "norm": args.norm, "unroll": args.unroll,
             "task_map": args.task_map, "reps": reps,
             "warmup": warmup, "tiny": args.tiny, "params_per_task": args.params_per_task}
@@ -724,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
              "warmup": warmup, "quick": args.quick, "conv": args.conv, "norm": args.norm,
              "task_map": args.task_map, "tiny": args.tiny,
              "params_per_task": args.params_per_task, "hugepages": args.hugepages,
-             "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "thp_mode": runtime.thp_mode(),
+             "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "preload": args.preload,
+             "thp_mode": runtime.thp_mode(),
              "timing": "median of `reps` outer steps after `warmup` untimed ones, each in its own "
                        "subprocess; times inflated when the load average exceeds the core count"},
     "workloads": {},

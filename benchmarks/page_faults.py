@@ -11,6 +11,9 @@ of this process (`getrusage`). Run it under different malloc settings to compare
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/page_faults.py --workload=W1
 
 This script does not re-execute itself: the environment it is started with is what it measures.
+Where the kernel reports free pages to a hypervisor (`page_reporting`, e.g. a Firecracker or
+cloud VM), the last column is how much memory it reported during the call: memory this process
+freed and the host took back, which the next call must fault in from the host again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ import os
 import resource
 import sys
 import time
+
+
+_REPORTED = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+def _reported_mib() -> float | None:
+  """Free memory the guest kernel has reported to the host so far (MiB), None without it."""
+  try:
+    with open(_REPORTED) as f:
+      return int(f.read()) / 1024
+  except (OSError, ValueError):
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
   print(f"{args.workload or 'conv fwd+bwd'}: GLIBC_TUNABLES="
         f"{os.environ.get('GLIBC_TUNABLES', '')!r} THP mode {runtime.thp_mode()!r} "
         f"load {os.getloadavg()[0]:.1f}")
-  print(f"{'call':>4s} {'wall s':>7s} {'minor faults':>12s} {'sys s':>6s} {'user s':>6s}")
+  print(f"{'call':>4s} {'wall s':>7s} {'minor faults':>12s} {'sys s':>6s} {'user s':>6s} "
+        f"{'reported MiB':>12s}")
   for i in range(args.reps):
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    m0, r0, t0 = _reported_mib(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     jax.block_until_ready(call())
-    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter() - t0
+    r1, m1 = resource.getrusage(resource.RUSAGE_SELF), _reported_mib()
+    reported = f"{m1 - m0:12.0f}" if m0 is not None and m1 is not None else f"{'-':>12s}"
     print(f"{i:4d} {wall:7.3f} {r1.ru_minflt - r0.ru_minflt:12d} {r1.ru_stime - r0.ru_stime:6.2f} "
-          f"{r1.ru_utime - r0.ru_utime:6.2f}")
+          f"{r1.ru_utime - r0.ru_utime:6.2f} {reported}")
   return 0
 
 

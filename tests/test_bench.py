@@ -54,6 +54,40 @@ def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
   assert "WPFO" in table and "load average" in table
 
 
+def test_flop_count_unrolls_the_inner_loop(bench):
+  """XLA counts a while loop's body once: the FLOP count lowers a twin with every scan unrolled,
+  so it must grow by the same amount with each inner step (it did not while metajax passed its
+  own `unroll=`)."""
+  flops = []
+  for steps in (1, 2, 3):
+    spec = {"conv": "default", **bench.TINY, "inner_steps": steps}
+    _, state, tasks, twin, _ = bench._build(bench.WORKLOADS["W5"], spec)
+    flops.append(bench._count_flops_unrolled(twin, state, tasks))
+  assert flops[1] - flops[0] > 0
+  assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0], rel=1e-6)
+
+
+def test_preload_goes_to_every_worker(bench, tmp_path, monkeypatch):
+  envs = []
+
+  def in_process(spec, env, timeout=0):
+    envs.append(env)
+    return bench.run_step_worker(spec)
+
+  monkeypatch.setattr(bench, "_run_subprocess", in_process)
+  with pytest.raises(SystemExit):
+    bench.main(["--preload=/no/such/libmalloc.so", "--tiny", "--workloads=WPFO"])
+  lib = tmp_path / "libfake.so"
+  lib.write_bytes(b"")  # only recorded here: the workers run in this process
+  out = tmp_path / "r.json"
+  assert bench.main(["--quick", "--tiny", "--workloads=WPFO", "--nobaseline", "--nodata",
+                     "--torch_python=", "--reps=1", "--warmup=0", f"--preload={lib}",
+                     f"--json={out}"]) == 0
+  assert envs and all(e["LD_PRELOAD"] == str(lib) and e["METAJAX_HUGEPAGES"] == "0" and
+                      "hugetlb" not in e.get("GLIBC_TUNABLES", "") for e in envs)
+  assert json.loads(out.read_text())["meta"]["preload"] == str(lib)
+
+
 def test_table_and_memory_plot(bench, tmp_path):
   run = {"median_s": 2.0, "min_s": 1.5, "times": [2.0, 1.5, 2.5], "lower_s": 1.0, "compile_s": 3.0,
          "flops": 4e9, "gflops_per_s": 2.0, "exec_peak_mb": 10.0, "xla_temp_mb": 9.0,
@@ -134,6 +168,29 @@ def test_miscompile_reproducer_runs(capsys):
   assert [r.split()[:2] for r in rows] == [[k, h] for k in ("rolled", "unrolled")
                                           for h in ("eager", "jax.jit", "metajax.xla.jit")]
   assert all(float(r.split()[2]) < 1e-5 for r in rows)
+
+
+@pytest.mark.slow
+def test_miscompile_sweep_one_configuration(tmp_path, capsys):
+  """benchmarks/xla_cpu_sweep.py on one configuration: one row of four float64 cells, the rolled
+  ones right (the library's default), and the JSON with the same cells."""
+  path = BENCH.parent / "xla_cpu_sweep.py"
+  spec = importlib.util.spec_from_file_location("metajax_xla_cpu_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "sweep.json"
+  import jax
+
+  x64 = jax.config.jax_enable_x64
+  try:  # the script turns float64 on for its process; this test's worker gets it back as it was
+    assert module.main(["--nets=conv4", "--tasks=2", "--steps=2", "--activations=softplus",
+                        "--filters=2", f"--json={out}"]) == 0
+  finally:
+    jax.config.update("jax_enable_x64", x64)
+  cells = json.loads(out.read_text())["cells"]
+  assert len(cells) == 1 and cells[0]["tasks"] == 2 and cells[0]["steps"] == 2
+  assert cells[0]["rolled jax.jit"] < 1e-9 and cells[0]["rolled xla.jit"] < 1e-9
+  assert "wrong (" in capsys.readouterr().out
 
 
 @pytest.mark.slow
