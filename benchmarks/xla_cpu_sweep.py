@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
       json.dump({"command": " ".join(["python", *sys.argv]), "jax": jax.__version__,
                  "tol": args.tol, "wrong": wrong, "cells": cells}, f, indent=1)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile makes it private
     os.replace(f.name, args.json)
   return 0
 
