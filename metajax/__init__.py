@@ -19,11 +19,12 @@ mesh), `metajax.pretrain` and `metajax.contrastive_pretrain` (joint and contrast
 baselines), `metajax.augment` (random affine transforms), `metajax.umtra` (unsupervised tasks),
 `metajax.gradient_noise` (measuring MAML's gradient noise during training), `metajax.runtime`
 (re-executing a script with glibc's huge-page malloc, which makes XLA:CPU steps 1.5-2x faster),
-`metajax.xla` (`jit` with the compiler options that keep XLA:CPU's meta-gradients correct).
+`metajax.xla` (`jit` with the compiler options that keep XLA:CPU's meta-gradients correct),
+`metajax.norm` (the models' batch-statistics BatchNorm with its compact derivative).
 """
 
-from metajax import (augment, contrastive_pretrain, conv, data, gradient_noise, pretrain, runtime,
-                     sharding, theory, umtra, xla)
+from metajax import (augment, contrastive_pretrain, conv, data, gradient_noise, norm, pretrain,
+                     runtime, sharding, theory, umtra, xla)
 from metajax.contrastive import batch_hard_triplet, info_nce, supcon, triplet
 from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
 from metajax.inner import adapt
