@@ -723,9 +723,9 @@ def main(argv: list[str] | None = None) -> int:
          else runtime.hugepage_environ(os.environ))
   if args.preload:  # METAJAX_HUGEPAGES=0: the workers must not re-execute with glibc's tunable
     env = {**env, "LD_PRELOAD": args.preload, "METAJAX_HUGEPAGES": "0"}
-  common = {"conv": args.conv, "norm": args.norm, "unroll": args.unroll,
-            "task_map": args.task_map, "reps": reps,
-            "warmup": warmup, "tiny": args.tiny, "params_per_task": args.params_per_task}
+  common = {"conv": args.conv, "norm": args.norm, "unroll": args.unroll, "task_map": args.task_map,
+            "reps": reps, "warmup": warmup, "tiny": args.tiny,
+            "params_per_task": args.params_per_task}
   results: dict = {
     "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),

@@ -8,7 +8,7 @@ differences side with eager (`tests/test_xla.py`).
 
 Cases:
   unroll    8 tasks, 2 inner steps, ReLU; the inner loop rolled (metajax's default) and unrolled
-            (`metajax.MAML(..., unroll=True)`). With `--norm=plain` (BatchNorm differentiated
+            (`lax.scan(..., unroll=True)`, what `metajax.MAML(..., unroll=True)` does). With `--norm=plain` (BatchNorm differentiated
             through its formula, metajax's before session 6) unrolled under plain `jax.jit` is
             wrong (1e-1 in float32, 4e-2 in float64); with metajax's BatchNorm (`--norm=fused`,
             `metajax.norm`) the same case is right, but `--tasks=2 --activation=softplus
