@@ -75,7 +75,7 @@ def adapt(
   optimizer: optax.GradientTransformation | None = None,
   first_order: bool = False,
   adapt_mask: Mask | None = None,
-  remat: bool = False,
+  remat: bool | Callable[..., Any] = False,
   unroll: int | bool = 1,
   return_losses: bool = False,
 ) -> Params | tuple[Params, Array]:
@@ -103,6 +103,8 @@ def adapt(
       `metajax.head_mask` for ANIL.
     remat: rematerialise each inner step (`jax.checkpoint`) in the backward pass: memory no
       longer grows with the inner activations of every step, at the cost of recomputing them.
+      True recomputes everything but the step's input; a `jax.checkpoint_policies` policy
+      (e.g. `dots_saveable`) keeps what it allows and recomputes the rest.
     unroll: `lax.scan`'s unroll: how many inner steps one loop iteration runs (True: all).
       Unrolling lets XLA skip the loop's stacked copies of each step's residuals (W20 12-14%
       faster on CPU, `docs/BENCHMARKS.md`) but XLA:CPU (jaxlib 0.10.2) miscompiles some
@@ -120,6 +122,9 @@ def adapt(
     raise ValueError("give exactly one of inner_lr (plain gradient descent) or optimizer "
                      f"(an optax transformation); got inner_lr={inner_lr!r}, "
                      f"optimizer={optimizer!r}")
+  if not (isinstance(remat, bool) or callable(remat)):
+    raise ValueError("remat must be a bool or a jax.checkpoint_policies policy (a callable), got "
+                     f"{remat!r}")
   flags = resolve_mask(adapt_mask, params)
   adapted, merge = _partition(params, flags)
 
@@ -150,7 +155,9 @@ def adapt(
 
     carry = (adapted, optimizer.init(adapted))
 
-  if remat:
+  if callable(remat):
+    step = jax.checkpoint(step, policy=remat)
+  elif remat:
     step = jax.checkpoint(step)
   unrolled = unroll is True or (not isinstance(unroll, bool) and unroll > 1)
   if unrolled and num_inner_steps > 1 and jax.default_backend() == "cpu":

@@ -46,7 +46,8 @@ class MAML:
     optimizer: an optax transformation for the inner loop instead of gradient descent.
     first_order: FOMAML: no gradient through the inner gradients.
     adapt_mask: which params adapt in the inner loop (e.g. `metajax.head_mask` for ANIL).
-    remat: rematerialise each inner step in the backward pass (memory flat in inner steps).
+    remat: rematerialise each inner step in the backward pass (memory flat in inner steps); True,
+      or a `jax.checkpoint_policies` policy (see `metajax.adapt`).
     unroll: inner steps per iteration of the inner loop's `lax.scan` (True: all); see
       `metajax.adapt` (rolled, the default, is the configuration found right on XLA:CPU).
     learn_inner_lr: None (fixed), "tensor" (one learned lr per param tensor) or "element" (one per
@@ -62,7 +63,7 @@ class MAML:
   optimizer: optax.GradientTransformation | None = None
   first_order: bool = False
   adapt_mask: Any = None
-  remat: bool = False
+  remat: bool | Callable[..., Any] = False
   unroll: int | bool = 1
   learn_inner_lr: Literal["tensor", "element"] | None = None
   params_transforms: tuple[Callable[[Params], Params], ...] = ()

@@ -185,10 +185,33 @@ class AdaptTest(chex.TestCase):
       model, params, tasks = _tiny_mlp_problem(jax.random.key(8))
       kw = dict(num_inner_steps=3, inner_lr=0.5)
       plain = mj.MAML(model.apply, mj.cross_entropy, **kw)
-      remat = mj.MAML(model.apply, mj.cross_entropy, remat=True, **kw)
       g1 = self.variant(jax.grad(lambda p: mj.meta_loss(p, tasks, plain)))(params)
-      g2 = self.variant(jax.grad(lambda p: mj.meta_loss(p, tasks, remat)))(params)
-      chex.assert_trees_all_close(g1, g2, rtol=F64_TOL, atol=1e-12)
+      for policy in (True, jax.checkpoint_policies.dots_saveable):
+        remat = mj.MAML(model.apply, mj.cross_entropy, remat=policy, **kw)
+        g2 = self.variant(jax.grad(lambda p, r=remat: mj.meta_loss(p, tasks, r)))(params)
+        chex.assert_trees_all_close(g1, g2, rtol=F64_TOL, atol=1e-12)
+
+  def test_remat_policy_saves_what_it_allows(self):
+    model, params, tasks = _tiny_mlp_problem(jax.random.key(8), dtype=jnp.float32)
+    task = jax.tree.map(lambda a: a[0], tasks)
+
+    def num_saved(remat):  # entries of the residuals that the meta-loss' vjp closes over
+      learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=2, inner_lr=0.5,
+                        remat=remat)
+      vjp = jax.vjp(lambda p: learner.task_loss(p, task)[0], params)[1]
+      return sum(r.size for r in jax.tree.leaves(vjp))
+
+    plain, dots, full = (num_saved(r) for r in
+                         (False, jax.checkpoint_policies.dots_saveable, True))
+    self.assertLess(full, dots)
+    self.assertLess(dots, plain)
+
+  def test_remat_rejects_other_values(self):
+    model, params, tasks = _tiny_mlp_problem(jax.random.key(8), dtype=jnp.float32)
+    with self.assertRaisesRegex(ValueError, "remat must be a bool or a jax.checkpoint_policies"):
+      mj.adapt(params, tasks.support_x[0], tasks.support_y[0],
+               loss_fn=mj.make_loss_fn(model.apply, mj.cross_entropy), inner_lr=0.1,
+               remat="dots_saveable")
 
   def test_unroll_gives_the_same_meta_gradient_and_warns_on_cpu(self):
     # Op by op (what unroll means, not what XLA:CPU compiles of it: benchmarks/xla_cpu_sweep.py):
