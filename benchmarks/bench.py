@@ -175,6 +175,20 @@ def _parse_task_map(value: str):
   return k
 
 
+def _remat(value):
+  """--remat / spec value -> metajax.MAML's remat (bool, or a jax.checkpoint_policies policy)."""
+  import jax
+
+  if value in (False, True):
+    return value
+  if value in ("off", "on"):
+    return value == "on"
+  policy = getattr(jax.checkpoint_policies, value, None)
+  if policy is None or value.startswith("_"):
+    raise ValueError(f"--remat must be off, on or a jax.checkpoint_policies name, got {value!r}")
+  return policy
+
+
 def _build(w: Workload, spec: dict):
   """-> (jitted step of the library, init state, tasks, a vmap/unrolled twin for FLOP counting)."""
   import inspect
@@ -233,7 +247,7 @@ def _build(w: Workload, spec: dict):
     model.apply, metajax.cross_entropy, num_inner_steps=inner_steps, inner_lr=w.inner_lr,
     first_order=(w.mode == "first"),
     adapt_mask=metajax.head_mask if w.mode == "anil" else None,
-    remat=bool(spec.get("remat", False)),
+    remat=_remat(spec.get("remat", False)),
     **({} if spec.get("unroll") is None else {"unroll": spec["unroll"] or True}))
   if per_task:
     # Prototype of a proposed library change (not the library's path): the meta-params are
@@ -667,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--unroll", type=int, default=None,
                  help="metajax.MAML's unroll (inner steps per loop iteration; 0: all); default: "
                       "the library's")
+  p.add_argument("--remat", default="off",
+                 help="metajax.MAML's remat: off, on (recompute each inner step in the backward "
+                      "pass) or the name of a jax.checkpoint_policies policy (e.g. dots_saveable)")
   p.add_argument("--task_map", default="vmap", help="vmap | map | k (lax.map over chunks of k)")
   p.add_argument("--nobaseline", action="store_true", help="skip the fwd+bwd baselines")
   p.add_argument("--params_per_task", action="store_true",
@@ -723,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
          else runtime.hugepage_environ(os.environ))
   if args.preload:  # METAJAX_HUGEPAGES=0: the workers must not re-execute with glibc's tunable
     env = {**env, "LD_PRELOAD": args.preload, "METAJAX_HUGEPAGES": "0"}
-  common = {"conv": args.conv, "norm": args.norm, "unroll": args.unroll, "task_map": args.task_map,
+  common = {"conv": args.conv, "norm": args.norm, "unroll": args.unroll, "remat": args.remat,
+            "task_map": args.task_map,
             "reps": reps, "warmup": warmup, "tiny": args.tiny,
             "params_per_task": args.params_per_task}
   results: dict = {
@@ -731,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
              "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
              "machine": _machine(), "load_start": os.getloadavg(), "reps": reps,
              "warmup": warmup, "quick": args.quick, "conv": args.conv, "norm": args.norm,
+             "remat": args.remat,
              "task_map": args.task_map, "tiny": args.tiny,
              "params_per_task": args.params_per_task, "hugepages": args.hugepages,
              "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "preload": args.preload,
