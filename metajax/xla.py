@@ -1,8 +1,9 @@
 """`jax.jit` with the XLA compiler options metajax compiles its steps with, per backend.
 
-Why: on jax/jaxlib 0.10.2, XLA:CPU's fusion emitters have miscompiled second-order meta-gradients
-of a small Conv-4 (`benchmarks/xla_cpu_miscompile.py` reproduces each case; eager op-by-op runs
-and central finite differences agree with each other, `tests/test_xla.py`):
+Why: on jax/jaxlib 0.10.2, XLA:CPU has miscompiled second-order meta-gradients of small
+convolutional networks (`benchmarks/xla_cpu_miscompile.py` and `xla_cpu_minimal.py` reproduce
+each case; eager op-by-op runs and central finite differences agree with each other,
+`tests/test_xla.py`):
 
   * with 2 inner steps and the inner loop unrolled (`lax.scan(..., unroll=True)`), the gradient
     was 11% off in float32 and 4% in float64 with BatchNorm differentiated through its formula;
@@ -13,18 +14,25 @@ and central finite differences agree with each other, `tests/test_xla.py`):
   * with 1 inner step, rolled, when max-pooling was differentiated by `jnp.max`'s rule (20% off):
     XLA recomputed a fused input with different rounding for the max and for the comparison with
     it. `metajax.conv.max_pool_2x2` now routes the tangent through one argmax, which compiles
-    right either way.
+    right either way;
+  * a one-step meta-gradient of a network as small as one conv -> BatchNorm -> 2x2 max-pool ->
+    linear head, 2 tasks of 4x4 images (`benchmarks/xla_cpu_minimal.py`, standalone: JAX only):
+    with the inner step written without a loop it is wrong under either emitter setting (1e-2 to
+    1e-1); inside a `lax.scan` it is wrong with the emitters on at 8x8 images or 8 tasks, and
+    right with them off. Disabling XLA's `algsimp` pass makes every case right, but metajax's
+    im2col Conv-4 did not compile without it (a negative padding left for the emitter).
 
-With `xla_cpu_use_fusion_emitters=False` XLA:CPU uses its older loop emitters, and every case
-above is right, including the two that are wrong under plain `jax.jit`. The measured Conv-4
-meta-steps are as fast, but for W20 (20-way, 5 inner steps), which may be 10-15% slower
-(`docs/BENCHMARKS.md`, one A/B run). metajax keeps it as a guard for the miscompile it cannot
-explain. The option is given per compiled function
+With `xla_cpu_use_fusion_emitters=False` XLA:CPU uses its older loop emitters. Together with the
+inner loop in a rolled `lax.scan` (`metajax.adapt`, even for one step) and the one-argmax max-pool
+derivative, it was right in every case above; each of the three alone was not. The measured
+Conv-4 meta-steps are as fast with it (W20, 20-way with 5 inner steps, within the drift in
+session 6's A/B, `docs/BENCHMARKS.md`). The option is given per compiled function
 (`jax.jit(..., compiler_options=...)`), so it touches only metajax's own programs, not the rest of
 the process. Other backends get no extra options.
 
 Every jitted step the library builds goes through `metajax.xla.jit`; wrap your own jitted
-gradients of metajax models with it too.
+gradients of metajax models with it too, and check a new formulation on small inputs with
+`eager_mismatch` (compiled against op by op) before trusting it at scale.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "jit"]
+__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "eager_mismatch", "jit"]
 
 # Per-backend XLA options for correctness (see the module docstring).
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
@@ -52,3 +61,39 @@ def jit(fun: Callable[..., Any], **kwargs: Any) -> Any:
   """
   options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
   return jax.jit(fun, compiler_options=options or None, **kwargs)
+
+
+def eager_mismatch(fun: Callable[..., Any], *args: Any,
+                   jit: Callable[[Callable[..., Any]], Callable[..., Any]] = jit) -> float:
+  """How far the compiled `fun(*args)` is from the same function run op by op.
+
+  Runs `fun` compiled by `jit` (default: this module's) and under `jax.disable_jit()`, and returns
+  max |compiled - eager| / max |eager| over every leaf of the output pytree. In float64 a right
+  compilation gives ~1e-15; the miscompiles in this module's docstring gave 1e-3 to 1e-1. Eager
+  runs are slow: use it on small inputs (a few tasks, small images), where those bugs showed.
+
+  Args:
+    fun: the function to check, e.g. `jax.grad(meta_loss)`.
+    *args: its arguments.
+    jit: how to compile it (e.g. `jax.jit` to check plain JAX's compilation).
+
+  Returns:
+    The largest absolute difference, relative to the largest absolute eager value (0.0 when the
+    eager output is all zeros and the compiled one equals it).
+  """
+  compiled = jax.tree.leaves(jit(fun)(*args))
+  with jax.disable_jit():
+    eager = jax.tree.leaves(fun(*args))
+  if len(compiled) != len(eager):
+    raise ValueError(f"compiled and eager outputs differ in structure: {len(compiled)} vs "
+                     f"{len(eager)} leaves")
+  if not eager:
+    return 0.0
+  def as_float(a):  # bool and int outputs compare too
+    a = jnp.asarray(a)
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+  compiled, eager = [as_float(c) for c in compiled], [as_float(e) for e in eager]
+  diff = max(float(jnp.max(jnp.abs(c - e))) for c, e in zip(compiled, eager))
+  scale = max(float(jnp.max(jnp.abs(e))) for e in eager)
+  return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 
 import metajax as mj
 from metajax import xla
@@ -92,6 +92,68 @@ class ConvMetaGradientTest(chex.TestCase):
     """metajax's max-pool derivative (one argmax) keeps this right under plain `jax.jit` too;
     with `jnp.max`'s rule it was 2e-1 off (`xla_cpu_miscompile.py --case=max_pool`)."""
     self._check(False, jit=jax.jit, activation=jax.nn.softplus, num_tasks=2, steps=1)
+
+
+def _minimal_meta_loss(num_tasks: int, size: int, conv_fn):
+  """`benchmarks/xla_cpu_minimal.py`'s network (conv -> BatchNorm -> 2x2 max-pool -> linear)
+  built from metajax's pieces, its inner step through `metajax.adapt`."""
+  c = 2
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {"kernel": jax.random.normal(keys[0], (3, 3, 1, c), jnp.float64) / 3,
+            "scale": jnp.ones(c, jnp.float64), "bias": jnp.zeros(c, jnp.float64),
+            "head": jax.random.normal(keys[1], ((size // 2) ** 2 * c, 3), jnp.float64) / size}
+  labels = jnp.tile(jnp.arange(3), (num_tasks, 1))
+  tasks = mj.Task(jax.random.normal(keys[2], (num_tasks, 3, size, size, 1), jnp.float64), labels,
+                  jax.random.normal(keys[3], (num_tasks, 3, size, size, 1), jnp.float64), labels)
+
+  def apply(p, x):
+    x = conv_fn(x, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = mj.conv.max_pool_2x2(mj.norm.batch_stat_norm(x, p["scale"], p["bias"]))
+    return x.reshape(x.shape[0], -1) @ p["head"]
+
+  loss_fn = mj.make_loss_fn(apply, mj.cross_entropy)
+
+  def task_loss(p, task):
+    adapted = mj.adapt(p, task.support_x, task.support_y, loss_fn=loss_fn, inner_lr=0.1)
+    return loss_fn(adapted, task.query_x, task.query_y)
+
+  return lambda p: jnp.mean(jax.vmap(task_loss, (None, 0))(p, tasks)), params
+
+
+class MinimalMetaGradientTest(parameterized.TestCase):
+  """The configurations of `benchmarks/xla_cpu_minimal.py`, where XLA:CPU's one-step meta-gradient
+  is 1e-2 to 1e-1 off when the inner step is not in a loop (either emitter setting), or with the
+  emitters on even in one: metajax's path (`adapt`'s rolled loop, `metajax.xla.jit`) must equal
+  the op-by-op gradient."""
+
+  @parameterized.product(shape=[(2, 4), (2, 8), (8, 4)], conv=["lax", "im2col"])
+  def test_library_path_matches_eager(self, shape, conv):
+    conv_fn = (jax.lax.conv_general_dilated if conv == "lax"
+               else mj.conv.conv_general_dilated_im2col)
+    with jax.enable_x64(True):
+      meta_loss, params = _minimal_meta_loss(*shape, conv_fn)
+      self.assertLess(xla.eager_mismatch(jax.grad(meta_loss), params), F64_RTOL)
+
+
+class EagerMismatchTest(absltest.TestCase):
+
+  def test_right_compilation_is_at_rounding_level(self):
+    with jax.enable_x64(True):
+      f = lambda x: {"a": jnp.sin(x) * x, "b": jnp.cumsum(x) ** 2}  # noqa: E731
+      self.assertLess(xla.eager_mismatch(f, jnp.linspace(-3.0, 3.0, 50)), 1e-14)
+
+  def test_reports_a_wrong_compilation_relative_to_the_largest_entry(self):
+    with jax.enable_x64(True):
+      x = jnp.array([1.0, -4.0, 2.0])
+      off = lambda fun: lambda *a: fun(*a).at[0].add(0.02)  # noqa: E731  a "compiler" 0.02 off
+      self.assertAlmostEqual(xla.eager_mismatch(lambda v: v * 2.0, x, jit=off), 0.02 / 8.0,
+                             places=12)
+
+  def test_zero_output_and_bad_structure(self):
+    self.assertEqual(xla.eager_mismatch(jnp.zeros_like, jnp.ones(3)), 0.0)
+    two_leaves = lambda fun: lambda *a: (fun(*a), fun(*a))  # noqa: E731
+    with self.assertRaisesRegex(ValueError, "differ in structure: 2 vs 1 leaves"):
+      xla.eager_mismatch(jnp.sin, jnp.ones(3), jit=two_leaves)
 
 
 class LibraryStepsUseItTest(absltest.TestCase):
