@@ -11,6 +11,7 @@ keeps `apply` a pure function of `(params, x)`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -65,19 +66,21 @@ class Conv4Encoder(nn.Module):
 
   Four blocks of 3x3 conv (SAME) -> BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool, then
   flatten. 28x28x1 gives 64 features with 64 filters; 84x84x3 gives 5*5*32 = 800 with 32.
+  `conv_fn=None` (the default) uses `metajax.conv.default_conv_impl()` for the backend it is
+  traced on (see `conv4`).
   """
 
   filters: int = 64
   num_blocks: int = 4
-  conv_fn: ConvFn = jax.lax.conv_general_dilated
+  conv_fn: ConvFn | None = None
   activation: Callable[[Array], Array] = nn.relu
   fused_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for i in range(self.num_blocks):
-      x = nn.Conv(self.filters, (3, 3), padding="SAME", conv_general_dilated=self.conv_fn,
-                  name=f"conv{i}")(x)
+      x = nn.Conv(self.filters, (3, 3), padding="SAME",
+                  conv_general_dilated=_resolve_conv(self.conv_fn), name=f"conv{i}")(x)
       x = BatchStatNorm(fused=self.fused_norm, name=f"norm{i}")(x)
       x = self.activation(x)
       x = max_pool_2x2(x)
@@ -88,11 +91,12 @@ class KaoConvEncoder(nn.Module):
   """The Omniglot encoder of Kao et al.'s official code.
 
   Three 3x3 convs with stride 2 and no padding (28 -> 13 -> 6 -> 2), then a 2x2 conv (2 -> 1),
-  each followed by ReLU then BatchNorm (batch statistics); no pooling; 64 features.
+  each followed by ReLU then BatchNorm (batch statistics); no pooling; 64 features. `conv_fn`
+  as `Conv4Encoder`'s.
   """
 
   filters: int = 64
-  conv_fn: ConvFn = jax.lax.conv_general_dilated
+  conv_fn: ConvFn | None = None
   activation: Callable[[Array], Array] = nn.relu
   fused_norm: bool = True
 
@@ -101,7 +105,7 @@ class KaoConvEncoder(nn.Module):
     specs = [((3, 3), (2, 2))] * 3 + [((2, 2), (1, 1))]
     for i, (kernel, strides) in enumerate(specs):
       x = nn.Conv(self.filters, kernel, strides=strides, padding="VALID",
-                  conv_general_dilated=self.conv_fn, name=f"conv{i}")(x)
+                  conv_general_dilated=_resolve_conv(self.conv_fn), name=f"conv{i}")(x)
       x = self.activation(x)
       x = BatchStatNorm(fused=self.fused_norm, name=f"norm{i}")(x)
     return x.reshape(x.shape[0], -1)
@@ -194,7 +198,10 @@ def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (
     filters: channels of every conv layer.
     input_shape: `(H, W, C)` of one image.
     conv_fn: a function with `jax.lax.conv_general_dilated`'s signature; None picks the fastest
-      one measured for the default backend (`metajax.conv.default_conv_impl`).
+      one measured for the backend (`metajax.conv.default_conv_impl`). On CPU,
+      `jax.lax.conv_general_dilated` itself warns: XLA:CPU (jaxlib 0.10.2) computed second-order
+      meta-gradients through it wrong, by up to 60%, even on metajax's guarded path
+      (`tests/test_xla.py`, docs/BENCHMARKS.md session 7); first-order use is not affected.
     activation: the nonlinearity. With ReLU the MAML meta-loss is only piecewise smooth (the
       inner gradient jumps where a pre-activation changes sign); a smooth one such as softplus
       makes it smooth, which finite-difference checks need.
@@ -202,7 +209,7 @@ def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (
       False differentiates the plain formula (a reference; the same values within rounding).
   """
   _check_positive(num_classes=num_classes, filters=filters)
-  encoder = Conv4Encoder(filters=filters, conv_fn=_resolve_conv(conv_fn), activation=activation,
+  encoder = Conv4Encoder(filters=filters, conv_fn=conv_fn, activation=activation,
                          fused_norm=fused_norm)
   return model_from_encoder(encoder, num_classes, input_shape)
 
@@ -212,7 +219,7 @@ def kao_conv(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] 
              activation: Callable[[Array], Array] = nn.relu, fused_norm: bool = True) -> Model:
   """Kao et al.'s Omniglot network (see `KaoConvEncoder`) + linear head; arguments as `conv4`."""
   _check_positive(num_classes=num_classes, filters=filters)
-  encoder = KaoConvEncoder(filters=filters, conv_fn=_resolve_conv(conv_fn), activation=activation,
+  encoder = KaoConvEncoder(filters=filters, conv_fn=conv_fn, activation=activation,
                            fused_norm=fused_norm)
   return model_from_encoder(encoder, num_classes, input_shape)
 
@@ -226,8 +233,15 @@ def mlp(num_outputs: int, *, hidden: Sequence[int] = (40, 40), input_shape: Sequ
 
 
 def _resolve_conv(conv_fn: ConvFn | None) -> ConvFn:
-  # Resolved when the model is built, for the backend JAX will run it on.
-  return conv_fn if conv_fn is not None else default_conv_impl()
+  # Resolved when the model is traced, for the backend JAX runs it on.
+  if conv_fn is None:
+    return default_conv_impl()
+  if conv_fn is jax.lax.conv_general_dilated and jax.default_backend() == "cpu":
+    warnings.warn("jax.lax.conv_general_dilated on CPU: XLA:CPU (jaxlib 0.10.2) computed "
+                  "second-order meta-gradients through it wrong (tests/test_xla.py); the default "
+                  "conv_fn=None (metajax.conv's im2col convolution) was right in every case "
+                  "tested", stacklevel=3)
+  return conv_fn
 
 
 def _check_positive(**values: Any) -> None:

@@ -20,11 +20,14 @@ each case; eager op-by-op runs and central finite differences agree with each ot
     with the inner step written without a loop it is wrong under either emitter setting (1e-2 to
     1e-1); inside a `lax.scan` it is wrong with the emitters on at 8x8 images or 8 tasks, and
     right with them off. Disabling XLA's `algsimp` pass makes every case right, but metajax's
-    im2col Conv-4 did not compile without it (a negative padding left for the emitter).
+    im2col Conv-4 did not compile without it (a negative padding left for the emitter);
+  * through `jax.lax.conv_general_dilated` (instead of `metajax.conv`'s im2col convolution, the
+    CPU default), even metajax's guarded path is wrong: a Conv-4 at 16x16 with 1 inner step, or
+    with 2 or 3 and `remat`, 3e-1 to 6e-1 off. The models warn when given it on CPU.
 
 With `xla_cpu_use_fusion_emitters=False` XLA:CPU uses its older loop emitters. Together with the
-inner loop in a rolled `lax.scan` (`metajax.adapt`, even for one step) and the one-argmax max-pool
-derivative, it was right in every case above; each of the three alone was not. The measured
+inner loop in a rolled `lax.scan` (`metajax.adapt`, even for one step), the one-argmax max-pool
+derivative and the im2col convolution, it was right in every case above; none of them alone was. The measured
 Conv-4 meta-steps are as fast with it (W20, 20-way with 5 inner steps, within the drift in
 session 6's A/B, `docs/BENCHMARKS.md`). The option is given per compiled function
 (`jax.jit(..., compiler_options=...)`), so it touches only metajax's own programs, not the rest of

@@ -135,6 +135,38 @@ class MinimalMetaGradientTest(parameterized.TestCase):
       self.assertLess(xla.eager_mismatch(jax.grad(meta_loss), params), F64_RTOL)
 
 
+class Conv4LibraryPathTest(parameterized.TestCase):
+  """The library's Conv-4 path on this backend (default convolution, `MAML`, `metajax.xla.jit`),
+  plain and rematerialised, against op by op, on two of its blocks (8x8 inputs, 4 filters). With
+  `conv_fn=jax.lax.conv_general_dilated` the same cases were 7e-2 to 3e-1 off on XLA:CPU (jaxlib
+  0.10.2); the full Conv-4 at 16x16 with 1 inner step, or 2 with remat, 3e-1 to 6e-1."""
+
+  @parameterized.parameters((1, False), (2, True), (2, jax.checkpoint_policies.dots_saveable))
+  def test_matches_eager(self, steps, remat):
+    with jax.enable_x64(True):
+      encoder = mj.models.Conv4Encoder(filters=4, num_blocks=2, activation=jax.nn.softplus)
+      model = mj.model_from_encoder(encoder, 3, (8, 8, 1))
+      params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0)))
+      k1, k2 = jax.random.split(jax.random.key(1))
+      labels = jnp.tile(jnp.arange(3), (2, 1))
+      tasks = mj.Task(jax.random.normal(k1, (2, 3, 8, 8, 1), jnp.float64), labels,
+                      jax.random.normal(k2, (2, 3, 8, 8, 1), jnp.float64), labels)
+      learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=steps, inner_lr=0.1,
+                        remat=remat)
+      grad = jax.grad(lambda p: mj.meta_loss(p, tasks, learner))
+      self.assertLess(xla.eager_mismatch(grad, params), F64_RTOL)
+
+  def test_default_convolution_and_the_lax_warning(self):
+    x = jnp.ones((2, 16, 16, 1))
+    encoder = mj.models.Conv4Encoder(filters=2, num_blocks=1)  # conv_fn=None: the backend's
+    params = encoder.init(jax.random.key(0), x)
+    primitives = {e.primitive.name for e in jax.make_jaxpr(encoder.apply)(params, x).eqns}
+    self.assertEqual("conv_general_dilated" in primitives, jax.default_backend() != "cpu")
+    if jax.default_backend() == "cpu":
+      with self.assertWarnsRegex(UserWarning, "lax.conv_general_dilated on CPU"):
+        mj.conv4(3, filters=2, conv_fn=jax.lax.conv_general_dilated).init(jax.random.key(0))
+
+
 class EagerMismatchTest(absltest.TestCase):
 
   def test_right_compilation_is_at_rounding_level(self):
