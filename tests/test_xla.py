@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import absltest, parameterized
 
 import metajax as mj
@@ -165,6 +166,26 @@ class Conv4LibraryPathTest(parameterized.TestCase):
     if jax.default_backend() == "cpu":
       with self.assertWarnsRegex(UserWarning, "lax.conv_general_dilated on CPU"):
         mj.conv4(3, filters=2, conv_fn=jax.lax.conv_general_dilated).init(jax.random.key(0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", [jax.nn.relu, jax.nn.softplus])
+@pytest.mark.parametrize("zeroing", [False, True])
+def test_kao_net_second_order_matches_eager(activation, zeroing):
+  """The path of the reproduction runs in docs/RESULTS.md (Kao et al.'s net, 2 inner steps, second
+  order, random head or zeroing trick), at 4 filters and 2 tasks, against op by op."""
+  with jax.enable_x64(True):
+    model = mj.kao_conv(5, filters=4, activation=activation)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0)))
+    k1, k2 = jax.random.split(jax.random.key(1))
+    tasks = mj.Task(jax.random.normal(k1, (2, 5, 28, 28, 1), jnp.float64),
+                    jnp.tile(jnp.arange(5), (2, 1)),
+                    jax.random.normal(k2, (2, 10, 28, 28, 1), jnp.float64),
+                    jnp.tile(jnp.arange(5).repeat(2), (2, 1)))
+    learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=2, inner_lr=0.4)
+    learner = mj.with_zeroing(learner) if zeroing else learner
+    grad = jax.grad(lambda p: mj.meta_loss(p, tasks, learner))
+    assert xla.eager_mismatch(grad, params) < F64_RTOL
 
 
 class EagerMismatchTest(absltest.TestCase):
