@@ -17,15 +17,22 @@ from metajax import xla
 F64_RTOL = 1e-10
 
 
+def _f64_problem(model, num_tasks, ways, queries, shape):
+  """float64 params of `model` and `num_tasks` random 1-shot tasks of `queries` queries per class
+  (call under `jax.enable_x64`)."""
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0)))
+  k1, k2 = jax.random.split(jax.random.key(1))
+  tasks = mj.Task(jax.random.normal(k1, (num_tasks, ways, *shape), jnp.float64),
+                  jnp.tile(jnp.arange(ways), (num_tasks, 1)),
+                  jax.random.normal(k2, (num_tasks, ways * queries, *shape), jnp.float64),
+                  jnp.tile(jnp.arange(ways).repeat(queries), (num_tasks, 1)))
+  return params, tasks
+
+
 def _conv4_meta_grad(unroll: bool, activation=jax.nn.relu, num_tasks=8, steps=2):
   """The second-order meta-gradient of `benchmarks/xla_cpu_miscompile.py`'s Conv-4 cases."""
   model = mj.conv4(3, filters=4, input_shape=(16, 16, 1), activation=activation)
-  params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0)))
-  k1, k2 = jax.random.split(jax.random.key(1))
-  tasks = mj.Task(jax.random.normal(k1, (num_tasks, 3, 16, 16, 1), jnp.float64),
-                  jnp.tile(jnp.arange(3), (num_tasks, 1)),
-                  jax.random.normal(k2, (num_tasks, 6, 16, 16, 1), jnp.float64),
-                  jnp.tile(jnp.arange(3).repeat(2), (num_tasks, 1)))
+  params, tasks = _f64_problem(model, num_tasks, 3, 2, (16, 16, 1))
   loss_fn = mj.make_loss_fn(model.apply, mj.cross_entropy)
 
   def task_loss(p, task):
@@ -83,6 +90,7 @@ class ConvMetaGradientTest(chex.TestCase):
       dd = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(got), jax.tree.leaves(direction)))
       np.testing.assert_allclose(float(dd), float(fd), rtol=1e-6, atol=1e-9)
 
+  @pytest.mark.slow  # 45 s; unrolling is opt-in (and warns on CPU)
   def test_unrolled_inner_loop(self):
     self._check(True)
 
@@ -147,11 +155,7 @@ class Conv4LibraryPathTest(parameterized.TestCase):
     with jax.enable_x64(True):
       encoder = mj.models.Conv4Encoder(filters=4, num_blocks=2, activation=jax.nn.softplus)
       model = mj.model_from_encoder(encoder, 3, (8, 8, 1))
-      params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0)))
-      k1, k2 = jax.random.split(jax.random.key(1))
-      labels = jnp.tile(jnp.arange(3), (2, 1))
-      tasks = mj.Task(jax.random.normal(k1, (2, 3, 8, 8, 1), jnp.float64), labels,
-                      jax.random.normal(k2, (2, 3, 8, 8, 1), jnp.float64), labels)
+      params, tasks = _f64_problem(model, 2, 3, 1, (8, 8, 1))
       learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=steps, inner_lr=0.1,
                         remat=remat)
       grad = jax.grad(lambda p: mj.meta_loss(p, tasks, learner))
@@ -176,12 +180,7 @@ def test_kao_net_second_order_matches_eager(activation, zeroing):
   order, random head or zeroing trick), at 4 filters and 2 tasks, against op by op."""
   with jax.enable_x64(True):
     model = mj.kao_conv(5, filters=4, activation=activation)
-    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0)))
-    k1, k2 = jax.random.split(jax.random.key(1))
-    tasks = mj.Task(jax.random.normal(k1, (2, 5, 28, 28, 1), jnp.float64),
-                    jnp.tile(jnp.arange(5), (2, 1)),
-                    jax.random.normal(k2, (2, 10, 28, 28, 1), jnp.float64),
-                    jnp.tile(jnp.arange(5).repeat(2), (2, 1)))
+    params, tasks = _f64_problem(model, 2, 5, 2, (28, 28, 1))
     learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=2, inner_lr=0.4)
     learner = mj.with_zeroing(learner) if zeroing else learner
     grad = jax.grad(lambda p: mj.meta_loss(p, tasks, learner))
