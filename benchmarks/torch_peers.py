@@ -20,6 +20,9 @@ Usage (torch is not a metajax dependency; use a separate venv):
   python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 higher
   /tmp/torchvenv/bin/python benchmarks/torch_peers.py --workloads=W1,WFO --reps=10 --json=out.json
 Writes `{"workloads": {name: {impl: {"median_s", "min_s", "times", ...}}}, "meta": {...}}`.
+
+`--meta_grad=IN.npz,OUT.npz` instead computes one float64 MAML meta-gradient with plain
+`torch.autograd` for `benchmarks/torch_crosscheck.py` (the exactness check, not a benchmark).
 """
 
 from __future__ import annotations
@@ -172,6 +175,43 @@ def make_func_step(model, meta_opt, steps, lr, mode):
   return step
 
 
+def meta_gradient(npz_in: str, npz_out: str) -> None:
+  """The float64 MAML meta-gradient of a problem written by `benchmarks/torch_crosscheck.py`.
+
+  `npz_in` holds `net` ("conv4" | "kao"), `ways`, `steps`, `inner_lr`, `first_order`, the
+  parameters as `param/<state_dict name>` (torch layouts) and the tasks as NCHW `support_x`,
+  `support_y`, `query_x`, `query_y` with a leading task axis. Writes the mean query loss over
+  the tasks as `loss` and its gradient as `grad/<name>`: per task, `steps` plain SGD steps on all
+  parameters with `torch.autograd.grad` (`create_graph` unless first order), a loop over tasks.
+  """
+  import numpy as np
+
+  torch.set_default_dtype(torch.float64)
+  z = np.load(npz_in)
+  params = {k[len("param/"):]: torch.tensor(z[k]) for k in z.files if k.startswith("param/")}
+  filters = params["head.weight"].shape[1]
+  model = (KaoConv if str(z["net"]) == "kao" else Conv4)(int(z["ways"]), filters).double()
+  model.load_state_dict(params)
+  names = [n for n, _ in model.named_parameters()]
+  data = {k: torch.tensor(z[k]) for k in ("support_x", "support_y", "query_x", "query_y")}
+  lr, first = float(z["inner_lr"]), bool(z["first_order"])
+
+  def task_loss(p, t):
+    for _ in range(int(z["steps"])):
+      loss = F.cross_entropy(torch.func.functional_call(model, p, (data["support_x"][t],)),
+                             data["support_y"][t].long())
+      g = torch.autograd.grad(loss, [p[n] for n in names], create_graph=not first)
+      p = {n: p[n] - lr * gn for n, gn in zip(names, g)}
+    return F.cross_entropy(torch.func.functional_call(model, p, (data["query_x"][t],)),
+                           data["query_y"][t].long())
+
+  leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+  num_tasks = data["support_x"].shape[0]
+  loss = sum(task_loss(leaves, t) for t in range(num_tasks)) / num_tasks
+  grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+  np.savez(npz_out, loss=loss.item(), **{f"grad/{n}": g.numpy() for n, g in zip(names, grads)})
+
+
 def bench_one(name, impl, reps, warmup, tiny=False, seed=0):
   ways, shots, queries, meta_batch, steps, lr, mode = WORKLOADS[name]
   filters = 64
@@ -206,7 +246,12 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--json", default=None)
+  p.add_argument("--meta_grad", default=None, metavar="IN.npz,OUT.npz",
+                 help="compute one float64 meta-gradient instead (torch_crosscheck.py)")
   args = p.parse_args(argv)
+  if args.meta_grad:
+    meta_gradient(*args.meta_grad.split(","))
+    return 0
   torch.set_num_threads(args.threads)
   out = {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                   "reps": args.reps, "warmup": args.warmup, "tiny": args.tiny,
