@@ -23,13 +23,21 @@ each case; eager op-by-op runs and central finite differences agree with each ot
     im2col Conv-4 did not compile without it (a negative padding left for the emitter);
   * through `jax.lax.conv_general_dilated` (instead of `metajax.conv`'s im2col convolution, the
     CPU default), even metajax's guarded path is wrong: a Conv-4 at 16x16 with 1 inner step, or
-    with 2 or 3 and `remat`, 3e-1 to 6e-1 off. The models warn when given it on CPU.
+    with 2 or 3 and `remat`, 3e-1 to 6e-1 off. The models warn when given it on CPU;
+  * in float64 only, at 48 channels or more: the Hessian-vector product of one conv ->
+    BatchNorm -> 2x2 max-pool -> linear head is NaN or 7e-2 to 8e-1 off under either emitter
+    setting (`benchmarks/xla_cpu_f64_width.py`), and so is a 64-filter Conv-4's second-order
+    meta-gradient; 16 and 32 channels are right, and so is float32 at every width. Check a
+    full-width network's float64 meta-gradient op by op (`jax.disable_jit()`), not compiled;
+  * the unrolled inner loop at the benchmark's W20 shapes (64 filters, 5 steps): 1.9e-2 off in
+    float32, where the rolled loop is right (1.1e-6 against float64 op by op).
 
 With `xla_cpu_use_fusion_emitters=False` XLA:CPU uses its older loop emitters. Together with the
 inner loop in a rolled `lax.scan` (`metajax.adapt`, even for one step), the one-argmax max-pool
-derivative and the im2col convolution, it was right in every case above; none of them alone
-was. The measured Conv-4 meta-steps are as fast with it (W20, 20-way with 5 inner steps,
-within the drift in session 6's A/B, `docs/BENCHMARKS.md`). The option is given per compiled
+derivative and the im2col convolution, it was right in every float32 case above and in every
+float64 one below 48 channels; none of them alone was. The measured Conv-4 meta-steps are as
+fast with it (W20, 20-way with 5 inner steps, within the drift in session 6's A/B,
+`docs/BENCHMARKS.md`). The option is given per compiled
 function (`jax.jit(..., compiler_options=...)`), so it touches only metajax's own programs, not
 the rest of the process. Other backends get no extra options.
 

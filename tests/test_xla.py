@@ -187,6 +187,24 @@ def test_kao_net_second_order_matches_eager(activation, zeroing):
     assert xla.eager_mismatch(grad, params) < F64_RTOL
 
 
+@pytest.mark.slow  # 50 s, most of it the float64 op-by-op reference
+def test_full_width_float32_second_order_matches_float64_op_by_op():
+  """Float64 is miscompiled at 48+ channels (`benchmarks/xla_cpu_f64_width.py`), so the exact
+  checks above use 4 filters; this checks the float32 training path at 64 filters (2 inner steps,
+  16x16 images) against the float64 op-by-op gradient: rounding is ~1e-6, the miscompiles 1e-2+."""
+  model = mj.conv4(5, filters=64, input_shape=(16, 16, 1))
+  with jax.enable_x64(True):
+    params, tasks = _f64_problem(model, 2, 5, 2, (16, 16, 1))
+    learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=2, inner_lr=0.4)
+    grad = jax.grad(lambda p, t: mj.meta_loss(p, t, learner))
+    with jax.disable_jit():
+      want = grad(params, tasks)
+  to32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32) if a.dtype.kind == "f"  # noqa
+                                   else np.asarray(a), tree)
+  got = xla.jit(grad)(to32(params), to32(tasks))
+  assert _max_rel_diff(jax.tree.map(lambda a: np.asarray(a, np.float64), got), want) < 1e-4
+
+
 class EagerMismatchTest(absltest.TestCase):
 
   def test_right_compilation_is_at_rounding_level(self):
