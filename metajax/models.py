@@ -81,6 +81,8 @@ class Conv4Encoder(nn.Module):
     for i in range(self.num_blocks):
       x = nn.Conv(self.filters, (3, 3), padding="SAME",
                   conv_general_dilated=_resolve_conv(self.conv_fn), name=f"conv{i}")(x)
+      if i == 0:  # the conv's output has the promoted dtype of the input and the params
+        _warn_float64_width(x, self.filters)
       x = BatchStatNorm(fused=self.fused_norm, name=f"norm{i}")(x)
       x = self.activation(x)
       x = max_pool_2x2(x)
@@ -242,6 +244,16 @@ def _resolve_conv(conv_fn: ConvFn | None) -> ConvFn:
                   "conv_fn=None (metajax.conv's im2col convolution) was right in every case "
                   "tested", stacklevel=3)
   return conv_fn
+
+
+def _warn_float64_width(x: Array, filters: int) -> None:
+  # Traced once per compilation: float64 checks of a full-width Conv-4 are what this catches.
+  if x.dtype == jnp.float64 and filters > 32 and jax.default_backend() == "cpu":
+    warnings.warn(f"Conv4Encoder(filters={filters}) in float64 on CPU: XLA:CPU (jaxlib 0.10.2) "
+                  "compiles second-order products through BatchNorm -> max-pool wrong from 48 "
+                  "channels (NaN or 1e-1 off; 32 were right; benchmarks/xla_cpu_f64_width.py); "
+                  "first-order gradients and float32 are right. Check float64 second-order "
+                  "results op by op (jax.disable_jit()).", stacklevel=4)
 
 
 def _check_positive(**values: Any) -> None:

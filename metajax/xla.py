@@ -28,7 +28,8 @@ each case; eager op-by-op runs and central finite differences agree with each ot
     BatchNorm -> 2x2 max-pool -> linear head is NaN or 7e-2 to 8e-1 off under either emitter
     setting (`benchmarks/xla_cpu_f64_width.py`), and so is a 64-filter Conv-4's second-order
     meta-gradient; 16 and 32 channels are right, and so is float32 at every width. Check a
-    full-width network's float64 meta-gradient op by op (`jax.disable_jit()`), not compiled;
+    full-width network's float64 meta-gradient op by op (`jax.disable_jit()`), not compiled
+    (`Conv4Encoder` warns when traced in float64 on CPU with more than 32 filters);
   * the unrolled inner loop at the benchmark's W20 shapes (64 filters, 5 steps): 1.9e-2 off in
     float32, where the rolled loop is right (1.1e-6 against float64 op by op).
 

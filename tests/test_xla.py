@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -171,6 +173,21 @@ class Conv4LibraryPathTest(parameterized.TestCase):
       with self.assertWarnsRegex(UserWarning, "lax.conv_general_dilated on CPU"):
         mj.conv4(3, filters=2, conv_fn=jax.lax.conv_general_dilated).init(jax.random.key(0))
 
+  def test_float64_full_width_conv4_warns_on_cpu(self):
+    x = jnp.ones((2, 16, 16, 1))
+    with jax.enable_x64(True), warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      for filters in (32, 48):
+        for dtype in (jnp.float32, jnp.float64):
+          encoder = mj.models.Conv4Encoder(filters=filters, num_blocks=1)
+          jax.eval_shape(encoder.init, jax.random.key(0), x.astype(dtype))
+    warned = [str(w.message) for w in caught if "in float64 on CPU" in str(w.message)]
+    if jax.default_backend() == "cpu":
+      self.assertLen(warned, 1)  # 48 filters in float64 only
+      self.assertIn("filters=48", warned[0])
+    else:
+      self.assertEmpty(warned)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("activation", [jax.nn.relu, jax.nn.softplus])
@@ -199,8 +216,10 @@ def test_full_width_float32_second_order_matches_float64_op_by_op():
     grad = jax.grad(lambda p, t: mj.meta_loss(p, t, learner))
     with jax.disable_jit():
       want = grad(params, tasks)
-  to32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32) if a.dtype.kind == "f"  # noqa
-                                   else np.asarray(a), tree)
+  def to32(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float32 if a.dtype.kind == "f" else a.dtype),
+                        tree)
+
   got = xla.jit(grad)(to32(params), to32(tasks))
   assert _max_rel_diff(jax.tree.map(lambda a: np.asarray(a, np.float64), got), want) < 1e-4
 
