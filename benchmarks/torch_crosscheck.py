@@ -75,6 +75,10 @@ def _to_torch_layout(name: str, a: np.ndarray) -> np.ndarray:
   return a.T if name.endswith("weight") else a  # Dense [in, out] -> Linear [out, in]
 
 
+def _to32(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float32 if a.dtype.kind == "f" else a.dtype), tree)
+
+
 def _flat(tree) -> dict[tuple[str, ...], np.ndarray]:
   return {tuple(k.key for k in path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -130,22 +134,21 @@ def main(argv):
       fun = jax.value_and_grad(lambda p, lrn=lrn: mj.meta_loss(p, t64, lrn))
       if _COMPILED_DTYPE.value == "float64":
         loss, compiled = xla.jit(fun)(p64)
-      else:
-        with jax.enable_x64(False):
-          to32 = lambda tree: jax.tree.map(  # noqa: E731
-            lambda a: np.asarray(a, np.float32) if a.dtype.kind == "f" else np.asarray(a), tree)
-          loss, compiled = xla.jit(lambda p, t, lrn=lrn: jax.value_and_grad(
-            lambda q: mj.meta_loss(q, t, lrn))(p))(to32(p64), to32(t64))
       with jax.disable_jit():
         eager = fun(p64)[1]
+      with jax.enable_x64(False):  # float32, what training runs
+        p32, t32 = _to32(p64), _to32(t64)
+        if _COMPILED_DTYPE.value == "float32":
+          loss, compiled = xla.jit(lambda p, t, lrn=lrn: jax.value_and_grad(
+            lambda q: mj.meta_loss(q, t, lrn))(p))(p32, t32)
+        per_task = xla.jit(jax.vmap(lambda t, lrn=lrn: jax.grad(lambda p: mj.meta_loss(
+          p, jax.tree.map(lambda a: a[None], t), lrn))(p32)))(t32)
       results[first_order] = (loss, compiled, eager)
-      per_task = xla.jit(jax.vmap(lambda t, lrn=lrn: jax.grad(lambda p: mj.meta_loss(
-        p, jax.tree.map(lambda a: a[None], t), lrn))(p64)))(t64)
       norms = np.sqrt(sum(np.sum(np.square(g), axis=tuple(range(1, g.ndim)))
                           for g in _flat(per_task).values()))
       mean_norm = np.sqrt(sum(np.sum(np.square(g)) for g in _flat(eager).values()))
       print(f"{'first' if first_order else 'second'} order: per-task |g| median "
-            f"{np.median(norms):.4g}, max {norms.max():.4g} (compiled); |g| of the mean "
+            f"{np.median(norms):.4g}, max {norms.max():.4g} (float32); |g| of the mean "
             f"{mean_norm:.4g}", flush=True)
 
   failed = False

@@ -38,9 +38,9 @@ inner loop in a rolled `lax.scan` (`metajax.adapt`, even for one step), the one-
 derivative and the im2col convolution, it was right in every float32 case above and in every
 float64 one below 48 channels; none of them alone was. The measured Conv-4 meta-steps are as
 fast with it (W20, 20-way with 5 inner steps, within the drift in session 6's A/B,
-`docs/BENCHMARKS.md`). The option is given per compiled
-function (`jax.jit(..., compiler_options=...)`), so it touches only metajax's own programs, not
-the rest of the process. Other backends get no extra options.
+`docs/BENCHMARKS.md`). The option is given per compiled function (`jax.jit(...,
+compiler_options=...)`), so it touches only metajax's own programs, not the rest of the process.
+Other backends get no extra options.
 
 Every jitted step the library builds goes through `metajax.xla.jit`; wrap your own jitted
 gradients of metajax models with it too, and check a new formulation on small inputs with

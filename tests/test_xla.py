@@ -216,6 +216,7 @@ def test_full_width_float32_second_order_matches_float64_op_by_op():
     grad = jax.grad(lambda p, t: mj.meta_loss(p, t, learner))
     with jax.disable_jit():
       want = grad(params, tasks)
+
   def to32(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float32 if a.dtype.kind == "f" else a.dtype),
                         tree)
