@@ -85,27 +85,22 @@ def _flat(tree) -> dict[tuple[str, ...], np.ndarray]:
 
 
 def _params_and_config(config):
+  params = None
   if _WORKDIR.value:
-    saved = ckpt_lib.read_config(Path(_WORKDIR.value) / train.CHECKPOINT_DIR)
-    if saved is None:
-      raise app.UsageError(f"no checkpoint in {_WORKDIR.value!r}")
-    config = train.config_from_dict(saved)
+    try:  # step 0: the run's initial parameters, rebuilt from its config's seed below
+      config, _, _, params, step = train.restore_learner(
+        _WORKDIR.value, step=None if _STEP.value == 0 else _STEP.value)
+    except ckpt_lib.CheckpointError as e:
+      raise app.UsageError(str(e)) from e
+    if _STEP.value != 0:
+      print(f"parameters of {_WORKDIR.value} at step {step}")
   if config.model not in _SUPPORTED or config.algorithm != "maml" or config.zeroing:
     raise app.UsageError(f"supported: --config.algorithm=maml without zeroing, model in "
                          f"{sorted(_SUPPORTED)}; got algorithm {config.algorithm!r}, model "
                          f"{config.model!r}, zeroing {config.zeroing}")
   model = build.build_model(config)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  params = model.init(init_key)
-  if _WORKDIR.value and _STEP.value != 0:
-    learner = build.build_learner(config, model)
-    meta_step = build.build_meta_step(config, model, learner)
-    target = jax.eval_shape(lambda: train.TrainState(meta_step.init(params),
-                                                     jax.random.key_data(train_key)))
-    state, _, step = ckpt_lib.restore(Path(_WORKDIR.value) / train.CHECKPOINT_DIR, target,
-                                      step=_STEP.value)
-    print(f"parameters of {_WORKDIR.value} at step {step}")
-    params = state.meta.params
+  if params is None or _STEP.value == 0:
+    params = model.init(jax.random.split(jax.random.key(config.seed))[0])  # as train.py's
   return config, model, params
 
 
