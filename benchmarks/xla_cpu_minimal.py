@@ -23,9 +23,10 @@ Printed: max |g - g_eager| / max |g_eager| for each. On jax/jaxlib 0.10.2 (2-cor
 
 So disabling `algsimp` makes every case right; the loop-free gradient is wrong under either
 emitter setting; inside the loop it is wrong with the emitters on (`--size=8`, `--tasks=8`) or
-with `jnp.max`'s derivative. Only the combination metajax uses (the inner step in a rolled
-`lax.scan`, the emitters off, the max-pool differentiated through one argmax) was right in every
-case. The loop-free gradient without the conv, or without the BatchNorm, was right too (the
+with `jnp.max`'s derivative. (Until session 9 metajax relied on the one combination of the other
+columns that was right in every case: the inner step in a rolled `lax.scan`, the emitters off,
+the max-pool differentiated through one argmax; it now compiles with `algsimp` disabled, which
+also fixes the unrolled loop and float64 at 48+ channels, `metajax.xla`.) The loop-free gradient without the conv, or without the BatchNorm, was right too (the
 defaults and `--size=8`, either emitter setting; variants of this script). It is not rounding at
 a kink: there is no activation, and the smallest gap between the two largest entries of any
 pooling window is printed (1.7e-3 at the defaults).

@@ -2,18 +2,19 @@ r"""Reproducer: XLA:CPU miscompiles second-order meta-gradients of a small Conv-
 
 Each case computes MAML's second-order meta-gradient (16x16 Conv-4 with 4 filters, plain-SGD inner
 loop in `lax.scan`, metajax's `adapt` written out) eagerly (op by op) and under `jit`, twice: plain
-`jax.jit` and `metajax.xla.jit` (which compiles with `xla_cpu_use_fusion_emitters=False`). Printed:
+`jax.jit` and `metajax.xla.jit` (which compiles with `xla_disable_hlo_passes=algsimp`). Printed:
 the largest absolute difference to the eager gradient, relative to its largest entry. Finite
 differences side with eager (`tests/test_xla.py`).
 
 Cases:
   unroll    8 tasks, 2 inner steps, ReLU; the inner loop rolled (metajax's default) and unrolled
-            (`lax.scan(..., unroll=True)`, what `metajax.MAML(..., unroll=True)` does). With `--norm=plain` (BatchNorm differentiated
+            (`lax.scan(..., unroll=True)`, what `make_meta_step` compiles for up to 5 steps). With `--norm=plain` (BatchNorm differentiated
             through its formula, metajax's before session 6) unrolled under plain `jax.jit` is
             wrong (1e-1 in float32, 4e-2 in float64); with metajax's BatchNorm (`--norm=fused`,
             `metajax.norm`) the same case is right, but `--tasks=2 --activation=softplus
-            --dtype=float64` is wrong under `metajax.xla.jit` (2.4e-3). The cause is not known;
-            rolled was right in every case tried.
+            --dtype=float64` was wrong under `metajax.xla.jit` while it turned the emitters off
+            (2.4e-3); with `algsimp` off (its option since session 9) every case of the sweep
+            is right.
   max_pool  2 tasks, 1 inner step, softplus, with metajax's max-pool and with the derivative it
             had before (`jnp.max`'s: the tangent averaged over the entries equal to the max).
             That one compares the pooled input with the max again; XLA:CPU recomputes a fused

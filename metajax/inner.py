@@ -7,7 +7,6 @@ Its derivative wrt `params` is the exact second-order MAML meta-gradient unless
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import jax
@@ -106,12 +105,11 @@ def adapt(
       True recomputes everything but the step's input; a `jax.checkpoint_policies` policy
       (e.g. `dots_saveable`) keeps what it allows and recomputes the rest.
     unroll: `lax.scan`'s unroll: how many inner steps one loop iteration runs (True: all).
-      Unrolling lets XLA skip the loop's stacked copies of each step's residuals (W20 11-14%
-      faster on CPU, `docs/BENCHMARKS.md`) but XLA:CPU (jaxlib 0.10.2) miscompiles unrolled
-      second-order Conv-4 meta-gradients, under either emitter setting: some small ones
-      (`benchmarks/xla_cpu_sweep.py`) and the 64-filter ones tried in float32 (W20's shapes
-      1.9e-2 off, 16x16 images 1.5e-1), so unrolling on CPU warns; the rolled default was right
-      in every case tested.
+      Unrolled, XLA skips the loop's stacked copies of each step's residuals (W5 and W20 13-17%
+      faster on CPU, `docs/BENCHMARKS.md`); rolled (the default), the program and its compile
+      time stay the same size however many steps. Compile unrolled steps with
+      `metajax.xla.jit`: plain `jax.jit` miscompiles unrolled second-order Conv-4
+      meta-gradients on CPU (jaxlib 0.10.2, `metajax.xla`); rolled is right under either.
     return_losses: also return the support loss before each step, `[num_inner_steps]`.
 
   Returns:
@@ -160,12 +158,6 @@ def adapt(
     step = jax.checkpoint(step, policy=remat)
   elif remat:
     step = jax.checkpoint(step)
-  unrolled = unroll is True or (not isinstance(unroll, bool) and unroll > 1)
-  if unrolled and num_inner_steps > 1 and jax.default_backend() == "cpu":
-    warnings.warn(f"adapt(unroll={unroll!r}) on CPU: XLA:CPU (jaxlib 0.10.2) miscompiles "
-                  "unrolled second-order meta-gradients, 64-filter Conv-4s in float32 among them "
-                  "(docs/BENCHMARKS.md, session 8); the rolled loop (unroll=1) was right in every "
-                  "case tested", stacklevel=2)
   carry, losses = jax.lax.scan(step, carry, None, length=num_inner_steps, unroll=unroll)
   leaves = carry if optimizer is None else carry[0]
   new_params = merge(leaves)

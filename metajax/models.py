@@ -11,7 +11,6 @@ keeps `apply` a pure function of `(params, x)`.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -81,8 +80,6 @@ class Conv4Encoder(nn.Module):
     for i in range(self.num_blocks):
       x = nn.Conv(self.filters, (3, 3), padding="SAME",
                   conv_general_dilated=_resolve_conv(self.conv_fn), name=f"conv{i}")(x)
-      if i == 0:  # the conv's output has the promoted dtype of the input and the params
-        _warn_float64_width(x, self.filters)
       x = BatchStatNorm(fused=self.fused_norm, name=f"norm{i}")(x)
       x = self.activation(x)
       x = max_pool_2x2(x)
@@ -200,10 +197,9 @@ def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (
     filters: channels of every conv layer.
     input_shape: `(H, W, C)` of one image.
     conv_fn: a function with `jax.lax.conv_general_dilated`'s signature; None picks the fastest
-      one measured for the backend (`metajax.conv.default_conv_impl`). On CPU,
-      `jax.lax.conv_general_dilated` itself warns: XLA:CPU (jaxlib 0.10.2) computed second-order
-      meta-gradients through it wrong, by up to 60%, even on metajax's guarded path
-      (`tests/test_xla.py`, docs/BENCHMARKS.md session 7); first-order use is not affected.
+      one measured for the backend (`metajax.conv.default_conv_impl`). Either is right under
+      `metajax.xla.jit`; on CPU plain `jax.jit` computed second-order meta-gradients through
+      `jax.lax.conv_general_dilated` up to 60% off (jaxlib 0.10.2, `metajax.xla`).
     activation: the nonlinearity. With ReLU the MAML meta-loss is only piecewise smooth (the
       inner gradient jumps where a pre-activation changes sign); a smooth one such as softplus
       makes it smooth, which finite-difference checks need.
@@ -238,22 +234,7 @@ def _resolve_conv(conv_fn: ConvFn | None) -> ConvFn:
   # Resolved when the model is traced, for the backend JAX runs it on.
   if conv_fn is None:
     return default_conv_impl()
-  if conv_fn is jax.lax.conv_general_dilated and jax.default_backend() == "cpu":
-    warnings.warn("jax.lax.conv_general_dilated on CPU: XLA:CPU (jaxlib 0.10.2) computed "
-                  "second-order meta-gradients through it wrong (tests/test_xla.py); the default "
-                  "conv_fn=None (metajax.conv's im2col convolution) was right in every case "
-                  "tested", stacklevel=3)
   return conv_fn
-
-
-def _warn_float64_width(x: Array, filters: int) -> None:
-  # Traced once per compilation: float64 checks of a full-width Conv-4 are what this catches.
-  if x.dtype == jnp.float64 and filters > 32 and jax.default_backend() == "cpu":
-    warnings.warn(f"Conv4Encoder(filters={filters}) in float64 on CPU: XLA:CPU (jaxlib 0.10.2) "
-                  "compiles second-order products through BatchNorm -> max-pool wrong from 48 "
-                  "channels (NaN or 1e-1 off; 32 were right; benchmarks/xla_cpu_f64_width.py); "
-                  "first-order gradients and float32 are right. Check float64 second-order "
-                  "results op by op (jax.disable_jit()).", stacklevel=4)
 
 
 def _check_positive(**values: Any) -> None:
