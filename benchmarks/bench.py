@@ -19,7 +19,11 @@ Workloads (Omniglot 28x28x1, Conv-4 with 64 filters unless said; outer optimiser
 What is measured, per workload, each in its own fresh subprocess:
   * s/step: median (and min) of `--reps` timed outer steps after `--warmup` untimed ones
     (defaults 10 and 2; `--quick`: 3 and 1, on W1, WFO and WP unless `--workloads` is given).
-    Each step is `block_until_ready`-ed.
+    As the training loop runs them, K = `--steps_per_call` (default: the config default, 5)
+    steps run in one compiled call (`MetaStep.steps`, a lax.scan over K stacked meta-batches;
+    the baselines alike): then ceil(reps / K) calls (at least 2) are timed after ceil(warmup /
+    K), and each call's time / K is one entry of `times`. Each call is `block_until_ready`-ed.
+    `--steps_per_call=1` times single-step calls, as before session 10.
   * compile: `jit(...).lower(...)` and `.compile()` wall times (seconds).
   * GFLOP: XLA `cost_analysis()["flops"]`. XLA counts the body of a while loop once, whatever its
     trip count, so the inner-loop `lax.scan` of W5/W20/WP would be under-counted. We count on a
@@ -238,10 +242,11 @@ def _build(w: Workload, spec: dict):
       return step
 
     state = (jax.tree.map(jnp.array, params), optimizer.init(params))
-    # Compiled as the library compiles its steps (metajax.xla.jit), for a like-for-like ratio.
-    jitted = metajax.xla.jit(make_step(task_map), donate_argnums=(0,))
+    # Compiled as the library compiles its steps (metajax.compile_step: metajax.xla.jit, and the
+    # same K-steps-per-call scan), for a like-for-like ratio.
+    compiled = metajax.compile_step(lambda p: None, make_step(task_map))
     twin = jax.jit(make_step("vmap"))
-    return jitted, state, tasks, twin, None
+    return compiled.step.jitted, state, tasks, twin, {"steps": compiled.steps.jitted}
 
   learner = metajax.MAML(
     model.apply, metajax.cross_entropy, num_inner_steps=inner_steps, inner_lr=w.inner_lr,
@@ -290,7 +295,7 @@ def _build(w: Workload, spec: dict):
     metajax.make_meta_step(learner, optimizer, task_map="vmap", jit=False).step
   ).nonlocals["compiled"])
   extra = {"meta_step": meta_step, "learner": learner, "optimizer": optimizer, "params": params,
-           "mesh": mesh}
+           "mesh": mesh, "steps": None if mesh is not None else meta_step.steps.jitted}
   return jitted, state, tasks, twin, extra
 
 
@@ -384,6 +389,25 @@ def run_step_worker(spec: dict) -> dict:
   except Exception:  # noqa: BLE001
     out["xla_temp_mb"] = None
 
+  # K outer steps per call, as the training loop runs them (`MetaStep.steps`): the K meta-batches
+  # are the same synthetic one, stacked; times are per step (call time / K).
+  k = spec.get("steps_per_call", 1)
+  multi = (extra or {}).get("steps")
+  if k > 1 and multi is None:
+    k, out["steps_per_call_note"] = 1, "no multi-step path for this mode: one step per call"
+  out["steps_per_call"] = k
+  if k > 1:
+    tasks = jax.tree.map(lambda x: jax.numpy.stack([x] * k), tasks)
+    t3 = time.perf_counter()
+    compiled = multi.lower(state, tasks).compile()
+    out["compile_steps_s"] = time.perf_counter() - t3
+    calls, warm_calls = max(2, -(-spec["reps"] // k)), -(-spec["warmup"] // k)
+  else:
+    calls, warm_calls = spec["reps"], spec["warmup"]
+
+  def loss_of(metrics):
+    return float(np.asarray(metrics["outer/loss"]).reshape(-1)[-1])
+
   first_loss = None
   tasks_host = jax.tree.map(np.asarray, tasks) if spec.get("devices", 1) > 1 else None
   # Peak memory of execution: the high-water mark is reset after compilation, before the first
@@ -391,29 +415,29 @@ def run_step_worker(spec: dict) -> dict:
   # miss them).
   rss_before = _proc_status().get("VmRSS", 0) / 1024.0
   out["peak_reset"] = _reset_peak_rss()
-  for i in range(spec["warmup"]):
+  for i in range(warm_calls):
     state, metrics = compiled(state, tasks)
     jax.block_until_ready((state, metrics))
     if i == 0:
-      first_loss = float(metrics["outer/loss"])
+      first_loss = loss_of(metrics)
       if tasks_host is not None:
         out["device_check"] = _device_check(extra, tasks_host, w, spec, state)
         out["device_check"]["sharded_loss"] = first_loss
         out["device_check"]["sharded_grad_norm"] = float(metrics["outer/grad_norm"])
   times = []
-  for i in range(spec["reps"]):
+  for i in range(calls):
     t = time.perf_counter()
     state, metrics = compiled(state, tasks)
     jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
+    times.append((time.perf_counter() - t) / k)
     if first_loss is None:
-      first_loss = float(metrics["outer/loss"])
+      first_loss = loss_of(metrics)
   hwm = _proc_status().get("VmHWM", 0) / 1024.0
   out["times"] = times
   out["median_s"] = statistics.median(times)
   out["min_s"] = min(times)
   out["first_loss"] = first_loss
-  out["final_loss"] = float(metrics["outer/loss"])
+  out["final_loss"] = loss_of(metrics)
   out["exec_peak_mb"] = (hwm - rss_before) if out["peak_reset"] else None
   if tasks_host is not None:
     out["exec_peak_note"] = "includes the one-device reference step of the device check"
@@ -685,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
                  help="metajax.MAML's remat: off, on (recompute each inner step in the backward "
                       "pass) or the name of a jax.checkpoint_policies policy (e.g. dots_saveable)")
   p.add_argument("--task_map", default="vmap", help="vmap | map | k (lax.map over chunks of k)")
+  p.add_argument("--steps_per_call", type=int, default=None,
+                 help="outer steps per compiled call (MetaStep.steps, as the training loop runs "
+                      "them; the baselines alike); default: the training config's default; 1: "
+                      "one step per call")
   p.add_argument("--nobaseline", action="store_true", help="skip the fwd+bwd baselines")
   p.add_argument("--params_per_task", action="store_true",
                  help="prototype (not the library's path): broadcast the meta-params to one copy "
@@ -718,6 +746,12 @@ def main(argv: list[str] | None = None) -> int:
     worker_main(json.loads(args.worker))
     return 0
 
+  if args.steps_per_call is None:
+    from metajax import build
+
+    args.steps_per_call = build.default_config().steps_per_call
+  if args.steps_per_call < 1:
+    p.error(f"--steps_per_call={args.steps_per_call}: must be >= 1")
   reps = args.reps if args.reps is not None else (3 if args.quick else 10)
   warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
   extra_mode = args.memory or args.devices > 1
@@ -743,12 +777,14 @@ def main(argv: list[str] | None = None) -> int:
   common = {"conv": args.conv, "norm": args.norm, "unroll": args.unroll, "remat": args.remat,
             "task_map": args.task_map,
             "reps": reps, "warmup": warmup, "tiny": args.tiny,
+            "steps_per_call": args.steps_per_call,
             "params_per_task": args.params_per_task}
   results: dict = {
     "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
              "machine": _machine(), "load_start": os.getloadavg(), "reps": reps,
              "warmup": warmup, "quick": args.quick, "conv": args.conv, "norm": args.norm,
+             "steps_per_call": args.steps_per_call,
              "remat": args.remat,
              "task_map": args.task_map, "tiny": args.tiny,
              "params_per_task": args.params_per_task, "hugepages": args.hugepages,
@@ -815,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         mem["runs"].append(_run_subprocess(
           {**common, "workload": "W1", "inner_steps": s, "remat": remat,
            "meta_batch": args.memory_meta_batch, "reps": 1 if args.quick else min(reps, 3),
-           "warmup": 0}, env, timeout=args.timeout))
+           "warmup": 0, "steps_per_call": 1}, env, timeout=args.timeout))
         results["memory"] = mem
         save()
     png = args.memory_png or str((Path(args.json).parent if args.json else REPO / "benchmarks" /
@@ -828,8 +864,13 @@ def main(argv: list[str] | None = None) -> int:
   print(f"metajax benchmarks, {results['meta']['date']}, {results['meta']['machine']['cpu']} "
         f"({results['meta']['machine']['cores']} cores), jax {results['meta']['machine']['jax']}")
   print(f"load average at start {results['meta']['load_start'][0]:.1f}, end "
-        f"{os.getloadavg()[0]:.1f}; s/step = median of {reps} after {warmup} warm-up; "
-        "'load 1m' = 1-minute load before/after the workload (times are inflated when > cores)")
+        f"{os.getloadavg()[0]:.1f}; " + (
+          f"s/step = median of {reps} after {warmup} warm-up" if args.steps_per_call == 1 else
+          f"{args.steps_per_call} steps per compiled call: s/step = median over "
+          f"{max(2, -(-reps // args.steps_per_call))} calls (n) of call time / "
+          f"{args.steps_per_call}, after {-(-warmup // args.steps_per_call)} warm-up call(s)")
+        + "; 'load 1m' = 1-minute load before/after the workload (times are inflated when > "
+        "cores)")
   print(format_table(results))
   if args.memory:
     print()

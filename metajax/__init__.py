@@ -4,7 +4,7 @@ The public API, re-exported from its modules:
 
 - models: `conv4`, `kao_conv`, `mlp`, `model_from_encoder`, `Model`
 - inner loop: `adapt`
-- outer loop: `MAML`, `with_zeroing`, `meta_loss`, `make_meta_step`, `MetaState`, `map_tasks`
+- outer loop: `MAML`, `with_zeroing`, `meta_loss`, `make_meta_step`, `compile_step`, `MetaState`, `map_tasks`
 - variants: `zero_head`, `head_mask`, `encoder_mask`
 - losses: `cross_entropy`, `mse_onehot`, `mse`, `accuracy`, `make_loss_fn`
 - evaluation: `evaluate`, `evaluate_tasks`, `mean_confidence_interval`
@@ -29,8 +29,8 @@ from metajax.contrastive import batch_hard_triplet, info_nce, supcon, triplet
 from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
 from metajax.inner import adapt
 from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
-from metajax.meta import (MAML, MetaState, MetaStep, make_meta_step, map_tasks, meta_loss,
-                          with_zeroing)
+from metajax.meta import (MAML, MetaState, MetaStep, compile_step, make_meta_step, map_tasks,
+                          meta_loss, with_zeroing)
 from metajax.protonet import ProtoNet
 from metajax.reptile import Reptile, make_reptile_step
 from metajax.models import Model, conv4, kao_conv, mlp, model_from_encoder
@@ -51,6 +51,7 @@ __all__ = [
   "adapt",
   "augment",
   "batch_hard_triplet",
+  "compile_step",
   "contrastive_pretrain",
   "conv",
   "conv4",

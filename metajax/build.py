@@ -20,7 +20,7 @@ The config fields (see `experiments/configs/omniglot.py` for their defaults and 
   dataset, data_dir, cache_dir, split, rotations, model, filters, hidden, algorithm, zeroing, loss,
   reptile_serial, pretrain_eval, ways, train_ways, shots, queries, meta_batch_size, num_inner_steps, eval_num_inner_steps, inner_lr, meta_lr,
   optimizer, num_steps, eval_every, eval_split, eval_num_tasks, test_num_tasks, eval_batch_size,
-  eval_seed, log_every, checkpoint_every, keep_checkpoints, seed, task_map, remat.
+  eval_seed, log_every, checkpoint_every, keep_checkpoints, seed, task_map, remat, steps_per_call.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
 RESUMABLE_FIELDS = frozenset({
   "num_steps", "eval_every", "eval_split", "eval_num_tasks", "test_num_tasks", "eval_batch_size",
   "eval_num_inner_steps", "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints",
-  "data_dir", "cache_dir", "task_map", "remat",
+  "data_dir", "cache_dir", "task_map", "remat", "steps_per_call",
 })
 
 # --------------------------------------------------------------------------------------- config
@@ -342,6 +342,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.task_map = "vmap"               # "vmap", "map", or an int chunk size (see metajax.map_tasks)
   c.remat = False
+  # Outer steps per compiled call (`MetaStep.steps`, a lax.scan): at most this many, and a divisor
+  # of the log/eval/checkpoint intervals, so that every interval ends on a call boundary. Same
+  # steps, same tasks; on CPU it spares the per-call allocation of XLA's temporaries.
+  c.steps_per_call = 5
   return c
 
 
@@ -414,7 +418,7 @@ def validate_config(config: Config) -> None:
     choice("pretrain_eval", dict.fromkeys(PRETRAIN_EVALS))
   for field in ("shots", "queries", "meta_batch_size", "num_inner_steps", "eval_num_inner_steps",
                 "eval_num_tasks", "eval_batch_size", "log_every",
-                "checkpoint_every", "keep_checkpoints", "filters"):
+                "checkpoint_every", "keep_checkpoints", "filters", "steps_per_call"):
     count(field, 1)
   for field in ("num_steps", "eval_every", "seed", "eval_seed", "test_num_tasks"):
     count(field, 0)

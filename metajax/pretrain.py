@@ -39,7 +39,6 @@ import optax
 
 from metajax import losses as losses_lib
 from metajax import meta as meta_lib
-from metajax import xla
 from metajax.data.sinusoid import INPUT_RANGE, sample_sinusoid, sinusoid
 from metajax.data.samplers import (ClassPool, _check_count, _pool_shape, _to_unit_float,
                                    random_subset)
@@ -173,10 +172,7 @@ def make_pretrain_step(objective: Objective, optimizer: optax.GradientTransforma
     metrics = {**metrics, "outer/loss": value, "outer/grad_norm": optax.tree.norm(grads)}
     return MetaState(params, opt_state, state.step + 1), metrics
 
-  if not jit:
-    return MetaStep(init=init, step=step)
-  return MetaStep(init=init, step=xla.jit(meta_lib._max_traces(step, 1),
-                                          donate_argnums=(0,) if donate else ()))
+  return meta_lib.compile_step(init, step, jit=jit, donate=donate)
 
 
 # ----------------------------------------------------------------------------------- fine-tuning

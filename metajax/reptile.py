@@ -31,6 +31,7 @@ arXiv 1803.02999.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -39,7 +40,6 @@ import optax
 
 from metajax import losses as losses_lib
 from metajax import meta as meta_lib
-from metajax import xla
 from metajax.meta import MAML, MetaParams, MetaState, MetaStep, TaskMap
 from metajax.types import Array, Params, Task
 
@@ -164,23 +164,8 @@ def make_reptile_step(learner: Reptile, optimizer: optax.GradientTransformation,
                "outer/grad_norm": optax.tree.norm(grads)}
     return MetaState(params, opt_state, state.step + 1), metrics
 
-  return _checked(step, init, learner, jit=jit, donate=donate)
-
-
-def _checked(step, init, learner, *, jit: bool, donate: bool) -> MetaStep:
-  """Jit (once, guarded) and validate inputs exactly as `metajax.make_meta_step` does."""
-  compiled = (xla.jit(meta_lib._max_traces(step, 1), donate_argnums=(0,) if donate else ())
-              if jit else step)
-  checked_labels = []
-
-  def checked_step(state: MetaState, tasks: Task) -> tuple[MetaState, dict[str, Array]]:
-    meta_lib.check_tasks(tasks, batched=True)
-    if not checked_labels:
-      meta_lib.check_labels(learner, state.params, tasks)
-      checked_labels.append(True)
-    return compiled(state, tasks)
-
-  return MetaStep(init=init, step=checked_step)
+  check = functools.partial(meta_lib._check_first_batch, learner, [])
+  return meta_lib.compile_step(init, step, check, jit=jit, donate=donate)
 
 
 __all__ = ["Reptile", "make_reptile_step"]

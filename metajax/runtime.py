@@ -17,6 +17,13 @@ glibc reads the tunable once, when the process starts, so it cannot be switched 
 benchmarks call it first). Scripts of your own can call it at the top of their `__main__` block or
 be started as `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python script.py`. `METAJAX_HUGEPAGES=0`
 opts out. The setting changes where memory comes from, never what is computed.
+
+What it cannot fix: in a VM whose kernel reports freed pages to the host (free page reporting,
+e.g. Firecracker), memory that a step frees and the next step maps again may have been taken
+back by the host in between, and faulting it back costs seconds. glibc tunables that keep freed
+memory in the process (`arena_max=1:mmap_max=0`) fragment the heap to 2-3x the peak (W20 ran out
+of memory); the fix is to allocate less often: `MetaStep.steps` runs several outer steps in one
+compiled call, over one set of temporaries (see `metajax.meta.compile_step`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The training loop: `train_and_evaluate(config, workdir)`, imported by binaries and notebooks.
 
 It follows flax's `examples/imagenet/train.py`: validate the config, create the state, restore
-the newest checkpoint of `workdir` if any (`step_offset = int(state.step)`), loop; metrics are
+the newest checkpoint of `workdir` if any (`step_offset = int(state.step)`), loop; up to
+`config.steps_per_call` outer steps run in one compiled call (`MetaStep.steps`); metrics are
 fetched to the host only every `log_every` steps; evaluation and checkpoints run on their own
 intervals; the state is donated to the jitted meta-step.
 
@@ -22,6 +23,7 @@ Workdir layout: `checkpoints/checkpoint_<step>.msgpack`, `metrics.jsonl`, `tenso
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -105,6 +107,37 @@ def _check_finite(records: list[tuple[int, Mapping[str, Any]]], ckpt_dir: Path) 
         raise NonFiniteError(
           f"{name} = {float(scalars[name])} at step {step}: training stopped; {where}. Lower "
           "meta_lr or inner_lr (or check the data) and rerun the command to resume from it.")
+
+
+def _intervals(config: build.Config) -> list[int]:
+  return [config.log_every, config.checkpoint_every] + ([config.eval_every]
+                                                        if config.eval_every else [])
+
+
+def steps_per_call(config: build.Config) -> int:
+  """Outer steps per compiled call: the largest divisor of the log, eval and checkpoint intervals
+  that is at most `config.steps_per_call`, so every interval ends on a call boundary (and a run
+  resumed from a checkpoint makes the very same calls)."""
+  common = math.gcd(*_intervals(config))
+  return max(k for k in range(1, config.steps_per_call + 1) if common % k == 0)
+
+
+def _to_next_boundary(config: build.Config, step: int) -> int:
+  """Steps from `step` to the next multiple of a log, eval or checkpoint interval (a resumed run
+  may start off the call grid, e.g. after an interval changed)."""
+  return min((step // e + 1) * e - step for e in _intervals(config))
+
+
+def _unstack_metrics(records: list[tuple[int, int, Any]]) -> list[tuple[int, Mapping[str, Any]]]:
+  """Host records `(last step, n, metrics)` -> one `(step, metrics)` per step; n == 0 marks a
+  single step's unstacked metrics."""
+  out = []
+  for last, n, metrics in records:
+    if n == 0:
+      out.append((last, metrics))
+    else:
+      out.extend((last - n + 1 + i, {k: v[i] for k, v in metrics.items()}) for i in range(n))
+  return out
 
 
 def _check_params_finite(params: Any, step: int) -> None:
@@ -231,10 +264,17 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
            + ", ".join(f"{s} {src.num_classes}" for s, src in sources.items()))
   train_source = build.train_task_source(config, sources["train"])
 
-  @jax.jit
-  def sample_train(step, *arrays):
+  def sample_at(step, arrays):
     keys = jax.random.split(jax.random.fold_in(train_key, step), config.meta_batch_size)
     return build.sample_tasks(build.TaskSource(train_source.sample, arrays, 0), keys)
+
+  sample_train = jax.jit(lambda step, *arrays: sample_at(step, arrays))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def sample_train_stack(n, first, *arrays):  # the meta-batches of steps first .. first + n - 1
+    return jax.vmap(lambda s: sample_at(s, arrays))(first + jnp.arange(n, dtype=jnp.int32))
+
+  per_call = steps_per_call(config) if meta_step.steps is not None else 1
 
   eval_key = jax.random.key(config.eval_seed)
   evaluators = {
@@ -254,11 +294,12 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
   progress = metrics_lib.ProgressLine(config.num_steps, step_offset, print_fn)
   files = metrics_lib.MultiWriter([jsonl, tensorboard])
   final: dict[str, float] = {}
-  pending: list[tuple[int, Any]] = []  # (step, metrics) not yet checked, device or host
+  # (last step, steps, metrics) not yet checked; metrics of a multi-step call are stacked
+  pending: list[tuple[int, int, Any]] = []
   checked: list[tuple[int, Mapping[str, float]]] = []  # host metrics since the last log line
 
   def check_pending() -> None:
-    host = jax.device_get(pending)
+    host = _unstack_metrics(jax.device_get(pending))
     pending.clear()
     _check_finite(host, ckpt_dir)
     checked.extend(host)
@@ -296,15 +337,23 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
              f"{config.dataset}, steps {step_offset} -> {config.num_steps}, workdir "
              f"{str(workdir)!r}")
   try:
-    for step in range(step_offset, config.num_steps):
-      tasks = sample_train(np.int32(step), *train_source.arrays)
-      meta, metrics = meta_step.step(state.meta, tasks)
+    done = step_offset
+    while done < config.num_steps:
+      step = done
+      n = min(per_call, config.num_steps - step, _to_next_boundary(config, step))
+      if n > 1:
+        tasks = sample_train_stack(n, np.int32(step), *train_source.arrays)
+        meta, metrics = meta_step.steps(state.meta, tasks)
+      else:
+        tasks = sample_train(np.int32(step), *train_source.arrays)
+        meta, metrics = meta_step.step(state.meta, tasks)
       state = TrainState(meta, state.train_key)
-      pending.append((step + 1, metrics))
-      done = step + 1
+      done = step + n
+      pending.append((done, n if n > 1 else 0, metrics))
       if step == step_offset:  # do not count compilation in the rate
         jax.block_until_ready(metrics)
-        print_fn(f"first step (compilation included) took {time.time() - start:.1f} s")
+        what = "step" if n == 1 else f"{n} steps (one call)"
+        print_fn(f"first {what} (compilation included) took {time.time() - start:.1f} s")
         progress.reset(done)
       if done % config.log_every == 0 or done == config.num_steps:
         log(done)

@@ -41,6 +41,9 @@ def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
   results = json.loads(out.read_text())
   r = results["workloads"]["WPFO"]
   assert len(r["times"]) == 2 and r["median_s"] > 0
+  # Timed as the training loop runs: the config's steps per call, in one compiled scan.
+  assert r["steps_per_call"] == results["meta"]["steps_per_call"] == 5
+  assert r["compile_steps_s"] > 0
   assert r["compile_s"] > 0 and r["flops"] > 0 and r["xla_temp_mb"] > 0
   assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
   assert len(results["meta"]["load_start"]) == 3

@@ -146,6 +146,81 @@ class MetaStepTest(chex.TestCase):
     self.assertTrue(np.isfinite(np.asarray(params["head"]["kernel"])).all())
 
 
+class MetaStepsTest(chex.TestCase):
+  """`MetaStep.steps`: K outer steps over K stacked meta-batches in one compiled call."""
+
+  def _batches(self, tasks, k):
+    # K different meta-batches: each a permutation of the tasks' examples, scaled.
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[
+      tasks._replace(support_x=tasks.support_x * (1.0 + 0.1 * i),
+                     query_x=jnp.roll(tasks.query_x, i, axis=1),
+                     query_y=jnp.roll(tasks.query_y, i, axis=1)) for i in range(k)])
+
+  @parameterized.parameters(("maml", False, True), ("maml", False, False), ("fomaml", False, True),
+                            ("anil", False, True), ("metasgd", False, True))
+  def test_steps_equal_one_step_at_a_time(self, name, conv, jit):
+    self._check_steps(name, conv, jit)
+
+  # Conv-4 with its unrolled inner loop inside the scan: the compiled path of the binaries.
+  @pytest.mark.slow
+  def test_conv4_steps_equal_one_step_at_a_time(self):
+    self._check_steps("maml", True, True)
+
+  @pytest.mark.slow
+  def test_conv4_zeroing_steps_equal_one_step_at_a_time(self):
+    self._check_steps("maml_zero", True, True)
+
+  def _check_steps(self, name, conv, jit):
+    with jax.enable_x64(True):
+      model, params, tasks = _problem(jax.random.key(8), dtype=jnp.float64, conv=conv)
+      learner = _learners(model)[name]
+      batches = self._batches(tasks, 3)
+      # Reference: `step` three times (itself checked against op by op in test_xla). SGD, not
+      # Adam: the conv biases before BatchNorm get roundoff-level gradients, which Adam's
+      # normalisation would blow up to 1e-10.
+      reference = mj.make_meta_step(learner, optax.sgd(0.1), jit=jit)
+      state = reference.init(params)
+      per_step = []
+      for i in range(3):
+        state, m = reference.step(state, jax.tree.map(lambda x, i=i: x[i], batches))
+        per_step.append(m)
+      meta_step = mj.make_meta_step(learner, optax.sgd(0.1), jit=jit)
+      out, metrics = meta_step.steps(meta_step.init(params), batches)
+      self.assertEqual(int(out.step), 3)
+      chex.assert_trees_all_close(out.params, state.params, rtol=F64_TOL, atol=F64_TOL)
+      chex.assert_trees_all_close(metrics, jax.tree.map(lambda *xs: jnp.stack(xs), *per_step),
+                                  rtol=F64_TOL, atol=F64_TOL)
+
+  def test_steps_compile_once_per_length_and_check_inputs(self):
+    model, params, tasks = _problem(jax.random.key(9))
+    meta_step = mj.make_meta_step(_learners(model)["maml"], optax.adam(1e-2))
+    state = meta_step.init(params)
+    for k in (2, 1, 2):
+      state, metrics = meta_step.steps(state, self._batches(tasks, k))
+      self.assertEqual(metrics["outer/loss"].shape, (k,))
+    self.assertEqual(int(state.step), 5)
+    bad = self._batches(tasks, 2)
+    with self.assertRaisesRegex(ValueError, "leading sizes"):
+      meta_step.steps(state, bad._replace(query_y=bad.query_y[:1]))
+    with self.assertRaisesRegex(ValueError, "labels in"):
+      fresh = mj.make_meta_step(_learners(model)["maml"], optax.adam(1e-2))
+      fresh.steps(fresh.init(params), bad._replace(support_y=bad.support_y + 3))
+    init, step = meta_step  # still unpacks as the pair it always was
+    self.assertIs(step, meta_step.step)
+
+  def test_reptile_steps(self):
+    model, params, tasks = _problem(jax.random.key(10))
+    batches = self._batches(tasks, 2)
+    meta_step = mj.make_reptile_step(
+      mj.Reptile(model.apply, mj.cross_entropy, num_inner_steps=2, inner_lr=0.1), optax.sgd(0.5))
+    state = meta_step.init(params)
+    for i in range(2):
+      state, _ = meta_step.step(state, jax.tree.map(lambda x, i=i: x[i], batches))
+    out, metrics = meta_step.steps(meta_step.init(params), batches)
+    chex.assert_trees_all_close(out.params, state.params, rtol=F32_TOL, atol=F32_TOL)
+    self.assertEqual(metrics["outer/loss"].shape, (2,))
+
+
 class BadInputTest(parameterized.TestCase):
 
   def _step(self):

@@ -280,6 +280,40 @@ def test_resume_is_bit_exact(tmp_path):
   assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("log_every, checkpoint_every, eval_every, limit, expected", [
+  (100, 1_000, 1_000, 5, 5), (50, 250, 250, 5, 5), (25, 100, 0, 4, 1), (1, 1, 2, 5, 1),
+  (6, 12, 0, 4, 3), (6, 12, 0, 1, 1),
+])
+def test_steps_per_call_divides_every_interval(log_every, checkpoint_every, eval_every, limit,
+                                               expected):
+  config = sinusoid_config(log_every=log_every, checkpoint_every=checkpoint_every,
+                           eval_every=eval_every, steps_per_call=limit)
+  assert train.steps_per_call(config) == expected
+
+
+def test_several_steps_per_call_train_the_same_steps(tmp_path):
+  # 3 steps per call (log every 3) against one step per call: the same tasks, the same updates.
+  runs = {}
+  for k in (1, 3):
+    lines = []
+    config = sinusoid_config(num_steps=6, log_every=3, checkpoint_every=6, steps_per_call=k)
+    runs[k] = train.train_and_evaluate(config, tmp_path / f"k{k}", print_fn=lines.append)
+    assert any(line.startswith("first 3 steps (one call)" if k == 3 else "first step")
+               for line in lines)
+    records = [r for r in metrics.read_metrics(tmp_path / f"k{k}") if "outer/loss" in r]
+    assert [r["step"] for r in records] == [3, 6]
+  chex.assert_trees_all_close(final_state(tmp_path / "k1"), final_state(tmp_path / "k3"),
+                              rtol=1e-5, atol=1e-6)
+  assert runs[1]["outer/loss"] == pytest.approx(runs[3]["outer/loss"], rel=1e-5)
+  # A resumed multi-step run makes the same calls as an uninterrupted one: bit-exact.
+  resumed = tmp_path / "resumed"
+  train.train_and_evaluate(sinusoid_config(num_steps=3, log_every=3, checkpoint_every=3,
+                                           steps_per_call=3), resumed, print_fn=lambda _: None)
+  train.train_and_evaluate(sinusoid_config(num_steps=6, log_every=3, checkpoint_every=3,
+                                           steps_per_call=3), resumed, print_fn=lambda _: None)
+  assert_trees_bitwise_equal(final_state(tmp_path / "k3"), final_state(resumed))
+
+
 def test_resume_with_another_config_is_an_error(tmp_path):
   train.train_and_evaluate(sinusoid_config(num_steps=1), tmp_path, print_fn=lambda _: None)
   with pytest.raises(build.ConfigError, match="hidden: \\[8, 8\\] in the checkpoint, \\[4, 4\\]"):
@@ -339,8 +373,9 @@ def omniglot_smoke(variant, omniglot_dir, omniglot_cache_dir, **overrides):
 
 
 @pytest.mark.parametrize("variant, overrides", [
-  ("protonet_smoke", {}), ("umtra_smoke", {}), ("pretrain_smoke", {}),
-  ("supcon_smoke", {"pretrain_eval": "linear_probe"})])
+  ("protonet_smoke", {}), pytest.param("umtra_smoke", {}, marks=pytest.mark.slow),
+  ("pretrain_smoke", {}),
+  pytest.param("supcon_smoke", {"pretrain_eval": "linear_probe"}, marks=pytest.mark.slow)])
 def test_algorithm_smoke_config(variant, overrides, omniglot_dir, omniglot_cache_dir,
                                 omniglot_pool, tmp_path):
   """One step of the algorithm's smoke config on real Omniglot, then the test evaluation.
