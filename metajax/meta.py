@@ -304,13 +304,12 @@ def compile_step(init: Callable[[MetaParams], MetaState],
     return compiled(state, batch)
 
   def checked_steps(state: MetaState, batches: Any) -> tuple[MetaState, dict[str, Array]]:
-    n = _stack_length(batches)
+    if _stack_length(batches) == 0:
+      raise ValueError("steps needs at least one stacked meta-batch (a leading axis of size >= 1)")
     if check is not None:
       # Shapes are what vary; the first meta-batch stands for the stack (labels are value-checked
       # on it once, as `step` does).
       check(state, jax.tree.map(lambda x: x[0], batches))
-    if n == 0:
-      raise ValueError("steps needs at least one stacked meta-batch (a leading axis of size >= 1)")
     return compiled_steps(state, batches)
 
   checked_step.jitted = compiled  # the jitted object, for .lower()/.compile() in benchmarks

@@ -202,6 +202,8 @@ class MetaStepsTest(chex.TestCase):
     bad = self._batches(tasks, 2)
     with self.assertRaisesRegex(ValueError, "leading sizes"):
       meta_step.steps(state, bad._replace(query_y=bad.query_y[:1]))
+    with self.assertRaisesRegex(ValueError, "at least one stacked meta-batch"):
+      meta_step.steps(state, jax.tree.map(lambda x: x[:0], bad))
     with self.assertRaisesRegex(ValueError, "labels in"):
       fresh = mj.make_meta_step(_learners(model)["maml"], optax.adam(1e-2))
       fresh.steps(fresh.init(params), bad._replace(support_y=bad.support_y + 3))
