@@ -405,8 +405,8 @@ def run_step_worker(spec: dict) -> dict:
   else:
     calls, warm_calls = spec["reps"], spec["warmup"]
 
-  def loss_of(metrics):
-    return float(np.asarray(metrics["outer/loss"]).reshape(-1)[-1])
+  def loss_of(metrics, index):  # metrics of a K-step call are stacked: take the first/last step
+    return float(np.asarray(metrics["outer/loss"]).reshape(-1)[index])
 
   first_loss = None
   tasks_host = jax.tree.map(np.asarray, tasks) if spec.get("devices", 1) > 1 else None
@@ -419,7 +419,7 @@ def run_step_worker(spec: dict) -> dict:
     state, metrics = compiled(state, tasks)
     jax.block_until_ready((state, metrics))
     if i == 0:
-      first_loss = loss_of(metrics)
+      first_loss = loss_of(metrics, 0)
       if tasks_host is not None:
         out["device_check"] = _device_check(extra, tasks_host, w, spec, state)
         out["device_check"]["sharded_loss"] = first_loss
@@ -431,13 +431,13 @@ def run_step_worker(spec: dict) -> dict:
     jax.block_until_ready((state, metrics))
     times.append((time.perf_counter() - t) / k)
     if first_loss is None:
-      first_loss = loss_of(metrics)
+      first_loss = loss_of(metrics, 0)
   hwm = _proc_status().get("VmHWM", 0) / 1024.0
   out["times"] = times
   out["median_s"] = statistics.median(times)
   out["min_s"] = min(times)
   out["first_loss"] = first_loss
-  out["final_loss"] = loss_of(metrics)
+  out["final_loss"] = loss_of(metrics, -1)
   out["exec_peak_mb"] = (hwm - rss_before) if out["peak_reset"] else None
   if tasks_host is not None:
     out["exec_peak_note"] = "includes the one-device reference step of the device check"

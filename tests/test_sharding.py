@@ -48,6 +48,14 @@ SCRIPT = textwrap.dedent("""
     s4, m4 = multi.step(s4, sharded_tasks)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+  # Two more as one sharded `steps` call (the stacked batches sharded along their task axis).
+  stack = jax.tree.map(lambda x: np.stack([np.asarray(x)] * 2), tasks)
+  for _ in range(2):
+    s1, _ = single.step(s1, tasks)
+  s4, m4 = multi.steps(s4, stack)
+  assert m4["outer/loss"].shape == (2,)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
   try:
     sharding.shard_tasks(jax.tree.map(lambda x: x[:6], tasks), mesh)
   except ValueError as e:
