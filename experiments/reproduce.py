@@ -31,7 +31,9 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
+import statistics
 import shlex
 import signal
 import subprocess
@@ -405,6 +407,86 @@ def group_table(group: str, runs: Sequence[Run], statuses: dict[str, dict[str, A
   return lines
 
 
+_SEED_SUFFIX = re.compile(r"_seed\d+$")
+
+
+def _seed_mean(values: Sequence[float]) -> str:
+  """Mean +- sample standard deviation over seeds (the spread of a single run, not a CI)."""
+  return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def seed_table(runs: Sequence[Run], statuses: dict[str, dict[str, Any]]) -> list[str]:
+  """Classification runs repeated with several seeds: each seed's accuracy and their mean.
+
+  A run named `<base>_seed<k>` repeats `<base>` with another seed (the seed itself is read from
+  the run's config). Families with at least two finished seeds get a row; a family `<base>` whose
+  zeroing twin `<base>_zero` also has them gets a row of the zeroing trick's gain, seed by seed
+  (the same seed on both sides).
+  """
+  families: dict[str, dict[int, Run]] = {}
+  for run in runs:
+    st = statuses[run.name]
+    if st["done"]:
+      families.setdefault(_SEED_SUFFIX.sub("", run.name), {})[st["config"].get("seed", 0)] = run
+  families = {base: seeds for base, seeds in families.items() if len(seeds) >= 2}
+  if not families:
+    return []
+  steps = sorted({k for seeds in families.values() for r in seeds.values() for k in r.eval_steps})
+
+  def accuracy(run: Run, k: int) -> float | None:
+    summary = statuses[run.name]["evals"].get(k)
+    return 100 * summary["accuracy_after"]["mean"] if summary else None
+
+  head = ["run", "seeds"]
+  for k in steps:
+    head += [f"after {k} step{'s' * (k > 1)}, per seed", "mean +- sd over seeds"]
+  head += ["paper", "mean - paper"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+  def row(label: str, seeds: list[int], value) -> list[str]:
+    cells = [label, ", ".join(map(str, seeds))]
+    for k in steps:
+      values = [value(s, k) for s in seeds]
+      if None in values:
+        cells += ["", ""]
+        continue
+      cells += [", ".join(f"{v:.2f}" for v in values), _seed_mean(values)]
+    return cells
+
+  for base, by_seed in families.items():
+    seeds = sorted(by_seed)
+    first = by_seed[seeds[0]]
+    cells = row(first.label.removesuffix(" seed 0") or base, seeds,
+                lambda s, k: accuracy(by_seed[s], k))
+    paper, _, paper_steps = first.paper
+    if paper is None:
+      cells += ["-", "-"]
+    else:
+      mean = statistics.mean(accuracy(by_seed[s], paper_steps) for s in seeds)
+      cells += [f"{paper:.1f} ({paper_steps} step{'s' * (paper_steps > 1)})",
+                f"{mean - paper:+.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  for base, by_seed in families.items():
+    twin = families.get(base + "_zero")
+    common = sorted(set(by_seed) & set(twin)) if twin else []
+    if len(common) < 2:
+      continue
+    label = by_seed[common[0]].label.removesuffix(" random head")
+    cells = row(f"{label}: zeroing - random head", common,
+                lambda s, k: (None if None in (accuracy(twin[s], k), accuracy(by_seed[s], k))
+                              else accuracy(twin[s], k) - accuracy(by_seed[s], k)))
+    (paper, _, paper_steps), twin_paper = by_seed[common[0]].paper, twin[common[0]].paper[0]
+    if paper is None or twin_paper is None:
+      cells += ["-", "-"]
+    else:
+      mean = statistics.mean(accuracy(twin[s], paper_steps) - accuracy(by_seed[s], paper_steps)
+                             for s in common)
+      cells += [f"{twin_paper - paper:.1f} ({paper_steps} step{'s' * (paper_steps > 1)})",
+                f"{mean - (twin_paper - paper):+.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def report(path: Path, root: Path, eval_tasks: int = 600) -> None:
   """Writes the generated section of `path` and the comparison plots in `path.parent/results`."""
   plot_dir = path.parent / "results"
@@ -435,6 +517,10 @@ def report(path: Path, root: Path, eval_tasks: int = 600) -> None:
             out.append(e["command"])
             machines.add((e["cpu"], e["cores"], e["backend"], e["device"], e["jax"]))
       out += ["```", ""]
+      seeds = seed_table(runs, statuses)
+      if seeds:
+        out += ["Over seeds (accuracy % on the same 600 test tasks; sd is the sample standard "
+                "deviation across seeds, the spread of one run):", "", *seeds, ""]
     else:
       out += ["No finished run yet.", ""]
     if pending:

@@ -185,3 +185,57 @@ def test_sigterm_stops_the_queue_and_logs_the_running_command(tmp_path, monkeypa
   assert [(e["kind"], e["returncode"]) for e in log] == [("train", -signal.SIGTERM)]
   assert 2.0 < log[0]["seconds"] < 60
   assert not (tmp_path / "b").exists()  # nothing started after the signal
+
+
+def _finished_run(workdir: Path, seed: int, accuracy: dict[int, float]) -> None:
+  """The files of a finished classification run: its config, results and final evaluations."""
+  checkpoint.write_json_atomic(workdir / "config.json", {"num_steps": 3000, "seed": seed})
+  checkpoint.write_json_atomic(workdir / "results.json", {"step": 3000})
+  for k, mean in accuracy.items():
+    checkpoint.write_json_atomic(reproduce.eval_file(workdir, k), {"metrics": {
+      "accuracy_after": {"mean": mean, "ci95": 0.005, "num_tasks": 600}}})
+
+
+def test_seed_table_averages_seeds_and_pairs_zeroing_with_its_random_head(tmp_path):
+  paper = lambda p: (p, "Kao et al.", 1)  # noqa: E731
+  runs = [reproduce.Run("a", "kao", "omniglot.py:kao5way1shot", label="FO random head",
+                        paper=paper(88.6)),
+          reproduce.Run("a_zero", "kao", "omniglot.py:kao5way1shot_zeroing",
+                        label="FO zeroing", paper=paper(93.8)),
+          reproduce.Run("a_seed1", "kao", "omniglot.py:kao5way1shot",
+                        label="FO random head seed 1", paper=paper(88.6)),
+          reproduce.Run("a_zero_seed1", "kao", "omniglot.py:kao5way1shot_zeroing",
+                        label="FO zeroing seed 1", paper=paper(93.8)),
+          reproduce.Run("a_seed2", "kao", "omniglot.py:kao5way1shot",
+                        label="FO random head seed 2", paper=paper(88.6)),
+          reproduce.Run("b", "kao", "omniglot.py:kao5way1shot", label="alone")]
+  random = {0: {1: 0.89, 3: 0.91}, 1: {1: 0.87, 3: 0.90}, 2: {1: 0.88, 3: 0.92}}
+  zero = {0: {1: 0.94, 3: 0.945}, 1: {1: 0.95, 3: 0.955}}
+  for seed, acc in random.items():
+    _finished_run(tmp_path / ("a" + (f"_seed{seed}" if seed else "")), seed, acc)
+  for seed, acc in zero.items():
+    _finished_run(tmp_path / ("a_zero" + (f"_seed{seed}" if seed else "")), seed, acc)
+  _finished_run(tmp_path / "b", 0, {1: 0.5, 3: 0.5})  # one seed: no row
+  # An unfinished seed is left out.
+  checkpoint.write_json_atomic(tmp_path / "a_zero_seed2" / "config.json", {"seed": 2})
+  runs.append(reproduce.Run("a_zero_seed2", "kao", "omniglot.py:kao5way1shot_zeroing"))
+  statuses = {r.name: reproduce.status(r, tmp_path) for r in runs}
+  lines = reproduce.seed_table(runs, statuses)
+  rows = {cells[0]: cells[1:] for cells in
+          ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+  assert list(rows) == ["FO random head", "FO zeroing", "FO: zeroing - random head"]
+
+  def sd(values):
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+  assert rows["FO random head"] == [
+    "0, 1, 2", "89.00, 87.00, 88.00", f"88.00 +- {sd([89, 87, 88]):.2f}",
+    "91.00, 90.00, 92.00", f"91.00 +- {sd([91, 90, 92]):.2f}", "88.6 (1 step)", "-0.60"]
+  assert rows["FO zeroing"][:3] == ["0, 1", "94.00, 95.00", f"94.50 +- {sd([94, 95]):.2f}"]
+  assert rows["FO zeroing"][-1] == "+0.70"
+  # The gain pairs each seed with itself: (94 - 89, 95 - 87), seed 2 has no zeroing twin.
+  gains = rows["FO: zeroing - random head"]
+  assert gains[:3] == ["0, 1", "5.00, 8.00", f"6.50 +- {sd([5, 8]):.2f}"]
+  assert gains[-2:] == ["5.2 (1 step)", "+1.30"]
+  assert reproduce.seed_table(runs[-2:], statuses) == []  # no family with two seeds
