@@ -415,20 +415,28 @@ def _seed_mean(values: Sequence[float]) -> str:
   return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
-def seed_table(runs: Sequence[Run], statuses: dict[str, dict[str, Any]]) -> list[str]:
-  """Classification runs repeated with several seeds: each seed's accuracy and their mean.
+def seed_families(runs: Sequence[Run],
+                  statuses: dict[str, dict[str, Any]]) -> dict[str, dict[int, Run]]:
+  """Finished runs repeated with several seeds: `<base>` -> {seed: run}, two seeds at least.
 
-  A run named `<base>_seed<k>` repeats `<base>` with another seed (the seed itself is read from
-  the run's config). Families with at least two finished seeds get a row; a family `<base>` whose
-  zeroing twin `<base>_zero` also has them gets a row of the zeroing trick's gain, seed by seed
-  (the same seed on both sides).
+  A run named `<base>_seed<k>` repeats `<base>` with another seed; the seed itself is read from
+  the run's config.
   """
   families: dict[str, dict[int, Run]] = {}
   for run in runs:
     st = statuses[run.name]
     if st["done"]:
       families.setdefault(_SEED_SUFFIX.sub("", run.name), {})[st["config"].get("seed", 0)] = run
-  families = {base: seeds for base, seeds in families.items() if len(seeds) >= 2}
+  return {base: dict(sorted(seeds.items())) for base, seeds in families.items() if len(seeds) >= 2}
+
+
+def seed_table(runs: Sequence[Run], statuses: dict[str, dict[str, Any]]) -> list[str]:
+  """Classification runs repeated with several seeds: each seed's accuracy and their mean.
+
+  Each family of `seed_families` gets a row; a family `<base>` whose zeroing twin `<base>_zero`
+  is one too gets a row of the zeroing trick's gain, seed by seed (the same seed on both sides).
+  """
+  families = seed_families(runs, statuses)
   if not families:
     return []
   steps = sorted({k for seeds in families.values() for r in seeds.values() for k in r.eval_steps})
@@ -509,6 +517,16 @@ def report(path: Path, root: Path, eval_tasks: int = 600) -> None:
       png = metrics.plot_comparison(curves, metric, plot_dir / f"{group}.png", title=title,
                                     log_y=group == "sinusoid")
       out += [f"![{group}](results/{png.name})", ""]
+      families = seed_families(runs, statuses)
+      if families:
+        curves = {f"{by_seed[min(by_seed)].label} (seeds {', '.join(map(str, by_seed))})":
+                  metrics.mean_over_runs([metrics.read_metrics(ROOT / root / r.name)
+                                          for r in by_seed.values()], metric)
+                  for by_seed in families.values()}
+        png = metrics.plot_comparison(
+          curves, metric, plot_dir / f"{group}_seeds.png", log_y=group == "sinusoid", band="_sd",
+          title=f"{title}\nmean over seeds (band: +- 1 sd across seeds)")
+        out += [f"![{group} over seeds](results/{png.name})", ""]
       out += ["Commands (seed in the flags; the final evaluations use `--eval_seed=0`, the same "
               f"{eval_tasks} test tasks for every run):", "", "```"]
       for r in finished:

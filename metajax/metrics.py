@@ -8,7 +8,8 @@ Metrics are flat dicts of scalars named `inner/...`, `outer/...`, `eval/...`, `t
 * `TensorBoardWriter`: TF event files via `tensorboardX` (when installed; otherwise a no-op with
   a warning).
 * `ProgressLine`: `step 120/3000 (4%) | 5.1 steps/s | ETA 9m25s | outer/loss 0.913 ...`.
-* `read_metrics` / `plot_learning_curves`: a workdir's metrics as PNG learning curves.
+* `read_metrics` / `plot_learning_curves`: a workdir's metrics as PNG learning curves;
+  `plot_comparison` (with `mean_over_runs` for seeds): one metric of several runs.
 """
 
 from __future__ import annotations
@@ -187,6 +188,32 @@ def series(records: Iterable[Mapping[str, Any]], name: str) -> tuple[np.ndarray,
   return np.asarray(steps), np.asarray(values, np.float64)
 
 
+def mean_over_runs(runs: Sequence[Sequence[Mapping[str, Any]]],
+                   name: str) -> list[dict[str, Any]]:
+  """Metric `name` averaged over several runs (e.g. seeds) at the steps all of them recorded.
+
+  Returns:
+    Records `{"step": s, name: mean, name + "_sd": sd}`, sd the sample standard deviation across
+    the runs (the spread of one run, not a confidence interval of the mean), for
+    `plot_comparison(..., band="_sd")`.
+
+  Raises:
+    ValueError: with fewer than two runs, or when no step is common to all of them.
+  """
+  if len(runs) < 2:
+    raise ValueError(f"mean_over_runs needs at least 2 runs, got {len(runs)}")
+  by_step = [dict(zip(*series(records, name))) for records in runs]
+  common = sorted(set.intersection(*(set(s) for s in by_step)))
+  if not common:
+    raise ValueError(f"no step has {name!r} in all {len(runs)} runs")
+  out = []
+  for step in common:
+    values = np.asarray([s[step] for s in by_step])
+    out.append({"step": int(step), name: float(values.mean()),
+                name + "_sd": float(values.std(ddof=1))})
+  return out
+
+
 def _pyplot():
   """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
   import matplotlib
@@ -198,14 +225,14 @@ def _pyplot():
 
 
 def _draw_series(ax: Any, records: Sequence[Mapping[str, Any]], name: str, *,
-                 label: str | None = None, band_alpha: float = 0.25) -> bool:
-  """Plots metric `name` against the step on `ax`, with its `<name>_ci95` band when every point
-  has one. Returns whether the metric had any point."""
+                 label: str | None = None, band_alpha: float = 0.25, band: str = "_ci95") -> bool:
+  """Plots metric `name` against the step on `ax`, with its `<name><band>` band (+-) when every
+  point has one. Returns whether the metric had any point."""
   steps, values = series(records, name)
   if not len(steps):
     return False
   ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.2, label=label)
-  _, ci = series(records, name + "_ci95")
+  _, ci = series(records, name + band)
   if len(ci) == len(values):
     ax.fill_between(steps, values - ci, values + ci, alpha=band_alpha)
   return True
@@ -269,10 +296,12 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os
 
 
 def plot_comparison(curves: Mapping[str, Sequence[Mapping[str, Any]]], metric: str,
-                    path: str | os.PathLike[str], title: str = "", log_y: bool = False) -> Path:
+                    path: str | os.PathLike[str], title: str = "", log_y: bool = False,
+                    band: str = "_ci95") -> Path:
   """One PNG with `metric` against the step for several runs (`label -> records`), each with its
-  `<metric>_ci95` band when recorded. Runs without the metric are left out of the legend.
-  `log_y` draws the metric on a log scale (losses that span orders of magnitude).
+  `<metric><band>` band (+-) when recorded: the evaluation's 95% interval by default, `"_sd"` for
+  curves from `mean_over_runs`. Runs without the metric are left out of the legend. `log_y` draws
+  the metric on a log scale (losses that span orders of magnitude).
 
   Returns:
     The path written.
@@ -280,7 +309,7 @@ def plot_comparison(curves: Mapping[str, Sequence[Mapping[str, Any]]], metric: s
   plt = _pyplot()
 
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  drawn = [_draw_series(ax, records, metric, label=label, band_alpha=0.2)
+  drawn = [_draw_series(ax, records, metric, label=label, band_alpha=0.2, band=band)
            for label, records in curves.items()]
   if not any(drawn):
     plt.close(fig)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from absl import app
 
-from metajax import checkpoint
+from metajax import checkpoint, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,12 +191,16 @@ def _finished_run(workdir: Path, seed: int, accuracy: dict[int, float]) -> None:
   """The files of a finished classification run: its config, results and final evaluations."""
   checkpoint.write_json_atomic(workdir / "config.json", {"num_steps": 3000, "seed": seed})
   checkpoint.write_json_atomic(workdir / "results.json", {"step": 3000})
+  (workdir / "metrics.jsonl").write_text("".join(
+    json.dumps({"step": step, "eval/accuracy_after": accuracy[1] - 0.01 * (step == 250)}) + "\n"
+    for step in (250, 500)))
   for k, mean in accuracy.items():
     checkpoint.write_json_atomic(reproduce.eval_file(workdir, k), {"metrics": {
       "accuracy_after": {"mean": mean, "ci95": 0.005, "num_tasks": 600}}})
 
 
-def test_seed_table_averages_seeds_and_pairs_zeroing_with_its_random_head(tmp_path):
+def test_seed_table_averages_seeds_and_pairs_zeroing_with_its_random_head(tmp_path,
+                                                                         monkeypatch):
   paper = lambda p: (p, "Kao et al.", 1)  # noqa: E731
   runs = [reproduce.Run("a", "kao", "omniglot.py:kao5way1shot", label="FO random head",
                         paper=paper(88.6)),
@@ -239,3 +243,24 @@ def test_seed_table_averages_seeds_and_pairs_zeroing_with_its_random_head(tmp_pa
   assert gains[:3] == ["0, 1", "5.00, 8.00", f"6.50 +- {sd([5, 8]):.2f}"]
   assert gains[-2:] == ["5.2 (1 step)", "+1.30"]
   assert reproduce.seed_table(runs[-2:], statuses) == []  # no family with two seeds
+
+  # The report puts the table under the group and plots each family's mean curve.
+  monkeypatch.setattr(reproduce, "SUITE", tuple(runs))
+  doc = tmp_path / "RESULTS.md"
+  reproduce.report(doc, tmp_path)
+  text = doc.read_text()
+  assert "| FO: zeroing - random head | 0, 1 | 5.00, 8.00 |" in text
+  assert "![kao over seeds](results/kao_seeds.png)" in text
+  assert (tmp_path / "results" / "kao_seeds.png").stat().st_size > 0
+
+
+def test_mean_over_runs_averages_the_common_steps():
+  runs = [[{"step": 1, "m": 1.0}, {"step": 2, "m": 2.0}, {"step": 3, "m": 9.0}],
+          [{"step": 1, "m": 3.0}, {"step": 2, "m": 2.0}, {"step": 2, "other": 0.0}],
+          [{"step": 1, "m": 5.0}, {"step": 2, "m": 2.0}, {"step": 4, "m": 1.0}]]
+  assert metrics.mean_over_runs(runs, "m") == [{"step": 1, "m": 3.0, "m_sd": 2.0},
+                                               {"step": 2, "m": 2.0, "m_sd": 0.0}]
+  with pytest.raises(ValueError, match="at least 2 runs, got 1"):
+    metrics.mean_over_runs(runs[:1], "m")
+  with pytest.raises(ValueError, match="no step has 'm' in all 2 runs"):
+    metrics.mean_over_runs([[{"step": 1, "m": 1.0}], [{"step": 2, "m": 1.0}]], "m")
