@@ -33,9 +33,9 @@ import os
 import platform
 import re
 import resource
-import statistics
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -535,10 +535,10 @@ def report(path: Path, root: Path, eval_tasks: int = 600) -> None:
             out.append(e["command"])
             machines.add((e["cpu"], e["cores"], e["backend"], e["device"], e["jax"]))
       out += ["```", ""]
-      seeds = seed_table(runs, statuses)
+      seeds = seed_table(runs, statuses) if group != "sinusoid" else []  # accuracies only
       if seeds:
-        out += ["Over seeds (accuracy % on the same 600 test tasks; sd is the sample standard "
-                "deviation across seeds, the spread of one run):", "", *seeds, ""]
+        out += [f"Over seeds (accuracy % on the same {eval_tasks} test tasks; sd is the sample "
+                "standard deviation across seeds, the spread of one run):", "", *seeds, ""]
     else:
       out += ["No finished run yet.", ""]
     if pending:
