@@ -80,7 +80,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from metajax import runtime
+from metajax import runtime, xla
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
@@ -522,6 +522,10 @@ def _torch_python(flag: str | None) -> str | None:
   return None
 
 
+PEER_IMPLS = ("higher", "l2l", "func")  # torch_peers.IMPLS, the table's column order
+PEER_CHECK_RTOL = 1e-10  # a peer whose float64 meta-update is further off is marked "*"
+
+
 def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: bool, env: dict,
                timeout: float = 3600) -> dict:
   script = Path(__file__).resolve().parent / "torch_peers.py"
@@ -541,6 +545,15 @@ def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: 
   finally:
     if os.path.exists(path):
       os.unlink(path)
+  try:  # each peer's meta-update against plain autograd's (float64, tiny shapes, seconds)
+    proc = subprocess.run([python, str(script), f"--workloads={','.join(workloads)}", "--check"],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    result["check"] = {line.split(":")[0]: {kv.split()[0]: float(kv.split()[1])
+                                            for kv in line.split(":", 1)[1].split(",")}
+                       for line in proc.stdout.splitlines() if ":" in line}
+  except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+    result["check"] = {}
+    result["check_error"] = f"{type(e).__name__}: {e}"
   return result
 
 
@@ -561,17 +574,30 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     raise
 
 
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def _machine() -> dict:
-  cpu = platform.processor()
+  """The CPU model, its vector ISA features, and the XLA options the timed programs run under."""
+  cpu, flags = platform.processor(), set()
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+      info = f.read()
+    cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines()
+               if line.startswith("model name"))
+    flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines()
+                     if line.startswith("flags")))
   except (OSError, StopIteration):
     pass
   import jax
+  import jaxlib
 
   return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-          "jax": jax.__version__, "platform": platform.platform()}
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": platform.platform(),
+          "isa": [f for f in _ISA_FLAGS if f in flags],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "compiler_options": xla.compiler_options("cpu")}
 
 
 def _fmt(x, spec=".2f", missing="-"):
@@ -586,26 +612,33 @@ def _load_str(r: dict) -> str:
 def format_table(results: dict) -> str:
   rows = []
   header = ["workload", "s/step med", "min", "n", "compile s", "GFLOP", "GFLOP/s", "vs fwd+bwd",
-            "exec peak MB", "XLA temp MB", "rss peak MB", "torch higher", "torch.func",
-            "jax/peer", "load 1m"]
+            "exec peak MB", "XLA temp MB", "rss peak MB", "higher", "l2l", "torch.func",
+            "peer rss MB", "jax/peer", "load 1m"]
   torch = results.get("torch", {}).get("workloads", {})
+  check = results.get("torch", {}).get("check", {})
+
+  def peer(name, impl):  # "*": the peer's meta-update is not MAML's (--check, float64)
+    t = torch.get(name, {}).get(impl, {}).get("median_s")
+    inexact = check.get(name, {}).get(impl, 0.0) > PEER_CHECK_RTOL
+    return t, _fmt(t, ".3f") + ("*" if t is not None and inexact else "")
   for name, r in results.get("workloads", {}).items():
     if "error" in r:
       rows.append([name, "ERROR: " + r["error"].splitlines()[-1][:80]] + [""] * (len(header) - 2))
       continue
     base = results["workloads"].get(WORKLOADS[name].baseline or "", {})
     vs = (f"{r['median_s'] / base['median_s']:.2f}x" if base.get("median_s") else "-")
-    peers = torch.get(name, {})
-    hi = peers.get("higher", {}).get("median_s")
-    fu = peers.get("func", {}).get("median_s")
-    best = min([p for p in (hi, fu) if p], default=None)
+    cells = {impl: peer(name, impl) for impl in PEER_IMPLS}
+    best = min([t for t, _ in cells.values() if t], default=None)
+    fastest = next((impl for impl, (t, _) in cells.items() if t == best), None)
+    peer_rss = torch.get(name, {}).get(fastest, {}).get("peak_rss_mb") if fastest else None
     rows.append([
       name, _fmt(r["median_s"], ".3f"), _fmt(r["min_s"], ".3f"), str(len(r["times"])),
       _fmt(r["lower_s"] + r["compile_s"], ".1f"), _fmt(r["flops"] / 1e9 if r.get("flops") else None,
                                                         ".1f"),
       _fmt(r.get("gflops_per_s"), ".1f"), vs, _fmt(r.get("exec_peak_mb"), ".0f"),
-      _fmt(r.get("xla_temp_mb"), ".0f"), _fmt(r.get("rss_peak_mb"), ".0f"), _fmt(hi, ".3f"),
-      _fmt(fu, ".3f"), f"{r['median_s'] / best:.2f}" if best else "-", _load_str(r)])
+      _fmt(r.get("xla_temp_mb"), ".0f"), _fmt(r.get("rss_peak_mb"), ".0f"),
+      *(cell for _, cell in cells.values()), _fmt(peer_rss, ".0f"),
+      f"{r['median_s'] / best:.2f}" if best else "-", _load_str(r)])
   widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
             for i, h in enumerate(header)]
   lines = [" | ".join(h.ljust(wd) for h, wd in zip(header, widths))]
@@ -636,6 +669,11 @@ def format_table(results: dict) -> str:
                  f"{chk.get('one_device_grad_norm', float('nan')):.6f}, max |param diff| after 1 step "
                  f"{chk.get('max_abs_param_diff_after_1_step', float('nan')):.2e}; load "
                  f"{_load_str(r)}")
+  if any(v > PEER_CHECK_RTOL for d in check.values() for v in d.values()):
+    lines.append(f"*: that peer's meta-update differs from plain torch.autograd's by more than "
+                 f"{PEER_CHECK_RTOL:g} (relative, float64, `torch_peers.py --check`): "
+                 + "; ".join(f"{n} {i} {v:.1e}" for n, d in check.items() for i, v in d.items()
+                             if v > PEER_CHECK_RTOL))
   if results.get("torch", {}).get("error"):
     lines.append(f"torch peers: ERROR {results['torch']['error'][-300:]}")
   return "\n".join(lines)
@@ -861,8 +899,17 @@ def main(argv: list[str] | None = None) -> int:
     save()
 
   print()
-  print(f"metajax benchmarks, {results['meta']['date']}, {results['meta']['machine']['cpu']} "
-        f"({results['meta']['machine']['cores']} cores), jax {results['meta']['machine']['jax']}")
+  machine = results["meta"]["machine"]
+  print(f"metajax benchmarks, {results['meta']['date']}, {machine['cpu']} "
+        f"({machine['cores']} cores; {' '.join(machine['isa']) or 'ISA unknown'}), jax "
+        f"{machine['jax']}, jaxlib {machine['jaxlib']}; XLA options {machine['compiler_options']}"
+        + (f", XLA_FLAGS={machine['xla_flags']}" if machine["xla_flags"] else ""))
+  peers_meta = results.get("torch", {}).get("meta", {})
+  if peers_meta:
+    print("peers: torch " + str(peers_meta.get("torch")) + ", higher "
+          + str(peers_meta.get("higher")) + ", learn2learn " + str(peers_meta.get("learn2learn"))
+          + f", {peers_meta.get('threads')} threads; peer rss MB = the fastest peer's resident "
+          "high-water mark during its run")
   print(f"load average at start {results['meta']['load_start'][0]:.1f}, end "
         f"{os.getloadavg()[0]:.1f}; " + (
           f"s/step = median of {reps} after {warmup} warm-up" if args.steps_per_call == 1 else

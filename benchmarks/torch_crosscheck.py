@@ -66,7 +66,7 @@ def _torch_name(path: tuple[str, ...], per_block: int, norm_offset: int) -> str:
   block = int(path[1][-1])
   if path[1].startswith("conv"):
     return f"encoder.{per_block * block}." + {"kernel": "weight", "bias": "bias"}[path[2]]
-  return f"encoder.{per_block * block + norm_offset}.{path[2]}"
+  return f"encoder.{per_block * block + norm_offset}." + {"scale": "weight", "bias": "bias"}[path[2]]
 
 
 def _to_torch_layout(name: str, a: np.ndarray) -> np.ndarray:

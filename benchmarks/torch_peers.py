@@ -1,25 +1,32 @@
 """PyTorch peers of the metajax benchmark workloads (issue 9), for `benchmarks/bench.py`.
 
-Two idiomatic PyTorch MAML implementations of the same workloads, CPU, `torch.set_num_threads(2)`:
+Three idiomatic PyTorch MAML implementations of the same workloads, CPU, `torch.set_num_threads(2)`:
 
   higher  `higher.innerloop_ctx` with a Python loop over the tasks of the meta-batch (the usual
           research code): per task, the inner SGD steps through the differentiable optimiser, the
           query loss / meta-batch is back-propagated, then one Adam step. First order: the inner
           loop runs with `track_higher_grads=False` and the query gradient at the adapted weights
           is added to the meta-gradient (FOMAML as usually written with higher).
+  l2l     learn2learn's `MAML` wrapper: per task `maml.clone()`, `learner.adapt(support loss)`
+          for each inner step, the query loss back-propagated, a loop over tasks (learn2learn's
+          own MAML examples). First order: `MAML(..., first_order=True)`. ANIL as learn2learn's
+          ANIL example writes it: the encoder outside the wrapper, only the head wrapped.
   func    `torch.func`: `functional_call` + `grad` for the inner loop, `vmap` over tasks, `grad`
           of the mean query loss for the meta-gradient, then `torch.optim.Adam`. First order:
           the inner gradients are `detach()`-ed.
 
-The network is the same Conv-4 as `metajax.conv4` (3x3 conv SAME -> BatchNorm with batch
+The network is the same Conv-4 as `metajax.conv4` (3x3 conv SAME -> `nn.BatchNorm2d` with batch
 statistics, no running averages -> ReLU -> 2x2 max-pool, x4, then a linear head) and the same
 inputs (synthetic, NCHW), so both sides do the same arithmetic. Workloads W1, W5, WFO, WANIL,
 W20 (Conv-4) and WP, WPFO (Kao et al.'s network); see bench.py for their shapes.
 
-Usage (torch is not a metajax dependency; use a separate venv):
+Usage (torch is not a metajax dependency; use a separate venv; learn2learn is optional, see
+benchmarks/README.md for installing it on Python 3.11):
   python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 higher
   /tmp/torchvenv/bin/python benchmarks/torch_peers.py --workloads=W1,WFO --reps=10 --json=out.json
-Writes `{"workloads": {name: {impl: {"median_s", "min_s", "times", ...}}}, "meta": {...}}`.
+Writes `{"workloads": {name: {impl: {"median_s", "min_s", "times", "peak_rss_mb", ...}}},
+"meta": {...}}`; `peak_rss_mb` is the process's resident high-water mark during that run (reset
+before it through /proc/self/clear_refs on Linux).
 
 `--meta_grad=IN.npz,OUT.npz` instead computes one float64 MAML meta-gradient with plain
 `torch.autograd` for `benchmarks/torch_crosscheck.py` (the exactness check, not a benchmark).
@@ -53,20 +60,10 @@ KAO_NET = ("WP", "WPFO")  # Kao et al.'s network instead of Conv-4
 TINY = dict(filters=8, meta_batch=4, queries=2)
 
 
-class BatchStatNorm(nn.Module):
-  """BatchNorm over (N, H, W) with the current batch's statistics only (as metajax's)."""
-
-  def __init__(self, features: int, eps: float = 1e-5):
-    super().__init__()
-    self.scale = nn.Parameter(torch.ones(features))
-    self.bias = nn.Parameter(torch.zeros(features))
-    self.eps = eps
-
-  def forward(self, x):
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    var = (x - mean).square().mean(dim=(0, 2, 3), keepdim=True)
-    return (x - mean) * torch.rsqrt(var + self.eps) * self.scale[:, None, None] + \
-      self.bias[:, None, None]
+def batch_norm(features: int) -> nn.BatchNorm2d:
+  """BatchNorm with the current batch's statistics only, as MAML (and metajax) normalise: what a
+  PyTorch user writes, `nn.BatchNorm2d` without running averages (higher's own Omniglot example)."""
+  return nn.BatchNorm2d(features, track_running_stats=False)
 
 
 class Conv4(nn.Module):
@@ -75,7 +72,7 @@ class Conv4(nn.Module):
     layers = []
     for i in range(4):
       layers += [nn.Conv2d(in_channels if i == 0 else filters, filters, 3, padding=1),
-                 BatchStatNorm(filters), nn.ReLU(), nn.MaxPool2d(2)]
+                 batch_norm(filters), nn.ReLU(), nn.MaxPool2d(2)]
     self.encoder = nn.Sequential(*layers)
     self.head = nn.Linear(filters, num_classes)
 
@@ -92,7 +89,7 @@ class KaoConv(nn.Module):
     layers = []
     for i, (k, s) in enumerate([(3, 2)] * 3 + [(2, 1)]):
       layers += [nn.Conv2d(in_channels if i == 0 else filters, filters, k, stride=s),
-                 nn.ReLU(), BatchStatNorm(filters)]
+                 nn.ReLU(), batch_norm(filters)]
     self.encoder = nn.Sequential(*layers)
     self.head = nn.Linear(filters, num_classes)
 
@@ -100,12 +97,12 @@ class KaoConv(nn.Module):
     return self.head(self.encoder(x).flatten(1))
 
 
-def synthetic_tasks(ways, shots, queries, meta_batch, seed=0):
+def synthetic_tasks(ways, shots, queries, meta_batch, seed=0, dtype=torch.float32):
   g = torch.Generator().manual_seed(seed)
   labels = torch.arange(ways)
-  return (torch.rand(meta_batch, ways * shots, 1, 28, 28, generator=g),
+  return (torch.rand(meta_batch, ways * shots, 1, 28, 28, generator=g, dtype=dtype),
           labels.repeat_interleave(shots).repeat(meta_batch, 1),
-          torch.rand(meta_batch, ways * queries, 1, 28, 28, generator=g),
+          torch.rand(meta_batch, ways * queries, 1, 28, 28, generator=g, dtype=dtype),
           labels.repeat_interleave(queries).repeat(meta_batch, 1))
 
 
@@ -133,7 +130,66 @@ def make_higher_step(model, meta_opt, steps, lr, mode):
             p.grad = g if p.grad is None else p.grad + g
         else:
           qloss.backward()
-        total += float(qloss)
+        total += qloss.detach().item()
+    meta_opt.step()
+    return total
+
+  return step
+
+
+def l2l_maml():
+  """learn2learn's `algorithms.MAML` class, its code as installed.
+
+  `import learn2learn` also imports its vision and gym packages, hence torchvision, and PyPI's
+  torchvision wheels are CUDA builds that do not load beside the CPU torch. When that import
+  fails, the MAML module is loaded alone: its package's `__init__` files are skipped, nothing of
+  the algorithm is replaced.
+  """
+  if "learn2learn.algorithms.maml" in sys.modules:
+    return sys.modules["learn2learn.algorithms.maml"].MAML
+  try:
+    import learn2learn
+
+    return learn2learn.algorithms.MAML
+  except (ImportError, RuntimeError):
+    import importlib
+    import importlib.util
+    import types
+
+    for name in [m for m in sys.modules if m == "learn2learn" or m.startswith("learn2learn.")]:
+      del sys.modules[name]  # the half-imported package
+    spec = importlib.util.find_spec("learn2learn")
+    if spec is None:
+      raise
+    for name, sub in (("learn2learn", ""), ("learn2learn.algorithms", "algorithms")):
+      pkg = types.ModuleType(name)
+      pkg.__path__ = [os.path.join(spec.submodule_search_locations[0], sub)]
+      sys.modules[name] = pkg
+    return importlib.import_module("learn2learn.algorithms.maml").MAML
+
+
+def make_l2l_step(model, meta_opt, steps, lr, mode):
+  maml = l2l_maml()
+  if mode == "anil":  # learn2learn's ANIL example: only the head goes through the MAML wrapper
+    features, head = model.encoder, maml(model.head, lr=lr)
+  else:
+    features, head = None, maml(model, lr=lr, first_order=(mode == "first"))
+
+  def step(sx, sy, qx, qy):
+    meta_opt.zero_grad()
+    num_tasks = sx.shape[0]
+    total = 0.0
+    for t in range(num_tasks):
+      learner = head.clone()
+      if features is None:
+        s_in, q_in = sx[t], qx[t]
+      else:
+        s_in, q_in = features(sx[t]).flatten(1), features(qx[t]).flatten(1)
+      for _ in range(steps):
+        learner.adapt(F.cross_entropy(learner(s_in), sy[t]))
+      qloss = F.cross_entropy(learner(q_in), qy[t]) / num_tasks
+      qloss.backward()
+      total += qloss.detach().item()
     meta_opt.step()
     return total
 
@@ -175,6 +231,58 @@ def make_func_step(model, meta_opt, steps, lr, mode):
   return step
 
 
+def make_autograd_step(model, meta_opt, steps, lr, mode):
+  """Plain `torch.autograd.grad` (`create_graph` unless first order), a loop over tasks: the
+  reference of `--check`, not a timed peer."""
+  from torch.func import functional_call
+
+  names = [n for n, _ in model.named_parameters()]
+  adapted = [n for n in names if n.startswith("head.")] if mode == "anil" else names
+
+  def step(sx, sy, qx, qy):
+    meta_opt.zero_grad()
+    leaves = dict(model.named_parameters())
+    total = 0.0
+    for t in range(sx.shape[0]):
+      fast = dict(leaves)
+      for _ in range(steps):
+        loss = F.cross_entropy(functional_call(model, fast, (sx[t],)), sy[t])
+        g = torch.autograd.grad(loss, [fast[n] for n in adapted], create_graph=(mode != "first"))
+        fast.update({n: fast[n] - lr * gn for n, gn in zip(adapted, g)})
+      qloss = F.cross_entropy(functional_call(model, fast, (qx[t],)), qy[t]) / sx.shape[0]
+      qloss.backward()
+      total += qloss.detach().item()
+    meta_opt.step()
+    return total
+
+  return step
+
+
+def check_peers(names: list[str]) -> dict:
+  """Each peer's first meta-update against plain autograd's, float64, at tiny shapes.
+
+  Returns `{workload: {impl: max |update - reference| / max |reference|}}`: ~1e-15 when a peer
+  computes MAML's meta-gradient exactly.
+  """
+  torch.set_default_dtype(torch.float64)
+  out = {}
+  for name in names:
+    ways, shots, _, _, steps, lr, mode = WORKLOADS[name]
+    updates = {}
+    for impl, make in {"autograd": make_autograd_step, **IMPLS}.items():
+      torch.manual_seed(0)
+      model = (KaoConv if name in KAO_NET else Conv4)(ways, TINY["filters"])
+      before = [p.detach().clone() for p in model.parameters()]
+      make(model, torch.optim.SGD(model.parameters(), lr=1.0), steps, lr, mode)(
+        *synthetic_tasks(ways, shots, TINY["queries"], TINY["meta_batch"], dtype=torch.float64))
+      updates[impl] = torch.cat([(b - p.detach()).flatten()
+                                 for b, p in zip(before, model.parameters())])
+    ref = updates.pop("autograd")
+    out[name] = {impl: float((u - ref).abs().max() / ref.abs().max()) for impl, u in updates.items()}
+  torch.set_default_dtype(torch.float32)
+  return out
+
+
 def meta_gradient(npz_in: str, npz_out: str) -> None:
   """The float64 MAML meta-gradient of a problem written by `benchmarks/torch_crosscheck.py`.
 
@@ -212,6 +320,27 @@ def meta_gradient(npz_in: str, npz_out: str) -> None:
   np.savez(npz_out, loss=loss.item(), **{f"grad/{n}": g.numpy() for n, g in zip(names, grads)})
 
 
+IMPLS = {"higher": make_higher_step, "l2l": make_l2l_step, "func": make_func_step}
+
+
+def _reset_peak_rss() -> bool:
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")  # resets VmHWM, the resident high-water mark
+    return True
+  except OSError:
+    return False
+
+
+def _peak_rss_mb() -> float | None:
+  try:
+    with open("/proc/self/status") as f:
+      kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb / 1024
+  except (OSError, StopIteration):
+    return None
+
+
 def bench_one(name, impl, reps, warmup, tiny=False, seed=0):
   ways, shots, queries, meta_batch, steps, lr, mode = WORKLOADS[name]
   filters = 64
@@ -220,9 +349,9 @@ def bench_one(name, impl, reps, warmup, tiny=False, seed=0):
   torch.manual_seed(seed)
   model = (KaoConv if name in KAO_NET else Conv4)(ways, filters)
   meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-  make = make_higher_step if impl == "higher" else make_func_step
-  step = make(model, meta_opt, steps, lr, mode)
+  step = IMPLS[impl](model, meta_opt, steps, lr, mode)
   batch = synthetic_tasks(ways, shots, queries, meta_batch, seed)
+  reset = _reset_peak_rss()
   load_before = os.getloadavg()
   t = time.perf_counter()
   for _ in range(warmup):
@@ -234,18 +363,21 @@ def bench_one(name, impl, reps, warmup, tiny=False, seed=0):
     step(*batch)
     times.append(time.perf_counter() - t)
   return {"median_s": statistics.median(times), "min_s": min(times), "times": times,
-          "warmup_s": warm_s, "load_before": load_before, "load_after": os.getloadavg()}
+          "warmup_s": warm_s, "load_before": load_before, "load_after": os.getloadavg(),
+          "peak_rss_mb": _peak_rss_mb() if reset else None}
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workloads", default="W1,W5,WFO")
-  p.add_argument("--impls", default="higher,func")
+  p.add_argument("--impls", default=",".join(IMPLS))
   p.add_argument("--reps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--json", default=None)
+  p.add_argument("--check", action="store_true",
+                 help="check each peer's meta-update against plain autograd (float64, tiny)")
   p.add_argument("--meta_grad", default=None, metavar="IN.npz,OUT.npz",
                  help="compute one float64 meta-gradient instead (torch_crosscheck.py)")
   args = p.parse_args(argv)
@@ -253,17 +385,23 @@ def main(argv=None):
     meta_gradient(*args.meta_grad.split(","))
     return 0
   torch.set_num_threads(args.threads)
+  names = [n for n in args.workloads.split(",") if n]
+  if args.check:
+    for name, diffs in check_peers(names).items():
+      print(f"{name}: " + ", ".join(f"{impl} {d:.1e}" for impl, d in diffs.items()), flush=True)
+    return 0
   out = {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                   "reps": args.reps, "warmup": args.warmup, "tiny": args.tiny,
                   "load_start": os.getloadavg()},
          "workloads": {}}
-  try:
-    import higher
+  from importlib import metadata
 
-    out["meta"]["higher"] = getattr(higher, "__version__", "?")
-  except ImportError:
-    out["meta"]["higher"] = None
-  for name in [n for n in args.workloads.split(",") if n]:
+  for dist in ("higher", "learn2learn"):
+    try:
+      out["meta"][dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      out["meta"][dist] = None
+  for name in names:
     out["workloads"][name] = {}
     for impl in [i for i in args.impls.split(",") if i]:
       try:
