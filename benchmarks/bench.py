@@ -46,7 +46,7 @@ Other modes (they add to the table; with one of them, the default workloads run 
                  On by default when the main workloads run (off with --nodata).
   --memory       peak memory of W1-like second-order runs with --memory_steps inner steps
                  (default 1,5,10,20), with and without `remat=True`; JSON + PNG.
-  --devices=N    the task-sharded step (`metajax.sharding`) in a subprocess with
+  --devices=N    the task-sharded step (`metajax.platform.sharding`) in a subprocess with
                  XLA_FLAGS=--xla_force_host_platform_device_count=N, checked against the
                  one-device step (loss and updated params). On a 2-core CPU N fake devices share
                  the same 2 cores: this shows correctness and overhead, not speedup.
@@ -80,7 +80,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from metajax import runtime, xla
+from metajax.platform import runtime, xla
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
@@ -167,7 +167,7 @@ def _conv_fn(name: str):
   import metajax
 
   return {"default": None, "lax": jax.lax.conv_general_dilated,
-          "im2col": metajax.conv.conv_general_dilated_im2col}[name]
+          "im2col": metajax.nn.conv.conv_general_dilated_im2col}[name]
 
 
 def _parse_task_map(value: str):
@@ -202,7 +202,7 @@ def _build(w: Workload, spec: dict):
   import optax
 
   import metajax
-  import metajax.sharding  # not re-exported by metajax/__init__
+  import metajax.platform.sharding  # not re-exported by metajax/__init__
 
   filters = spec.get("filters", 64)
   meta_batch = spec.get("meta_batch") or w.meta_batch
@@ -242,7 +242,7 @@ def _build(w: Workload, spec: dict):
       return step
 
     state = (jax.tree.map(jnp.array, params), optimizer.init(params))
-    # Compiled as the library compiles its steps (metajax.compile_step: metajax.xla.jit, and the
+    # Compiled as the library compiles its steps (metajax.compile_step: metajax.platform.xla.jit, and the
     # same K-steps-per-call scan), for a like-for-like ratio.
     compiled = metajax.compile_step(lambda p: None, make_step(task_map))
     twin = jax.jit(make_step("vmap"))
@@ -273,13 +273,13 @@ def _build(w: Workload, spec: dict):
 
     state = metajax.MetaState(jax.tree.map(jnp.array, params), optimizer.init(params),
                               jnp.zeros((), jnp.int32))
-    return metajax.xla.jit(step, donate_argnums=(0,)), state, tasks, jax.jit(step), None
+    return metajax.platform.xla.jit(step, donate_argnums=(0,)), state, tasks, jax.jit(step), None
 
   shardings = None
   mesh = None
   if spec.get("devices", 1) > 1:
-    mesh = metajax.sharding.task_mesh()
-    shardings = metajax.sharding.meta_step_shardings(mesh)
+    mesh = metajax.platform.sharding.task_mesh()
+    shardings = metajax.platform.sharding.meta_step_shardings(mesh)
   meta_step = metajax.make_meta_step(learner, optimizer, task_map=task_map, shardings=shardings)
   # The library's own jitted step (what `meta_step.step` calls after its input checks); see the
   # report's proposal to expose it as `meta_step.jitted`.
@@ -287,8 +287,8 @@ def _build(w: Workload, spec: dict):
     inspect.getclosurevars(meta_step.step).nonlocals["compiled"]
   state = meta_step.init(params)
   if mesh is not None:
-    state = metajax.sharding.replicate(state, mesh)
-    tasks = metajax.sharding.shard_tasks(tasks, mesh)
+    state = metajax.platform.sharding.replicate(state, mesh)
+    tasks = metajax.platform.sharding.shard_tasks(tasks, mesh)
   # FLOP-counting twin: the same step, unjitted (jit=False gives the plain step function behind
   # the input checks), with tasks vmapped, jitted here only to be lowered.
   twin = jax.jit(inspect.getclosurevars(
@@ -738,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--conv", default="default", choices=["default", "lax", "im2col"],
                  help="default: the library's choice for the backend (im2col on CPU)")
   p.add_argument("--norm", default="fused", choices=["fused", "plain"],
-                 help="BatchNorm differentiated through metajax.norm's JVP rule (the library's "
+                 help="BatchNorm differentiated through metajax.nn.norm's JVP rule (the library's "
                       "default) or through its plain formula, for the A/B")
   p.add_argument("--unroll", type=int, default=None,
                  help="metajax.MAML's unroll (inner steps per loop iteration; 0: all); default: "
@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--timeout", type=float, default=3600, help="per subprocess, seconds")
   p.add_argument("--hugepages", default="auto", choices=["auto", "off"],
                  help="auto: every subprocess (metajax and the torch peers alike) runs with "
-                      "glibc's huge-page malloc where metajax.runtime says it helps, as the "
+                      "glibc's huge-page malloc where metajax.platform.runtime says it helps, as the "
                       "binaries do; off: without it, for the A/B")
   p.add_argument("--preload", default=None,
                  help="a malloc library for every subprocess, metajax's and the peers' alike "
@@ -785,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   if args.steps_per_call is None:
-    from metajax import build
+    from metajax.experiment import build
 
     args.steps_per_call = build.default_config().steps_per_call
   if args.steps_per_call < 1:

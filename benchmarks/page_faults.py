@@ -1,4 +1,4 @@
-r"""Page faults and system time of one big jitted step: why metajax.runtime exists.
+r"""Page faults and system time of one big jitted step: why metajax.platform.runtime exists.
 
 By default, one fwd+bwd of a 3x3 convolution (metajax's im2col path) over a [2560, 14, 14, 64]
 batch, the second Conv-4 layer of a W1 meta-batch (32 tasks x 80 images): its patch matrix alone
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
   import jax
   import jax.numpy as jnp
 
-  from metajax import conv, runtime
+  from metajax.nn import conv
+  from metajax.platform import runtime
 
   if args.workload:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from metajax import runtime
+  from metajax.platform import runtime
 
   runtime.reexec_with_hugepages()  # profile the malloc the binaries use
   sys.exit(main())

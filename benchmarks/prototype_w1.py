@@ -13,7 +13,7 @@ Workloads (synthetic inputs, shapes as the performance issue):
 
 Variants:
   --conv    lax | im2col | patches (lax.conv_general_dilated_patches) | shiftsum (sum of K dots)
-  --pool    window (nn.max_pool / reduce_window) | reshape (metajax.conv.max_pool_2x2)
+  --pool    window (nn.max_pool / reduce_window) | reshape (metajax.nn.conv.max_pool_2x2)
   --tasks   vmap | map | map:k (lax.map with batch_size=k)
   --peel    compute the first inner step with the shared initial params (one big batch)
   --precision default | highest
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from metajax.conv import conv_general_dilated_im2col, max_pool_2x2
+from metajax.nn.conv import conv_general_dilated_im2col, max_pool_2x2
 
 DN = ("NHWC", "HWIO", "NHWC")
 

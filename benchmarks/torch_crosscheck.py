@@ -5,7 +5,7 @@ that look wrong (docs/RESULTS.md: the second-order 1-shot run). For a config of
 `experiments/train.py` (Conv-4 or Kao et al.'s network, MAML with plain SGD inner steps), it
 takes the initial parameters of `--config.seed` or a run's checkpoint (`--workdir`, `--step`),
 samples `--tasks` training tasks from the config's data, and computes the mean query loss and
-its gradient in float64 with `metajax.meta_loss` (compiled with `metajax.xla.jit`, and op by op)
+its gradient in float64 with `metajax.meta_loss` (compiled with `metajax.platform.xla.jit`, and op by op)
 and with `benchmarks/torch_peers.py --meta_grad` (plain `torch.autograd`, a loop over tasks).
 Prints, per parameter, |g| and max |g_jax - g_torch| (relative to the largest entry of the whole
 torch gradient) for metajax op by op (its arithmetic) and compiled (what runs); exits 1 when
@@ -37,8 +37,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import metajax as mj
-from metajax import build, train, xla
-from metajax import checkpoint as ckpt_lib
+from metajax.experiment import build, train
+from metajax.platform import xla
+from metajax.experiment import checkpoint as ckpt_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/train.py's config.",
                                           lock_config=True)

@@ -26,7 +26,7 @@ emitter setting; inside the loop it is wrong with the emitters on (`--size=8`, `
 with `jnp.max`'s derivative. (Until session 9 metajax relied on the one combination of the other
 columns that was right in every case: the inner step in a rolled `lax.scan`, the emitters off,
 the max-pool differentiated through one argmax; it now compiles with `algsimp` disabled, which
-also fixes the unrolled loop and float64 at 48+ channels, `metajax.xla`.) The loop-free gradient without the conv, or without the BatchNorm, was right too (the
+also fixes the unrolled loop and float64 at 48+ channels, `metajax.platform.xla`.) The loop-free gradient without the conv, or without the BatchNorm, was right too (the
 defaults and `--size=8`, either emitter setting; variants of this script). It is not rounding at
 a kink: there is no activation, and the smallest gap between the two largest entries of any
 pooling window is printed (1.7e-3 at the defaults).

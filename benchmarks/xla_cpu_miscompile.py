@@ -2,17 +2,17 @@ r"""Reproducer: XLA:CPU miscompiles second-order meta-gradients of a small Conv-
 
 Each case computes MAML's second-order meta-gradient (16x16 Conv-4 with 4 filters, plain-SGD inner
 loop in `lax.scan`, metajax's `adapt` written out) eagerly (op by op) and under `jit`, twice: plain
-`jax.jit` and `metajax.xla.jit` (which compiles with `xla_disable_hlo_passes=algsimp`). Printed:
+`jax.jit` and `metajax.platform.xla.jit` (which compiles with `xla_disable_hlo_passes=algsimp`). Printed:
 the largest absolute difference to the eager gradient, relative to its largest entry. Finite
-differences side with eager (`tests/test_xla.py`).
+differences side with eager (`tests/platform/test_xla.py`).
 
 Cases:
   unroll    8 tasks, 2 inner steps, ReLU; the inner loop rolled (metajax's default) and unrolled
             (`lax.scan(..., unroll=True)`, what `make_meta_step` compiles for up to 5 steps). With `--norm=plain` (BatchNorm differentiated
             through its formula, metajax's before session 6) unrolled under plain `jax.jit` is
             wrong (1e-1 in float32, 4e-2 in float64); with metajax's BatchNorm (`--norm=fused`,
-            `metajax.norm`) the same case is right, but `--tasks=2 --activation=softplus
-            --dtype=float64` was wrong under `metajax.xla.jit` while it turned the emitters off
+            `metajax.nn.norm`) the same case is right, but `--tasks=2 --activation=softplus
+            --dtype=float64` was wrong under `metajax.platform.xla.jit` while it turned the emitters off
             (2.4e-3); with `algsimp` off (its option since session 9) every case of the sweep
             is right.
   max_pool  2 tasks, 1 inner step, softplus, with metajax's max-pool and with the derivative it
@@ -46,7 +46,7 @@ def _jnp_max_pool(x):
 @contextlib.contextmanager
 def _pool(fn):
   """Traces metajax's Conv-4 with `fn` as its max-pool (this script's process only)."""
-  from metajax import models
+  from metajax.nn import models
 
   old, models.max_pool_2x2 = models.max_pool_2x2, fn
   try:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--activation", default=None, choices=["relu", "softplus"],
                  help="default: relu for unroll, softplus for max_pool")
   p.add_argument("--norm", default="fused", choices=["fused", "plain"],
-                 help="the models' BatchNorm derivative (metajax.norm's, or the plain formula's)")
+                 help="the models' BatchNorm derivative (metajax.nn.norm's, or the plain formula's)")
   p.add_argument("--tasks", type=int, default=None, help="default: 8 for unroll, 2 for max_pool")
   args = p.parse_args(argv)
   dtype_name = args.dtype or ("float32" if args.case == "unroll" else "float64")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = jax.tree.leaves(grad(params))  # this variant's own eager gradient
     scale = max(float(np.max(np.abs(np.asarray(a)))) for a in ref)
     for how, fn in (("eager", grad), ("jax.jit", jax.jit(grad)),
-                    ("metajax.xla.jit", mj.xla.jit(grad))):
+                    ("metajax.platform.xla.jit", mj.platform.xla.jit(grad))):
       g = jax.tree.leaves(fn(params))
       diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(ref, g))
       print(f"  {name}{how:16s} {diff / scale:.2e}")

@@ -3,7 +3,7 @@ r"""Sweep: which (inner loop, XLA:CPU emitter setting) pairs give right second-o
 For each configuration (network, activation, tasks, inner steps, BatchNorm derivative), the float64
 meta-gradient of `metajax.meta_loss` (the library's `MAML`, second order) is computed op by op
 (the reference) and then jitted four ways: the inner loop rolled / unrolled (`MAML.unroll`), each
-under `jax.jit` (XLA:CPU's fusion emitters on) and `metajax.xla.jit` (off). A cell is the largest
+under `jax.jit` (XLA:CPU's fusion emitters on) and `metajax.platform.xla.jit` (off). A cell is the largest
 absolute difference to the reference relative to its largest entry; float64 rounding gives
 ~1e-15, so anything above `--tol` (1e-9) is a wrong program. `benchmarks/xla_cpu_miscompile.py`
 prints single cases; this counts how often each pair is wrong.
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tasks", default="1,2,4,8")
   p.add_argument("--steps", default="2,3,5")
   p.add_argument("--activations", default="relu,softplus")
-  p.add_argument("--norms", default="fused", help="fused and/or plain (metajax.norm)")
+  p.add_argument("--norms", default="fused", help="fused and/or plain (metajax.nn.norm)")
   p.add_argument("--filters", type=int, default=4)
   p.add_argument("--tol", type=float, default=1e-9)
   p.add_argument("--json", default=None, help="write every cell there (atomically)")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     row = {}
     for loop, how in PAIRS:
       fn = grad_fn(True if loop == "unrolled" else 1)
-      jitted = jax.jit(fn) if how == "jax.jit" else mj.xla.jit(fn)
+      jitted = jax.jit(fn) if how == "jax.jit" else mj.platform.xla.jit(fn)
       row[f"{loop} {how}"] = rel(jitted(params), ref)
     cells.append({"net": net, "activation": act, "norm": norm, "tasks": num_tasks,
                   "steps": steps, "seed": i, **row})

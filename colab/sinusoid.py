@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 import metajax as mj
-from metajax import pretrain
+from metajax.algorithms import pretrain
 
 from tqdm.auto import trange  # a metajax dependency
 
@@ -77,7 +77,7 @@ LOG_EVERY = 5 if SMOKE else 250
 # ## Training both initialisations on the same tasks
 #
 # MAML's step is `metajax.make_meta_step` (second order, one inner step, MSE); the pre-training
-# step is `metajax.pretrain.make_pretrain_step` on the support and query points of the same
+# step is `metajax.algorithms.pretrain.make_pretrain_step` on the support and query points of the same
 # meta-batch pooled into one regression minibatch (`pretrain.tasks_to_batch`).
 
 # %%

@@ -34,9 +34,9 @@
 #
 # This notebook (1) trains MAML with and without the zeroing trick, first- and second-order, on
 # the same tasks and plots test accuracy along training; (2) splits the encoder gradient into its
-# contrastive part and its noise with `metajax.theory.decompose_encoder_gradient`, and (3) tracks
+# contrastive part and its noise with `metajax.analysis.theory.decompose_encoder_gradient`, and (3) tracks
 # how similar the encoder's features of same-class and different-class images become
-# (`metajax.theory.feature_similarity`).
+# (`metajax.analysis.theory.feature_similarity`).
 
 # %% [markdown]
 # ## Install
@@ -160,15 +160,15 @@ learners = {
 # * **test accuracy** after `TEST_INNER_STEPS` inner steps on held-out characters
 #   (`metajax.evaluate_tasks`; the test-time inner loop is the same for first- and second-order
 #   learners);
-# * **the gradient split** on fixed training tasks: `metajax.theory.decompose_encoder_gradient`
+# * **the gradient split** on fixed training tasks: `metajax.analysis.theory.decompose_encoder_gradient`
 #   gives the encoder gradient as contrastive part + noise. It is exact for the head-only inner
 #   loop of the theory (ANIL); we evaluate it at the parameters each MAML run has reached. With the
 #   zeroing trick and one inner step the noise is 0 up to round-off (to train the ANIL learners
-#   themselves and take the same measurements, see `metajax.gradient_noise.measure_during_training`
+#   themselves and take the same measurements, see `metajax.analysis.gradient_noise.measure_during_training`
 #   and `experiments/gradient_noise.py`);
 # * **feature similarity**: the mean cosine similarity of the encoder features of same-class and
 #   of different-class pairs of images in the held-out episodes
-#   (`metajax.gradient_noise.task_feature_similarity`, over `metajax.theory.feature_similarity`).
+#   (`metajax.analysis.gradient_noise.task_feature_similarity`, over `metajax.analysis.theory.feature_similarity`).
 
 # %%
 test_learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=TEST_INNER_STEPS,
@@ -178,14 +178,14 @@ evaluate = jax.jit(functools.partial(mj.evaluate_tasks, test_learner))
 
 @functools.partial(jax.jit, static_argnames="first_order")
 def gradient_split(start_params, tasks, first_order):
-  split = mj.theory.decompose_encoder_gradient(
+  split = mj.analysis.theory.decompose_encoder_gradient(
     model.features, start_params, tasks, inner_lr=INNER_LR, loss="cross_entropy",
     first_order=first_order)
   return {k: split[k] for k in ("cosine", "total_norm", "contrastive_norm", "noise_norm")}
 
 
 class_similarity = jax.jit(
-  functools.partial(mj.gradient_noise.task_feature_similarity, model.features))
+  functools.partial(mj.analysis.gradient_noise.task_feature_similarity, model.features))
 
 
 def measure(learner, meta_params, step):

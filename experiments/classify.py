@@ -14,7 +14,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax import classify, runtime, train
+from metajax.experiment import classify, train
+from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
 _SUPPORT = flags.DEFINE_string("support_dir", None, "One sub-folder of images per class.")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax import checkpoint, runtime, train
+from metajax.experiment import checkpoint, train
+from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
 _SPLIT = flags.DEFINE_string("split", "test", "Class split the tasks come from.")

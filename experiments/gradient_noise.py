@@ -4,7 +4,7 @@ For each variant (fo, so: first/second order; fo_zero, so_zero: with the zeroing
 ANIL MAML (one inner step) on the "kao" training characters and, every --measure_every steps on
 fixed tasks, records the cosine between the MAML encoder gradient and its pure contrastive part,
 the noise norm, the same/different-class feature similarity of held-out episodes and the test
-accuracy (metajax.gradient_noise). Writes <workdir>/gradient_noise.json after every measurement
+accuracy (metajax.analysis.gradient_noise). Writes <workdir>/gradient_noise.json after every measurement
 (atomically) and <workdir>/gradient_noise.png after every variant, then prints a summary.
 
   python experiments/gradient_noise.py --workdir=workdirs/gradient_noise_long \
@@ -34,8 +34,9 @@ import optax
 from absl import app, flags
 
 import metajax as mj
-from metajax import data, runtime
-from metajax import gradient_noise as gn
+from metajax import data
+from metajax.platform import runtime
+from metajax.analysis import gradient_noise as gn
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the JSON and the PNG go.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Omniglot archives (default: "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax import metrics
+from metajax.experiment import metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its metrics.jsonl).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the PNGs go (default: <workdir>/plots).")

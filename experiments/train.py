@@ -11,9 +11,9 @@ Rerunning the same command in the same --workdir resumes from its newest checkpo
 
 --config.algorithm: maml, fomaml, anil, metasgd, reptile, protonet (--config.train_ways for
 higher-way training), umtra, pretrain, simclr, supcon (--config.pretrain_eval); see
-`metajax.build.ALGORITHMS` and the named configs in experiments/configs/omniglot.py.
+`metajax.experiment.build.ALGORITHMS` and the named configs in experiments/configs/omniglot.py.
 
-All the logic is in `metajax.train.train_and_evaluate`, importable in notebooks.
+All the logic is in `metajax.experiment.train.train_and_evaluate`, importable in notebooks.
 """
 
 import sys
@@ -21,7 +21,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from metajax import runtime, train
+from metajax.experiment import train
+from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here; "
                                "rerunning in the same workdir resumes.")

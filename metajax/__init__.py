@@ -12,28 +12,32 @@ The public API, re-exported from its modules:
 - the family: `Reptile`, `make_reptile_step`, `ProtoNet`
 - types: `Task`
 
-Submodules: `metajax.data` (Omniglot, mini-ImageNet, sinusoid tasks, episode samplers),
-`metajax.theory` (MAML's encoder gradient as a noisy contrastive loss, Kao et al.),
-`metajax.conv` (the fast im2col convolution used on CPU), `metajax.sharding` (tasks over a device
-mesh), `metajax.pretrain` and `metajax.contrastive_pretrain` (joint and contrastive pre-training
-baselines), `metajax.augment` (random affine transforms), `metajax.umtra` (unsupervised tasks),
-`metajax.gradient_noise` (measuring MAML's gradient noise during training), `metajax.runtime`
-(re-executing a script with glibc's huge-page malloc, which makes XLA:CPU steps 1.5-2x faster),
-`metajax.xla` (`jit` with the compiler options that keep XLA:CPU's meta-gradients correct),
-`metajax.norm` (the models' batch-statistics BatchNorm with its compact derivative).
+Subpackages, by kind:
+
+- `metajax.algorithms`: Reptile, Prototypical Networks, pre-training baselines (joint and
+  contrastive) beside MAML;
+- `metajax.nn`: the networks (Conv-4, Kao et al.'s net, MLP, your own encoder) and their layers
+  (the im2col convolution, batch-statistics BatchNorm);
+- `metajax.data`: Omniglot, mini-ImageNet and sinusoid tasks, episode samplers, augmentation,
+  UMTRA's unsupervised tasks;
+- `metajax.analysis`: MAML's encoder gradient as a noisy contrastive loss (Kao et al.), and its
+  noise measured during training;
+- `metajax.platform`: `xla.jit` (the compiler options that keep XLA:CPU's meta-gradients
+  correct), start-up settings, sharding over devices;
+- `metajax.experiment` (imported on demand): configs to objects, the training loop, checkpoints,
+  metric writers, used by the binaries in `experiments/`.
 """
 
-from metajax import (augment, contrastive_pretrain, conv, data, gradient_noise, norm, pretrain,
-                     runtime, sharding, theory, umtra, xla)
+from metajax import algorithms, analysis, data, nn, platform
 from metajax.contrastive import batch_hard_triplet, info_nce, supcon, triplet
 from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
 from metajax.inner import adapt
 from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
 from metajax.meta import (MAML, MetaState, MetaStep, compile_step, make_meta_step, map_tasks,
                           meta_loss, with_zeroing)
-from metajax.protonet import ProtoNet
-from metajax.reptile import Reptile, make_reptile_step
-from metajax.models import Model, conv4, kao_conv, mlp, model_from_encoder
+from metajax.algorithms.protonet import ProtoNet
+from metajax.algorithms.reptile import Reptile, make_reptile_step
+from metajax.nn.models import Model, conv4, kao_conv, mlp, model_from_encoder
 from metajax.types import Task
 from metajax.variants import encoder_mask, head_mask, zero_head
 
@@ -49,18 +53,16 @@ __all__ = [
   "Task",
   "accuracy",
   "adapt",
-  "augment",
+  "algorithms",
+  "analysis",
   "batch_hard_triplet",
   "compile_step",
-  "contrastive_pretrain",
-  "conv",
   "conv4",
   "cross_entropy",
   "data",
   "encoder_mask",
   "evaluate",
   "evaluate_tasks",
-  "gradient_noise",
   "head_mask",
   "info_nce",
   "kao_conv",
@@ -72,15 +74,13 @@ __all__ = [
   "meta_loss",
   "mlp",
   "model_from_encoder",
-  "pretrain",
   "mse",
   "mse_onehot",
-  "sharding",
+  "nn",
+  "platform",
   "summarize",
   "supcon",
-  "theory",
   "triplet",
-  "umtra",
   "with_zeroing",
   "zero_head",
 ]

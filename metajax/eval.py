@@ -9,8 +9,8 @@ import jax
 import numpy as np
 
 from metajax import losses as losses_lib
-from metajax import xla
-from metajax.meta import MAML, MetaParams, TaskMap, _is_classification, map_tasks
+from metajax.platform import xla
+from metajax.meta import MAML, MetaParams, TaskMap, is_classification, map_tasks
 from metajax.types import Array, ArrayLike, Task
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -31,7 +31,7 @@ def evaluate_tasks(learner: MAML, meta_params: MetaParams, tasks: Task, *,
     after = learner.apply_fn(adapted, task.query_x)
     out = {"loss_before": learner.loss(before, task.query_y),
            "loss_after": learner.loss(after, task.query_y)}
-    if _is_classification(task.query_y):
+    if is_classification(task.query_y):
       out["accuracy_before"] = losses_lib.accuracy(before, task.query_y)
       out["accuracy_after"] = losses_lib.accuracy(after, task.query_y)
     return out

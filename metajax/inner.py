@@ -108,8 +108,8 @@ def adapt(
       Unrolled, XLA skips the loop's stacked copies of each step's residuals (W5 and W20 13-17%
       faster on CPU, `docs/BENCHMARKS.md`); rolled (the default), the program and its compile
       time stay the same size however many steps. Compile unrolled steps with
-      `metajax.xla.jit`: plain `jax.jit` miscompiles unrolled second-order Conv-4
-      meta-gradients on CPU (jaxlib 0.10.2, `metajax.xla`); rolled is right under either.
+      `metajax.platform.xla.jit`: plain `jax.jit` miscompiles unrolled second-order Conv-4
+      meta-gradients on CPU (jaxlib 0.10.2, `metajax.platform.xla`); rolled is right under either.
     return_losses: also return the support loss before each step, `[num_inner_steps]`.
 
   Returns:

@@ -24,7 +24,7 @@ import optax
 
 from metajax import inner as inner_lib
 from metajax import losses as losses_lib
-from metajax import xla
+from metajax.platform import xla
 from metajax.types import ApplyFn, Array, Params, PyTree, Task
 
 TaskMap = Literal["vmap", "map"] | int
@@ -50,7 +50,7 @@ class MAML:
       or a `jax.checkpoint_policies` policy (see `metajax.adapt`).
     unroll: inner steps per iteration of the inner loop's `lax.scan` (True: all); see
       `metajax.adapt`. None (the default): rolled, except in `make_meta_step`'s step, which
-      compiles with `metajax.xla.jit` and unrolls up to `MAX_AUTO_UNROLL` steps (fastest
+      compiles with `metajax.platform.xla.jit` and unrolls up to `MAX_AUTO_UNROLL` steps (fastest
       measured; plain `jax.jit` miscompiles unrolled Conv-4 meta-gradients on CPU).
     learn_inner_lr: None (fixed), "tensor" (one learned lr per param tensor) or "element" (one per
       parameter entry, Meta-SGD); the learned lrs start at `inner_lr`.
@@ -115,7 +115,7 @@ class MAML:
     outputs = self.apply_fn(adapted, task.query_x)
     loss = self.loss(outputs, task.query_y)
     metrics = {"inner/support_loss": inner_losses[0], "outer/query_loss": loss}
-    if _is_classification(task.query_y):
+    if is_classification(task.query_y):
       metrics["outer/query_accuracy"] = losses_lib.accuracy(outputs, task.query_y)
     return loss, metrics
 
@@ -131,7 +131,8 @@ def with_zeroing(learner: MAML) -> MAML:
   return dataclasses.replace(learner, params_transforms=(*learner.params_transforms, zero_head))
 
 
-def _is_classification(y: Array) -> bool:
+def is_classification(y: Array) -> bool:
+  """True for integer labels (classification), False for float targets (regression)."""
   return jnp.issubdtype(jnp.result_type(y), jnp.integer)
 
 
@@ -215,7 +216,7 @@ def make_meta_step(learner: MAML, optimizer: optax.GradientTransformation, *,
     donate: let XLA reuse the old state's buffers for the new state (the old state must not be
       used after the call).
     shardings: optional `(state_sharding, tasks_sharding)` for `jax.jit`'s `in_shardings`, e.g.
-      tasks sharded over a device mesh along the task axis (see `metajax.sharding`).
+      tasks sharded over a device mesh along the task axis (see `metajax.platform.sharding`).
 
   Returns:
     A `MetaStep(init, step, steps)`. `step` returns metrics averaged over tasks, plus
@@ -240,11 +241,12 @@ def make_meta_step(learner: MAML, optimizer: optax.GradientTransformation, *,
     metrics = {**metrics, "outer/loss": loss, "outer/grad_norm": optax.tree.norm(grads)}
     return MetaState(params, opt_state, state.step + 1), metrics
 
-  check = functools.partial(_check_first_batch, learner, [])
+  check = functools.partial(check_first_batch, learner, [])
   return compile_step(init, step, check, jit=jit, donate=donate, shardings=shardings)
 
 
-def _check_first_batch(learner: Any, checked: list, state: MetaState, tasks: Task) -> None:
+def check_first_batch(learner: Any, checked: list, state: MetaState, tasks: Task) -> None:
+  """Checks a meta-batch's shapes, and its label values once (`checked` remembers it)."""
   check_tasks(tasks, batched=True)
   if not checked:  # values need a host sync: check them once, on the first batch
     check_labels(learner, state.params, tasks)
@@ -267,7 +269,7 @@ def compile_step(init: Callable[[MetaParams], MetaState],
     init: `init(params) -> MetaState`.
     step: the pure update `(state, batch) -> (state, metrics)`.
     check: validates a batch on the host before the call (`steps` passes its first meta-batch).
-    jit: compile with `metajax.xla.jit`; False returns `step` as is (and `steps` as a Python
+    jit: compile with `metajax.platform.xla.jit`; False returns `step` as is (and `steps` as a Python
       loop), for debugging and op-by-op reference results.
     donate: let XLA reuse the old state's buffers for the new state.
     shardings: optional `(state_sharding, batch_sharding)`; `steps` shards its stacked batches
@@ -390,7 +392,7 @@ def check_tasks(tasks: Task, *, batched: bool) -> None:
 
 def check_labels(learner: MAML, meta_params: MetaParams, tasks: Task) -> None:
   """For integer labels, checks they lie in `[0, num_outputs)` of the model (a host sync)."""
-  if not _is_classification(tasks.support_y):
+  if not is_classification(tasks.support_y):
     return
   params = learner.model_params(meta_params)
   # two dummy examples: BatchNorm with batch statistics needs a batch

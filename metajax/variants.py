@@ -23,7 +23,7 @@ def _check_split(params: Params) -> None:
   if not isinstance(params, dict) or HEAD not in params:
     keys = list(params) if isinstance(params, dict) else type(params).__name__
     raise ValueError(f"params must be a dict with a {HEAD!r} entry (the linear head), got {keys}; "
-                     "build models with metajax.models or metajax.models.model_from_encoder")
+                     "build models with metajax.nn.models or metajax.nn.models.model_from_encoder")
 
 
 def zero_head(params: Params) -> Params:

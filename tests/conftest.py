@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metajax import runtime as _runtime
+from metajax.platform import runtime as _runtime
 
 # The test processes (pytest-xdist's workers are started after this module is imported) and the
 # binaries they launch use the malloc the binaries re-execute themselves with
-# (metajax.runtime): the same code paths, and the suite's big jitted steps run faster.
+# (metajax.platform.runtime): the same code paths, and the suite's big jitted steps run faster.
 os.environ.update(_runtime.hugepage_environ(os.environ))
 
 OMNIGLOT_DIR_ENV = "METAJAX_OMNIGLOT_DIR"

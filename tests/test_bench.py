@@ -48,7 +48,7 @@ def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
   assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
   assert len(results["meta"]["load_start"]) == 3
   # The subprocess environment is the one recorded, and --hugepages=auto adds the tunable only
-  # where metajax.runtime says it helps on this machine.
+  # where metajax.platform.runtime says it helps on this machine.
   recorded = results["meta"]["glibc_tunables"]
   assert envs and all(e.get("GLIBC_TUNABLES", "") == recorded for e in envs)
   assert recorded == bench.runtime.hugepage_environ(os.environ).get("GLIBC_TUNABLES", "")
@@ -166,12 +166,12 @@ def _reproducer():
 
 
 def test_miscompile_reproducer_runs(capsys):
-  """benchmarks/xla_cpu_miscompile.py prints eager / jax.jit / metajax.xla.jit rows; on the MLP
+  """benchmarks/xla_cpu_miscompile.py prints eager / jax.jit / metajax.platform.xla.jit rows; on the MLP
   (which XLA compiles correctly either way) they all agree with the eager gradient."""
   assert _reproducer().main(["--net=mlp"]) == 0
   rows = capsys.readouterr().out.strip().splitlines()[1:]
   assert [r.split()[:2] for r in rows] == [[k, h] for k in ("rolled", "unrolled")
-                                          for h in ("eager", "jax.jit", "metajax.xla.jit")]
+                                          for h in ("eager", "jax.jit", "metajax.platform.xla.jit")]
   assert all(float(r.split()[2]) < 1e-5 for r in rows)
 
 
@@ -205,7 +205,7 @@ def test_miscompile_reproducer_max_pool_case(capsys):
   assert _reproducer().main(["--case=max_pool"]) == 0
   rows = [r.split() for r in capsys.readouterr().out.strip().splitlines()[1:]]
   assert [r[:2] for r in rows] == [[k, h] for k in ("argmax-pool", "jnp.max-pool")
-                                  for h in ("eager", "jax.jit", "metajax.xla.jit")]
+                                  for h in ("eager", "jax.jit", "metajax.platform.xla.jit")]
   assert all(float(r[2]) < 1e-12 for r in rows[:3])
   assert float(rows[3][2]) == 0.0 and float(rows[5][2]) < 1e-12
 

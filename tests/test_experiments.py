@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metajax import checkpoint, train
+from metajax.experiment import checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from absl import app
 
-from metajax import checkpoint, metrics
+from metajax.experiment import checkpoint, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ The data is read from `--config.data_dir` or `$METAJAX_MINIIMAGENET_DIR` (see
 First-order MAML (`--config.algorithm=fomaml`): 48.07 +- 1.75 and 63.15 +- 0.91 in the paper.
 """
 
-from metajax.build import default_config
+from metajax.experiment.build import default_config
 
 
 def get_config(variant: str = "5way1shot"):

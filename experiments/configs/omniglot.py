@@ -1,7 +1,7 @@
 """Omniglot configs: the MAML paper (Finn et al. 2017), Kao et al.'s zeroing trick, smoke, readme.
 
 Pick one with `--config=experiments/configs/omniglot.py:<name>`; override any field with
-`--config.<field>=<value>` (fields: `metajax.build.default_config`). The data is read from
+`--config.<field>=<value>` (fields: `metajax.experiment.build.default_config`). The data is read from
 `--config.data_dir` or `$METAJAX_OMNIGLOT_DIR` (the folder of `images_background.zip` and
 `images_evaluation.zip`).
 
@@ -77,7 +77,7 @@ readme: the README's quick start: first-order MAML with the zeroing trick, kao_c
   (`--config.zeroing=False`) the same run gives 72.95 +- 1.04 %.
 """
 
-from metajax.build import default_config
+from metajax.experiment.build import default_config
 
 VARIANTS = ("5way1shot", "5way5shot", "20way1shot", "20way5shot", "kao5way1shot",
             "kao5way1shot_zeroing", "kao5way5shot", "kao5way5shot_zeroing", "reptile5way1shot",

@@ -11,7 +11,7 @@ fitted curve follows the true sinusoid, and the loss keeps falling over 10 test 
 Variants: `default` (the paper), `smoke` (a few steps, for tests and CI).
 """
 
-from metajax.build import default_config
+from metajax.experiment.build import default_config
 
 
 def get_config(variant: str = "default"):

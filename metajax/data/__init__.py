@@ -2,7 +2,9 @@
 
 Files -> `ClassPool` (host numpy, cached on disk): `load_omniglot`, `omniglot_split`,
 `load_tfds_omniglot`, `load_miniimagenet`. Pool -> episodes on device: `make_episode_sampler`,
-`sample_meta_batch`. Synthetic tasks: `make_sinusoid_sampler`, `sample_sinusoid`.
+`sample_meta_batch`. Synthetic tasks: `make_sinusoid_sampler`, `sample_sinusoid`. Submodules
+`augment` (random affine transforms of image batches) and `umtra` (unsupervised tasks from
+unlabelled images, Hsu et al.'s UMTRA) work on those pools.
 """
 
 from metajax.data import omniglot as _omniglot
@@ -41,6 +43,8 @@ from metajax.data.sinusoid import (
 )
 from metajax.data.tfds_omniglot import load_tfds_omniglot, prepare_tfds_omniglot
 
+from metajax.data import augment, umtra  # noqa: E402 - they build on the pools above
+
 OMNIGLOT_ARCHIVES = _omniglot.ARCHIVES
 OMNIGLOT_PUBLISHED_COUNTS = _omniglot.PUBLISHED_COUNTS
 OMNIGLOT_SPLITS = _omniglot.SPLITS
@@ -57,6 +61,7 @@ __all__ = [
   "EpisodeSampler",
   "SinusoidParams",
   "add_rotations",
+  "augment",
   "concatenate_pools",
   "find_miniimagenet_dir",
   "find_omniglot_dir",
@@ -75,5 +80,6 @@ __all__ = [
   "sample_sinusoid_params",
   "sinusoid",
   "sinusoid_task",
+  "umtra",
   "validate_episode_spec",
 ]

@@ -93,7 +93,7 @@ def find_omniglot_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
   return path
 
 
-def _find_source(root: Path, archive: str) -> Path:
+def find_source(root: Path, archive: str) -> Path:
   """Returns `root/archive.zip`, else the extracted `root/archive/`, else raises."""
   if archive not in ARCHIVES:
     raise ValueError(f"unknown Omniglot archive {archive!r}; allowed: {', '.join(ARCHIVES)}")
@@ -113,7 +113,8 @@ def _find_source(root: Path, archive: str) -> Path:
 _Entry = tuple[str, str, str, Callable[[], bytes]]
 
 
-def _zip_entries(path: Path, archive: str, zf: zipfile.ZipFile) -> Iterator[_Entry]:
+def zip_entries(path: Path, archive: str, zf: zipfile.ZipFile) -> Iterator[_Entry]:
+  """The PNG entries `(alphabet, character, file name, reader)` of an Omniglot zip."""
   for info in zf.infolist():
     parts = info.filename.split("/")
     if info.is_dir() or parts[0] != archive or len(parts) != 4 or parts[-1].startswith("."):
@@ -124,7 +125,8 @@ def _zip_entries(path: Path, archive: str, zf: zipfile.ZipFile) -> Iterator[_Ent
     yield alphabet, character, name, (lambda info=info: zf.read(info))
 
 
-def _dir_entries(path: Path) -> Iterator[_Entry]:
+def dir_entries(path: Path) -> Iterator[_Entry]:
+  """The PNG entries of an extracted Omniglot folder, in sorted order."""
   for alphabet in sorted(os.listdir(path)):
     alphabet_dir = path / alphabet
     if alphabet.startswith(".") or not alphabet_dir.is_dir():
@@ -139,7 +141,7 @@ def _dir_entries(path: Path) -> Iterator[_Entry]:
         yield alphabet, character, name, (lambda p=character_dir / name: p.read_bytes())
 
 
-def _decode(raw: bytes, where: str, image_size: int, resample: str) -> np.ndarray:
+def decode_image(raw: bytes, where: str, image_size: int, resample: str) -> np.ndarray:
   """Decodes one Omniglot PNG to a `[S, S]` uint8 image with strokes 255 on background 0."""
   try:
     with Image.open(io.BytesIO(raw)) as image:
@@ -159,10 +161,10 @@ def _read_archive(
 ) -> dict[str, np.ndarray]:
   """Reads and preprocesses one archive (zip or extracted folder) into pool arrays."""
   if source.is_dir():
-    return _read_entries(source, archive, _dir_entries(source), image_size, resample)
+    return _read_entries(source, archive, dir_entries(source), image_size, resample)
   try:
     with zipfile.ZipFile(source) as zf:
-      return _read_entries(source, archive, _zip_entries(source, archive, zf), image_size, resample)
+      return _read_entries(source, archive, zip_entries(source, archive, zf), image_size, resample)
   except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
     raise CorruptDataError(
       f"corrupt Omniglot archive {str(source)!r}: {e}; replace it with an intact copy of "
@@ -209,7 +211,7 @@ def _read_entries(
         if isinstance(e, (FileNotFoundError, PermissionError)):
           raise
         raise CorruptDataError(f"cannot read {where}/{name} from {str(source)!r}: {e}") from e
-      images[c, i] = _decode(raw, f"{where}/{name} in {str(source)!r}", image_size, resample)
+      images[c, i] = decode_image(raw, f"{where}/{name} in {str(source)!r}", image_size, resample)
     if len(ids) != 1:
       raise CorruptDataError(f"{where} in {str(source)!r} mixes character ids {sorted(ids)}")
     char_index[c] = ids.pop() - 1
@@ -272,7 +274,7 @@ def load_omniglot(
       f"image_size={image_size!r} must be a positive int (28 as in MAML, 105 native)"
     )
   image_size = int(image_size)
-  sources = [_find_source(root, archive) for archive in archives]
+  sources = [find_source(root, archive) for archive in archives]
 
   def build() -> dict[str, np.ndarray]:
     parts = [_read_archive(s, a, image_size, resample) for s, a in zip(sources, archives)]

@@ -124,7 +124,8 @@ def _to_unit_float_np(images: np.ndarray, dtype: np.dtype) -> np.ndarray:
   return images.astype(dtype)
 
 
-def _check_count(name: str, value: object, minimum: int) -> int:
+def check_count(name: str, value: object, minimum: int) -> int:
+  """`value` as an int >= `minimum`; a TypeError or ValueError naming `name` otherwise."""
   try:
     count = operator.index(value)  # accepts int and numpy ints, refuses floats and bools' kin
   except TypeError:
@@ -134,7 +135,8 @@ def _check_count(name: str, value: object, minimum: int) -> int:
   return count
 
 
-def _pool_shape(pool: ClassPool | ArrayLike | Sequence[int]) -> tuple[int, ...]:
+def pool_shape(pool: ClassPool | ArrayLike | Sequence[int]) -> tuple[int, ...]:
+  """The `[classes, per class, H, W(, C)]` shape of a pool, its images array, or a shape."""
   if isinstance(pool, ClassPool):
     return tuple(pool.images.shape)
   if isinstance(pool, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in pool):
@@ -158,9 +160,9 @@ def validate_episode_spec(
     TypeError: a count that is not an integer.
     ValueError: ways, shots or queries < 1; ways > C; shots + queries > M; a pool of rank < 3.
   """
-  ways = _check_count("ways", ways, 1)
-  shots = _check_count("shots", shots, 1)
-  queries = _check_count("queries", queries, 1)
+  ways = check_count("ways", ways, 1)
+  shots = check_count("shots", shots, 1)
+  queries = check_count("queries", queries, 1)
   if len(pool_shape) < 3:
     raise ValueError(
       f"the pool must be [classes, images_per_class, ...], got shape {tuple(pool_shape)}"
@@ -265,7 +267,7 @@ def sample_episode(
     jax.random.split(image_key, ways), per_class, shots + queries
   )  # [N, K+Q], distinct within a row
   episode = images[classes[:, None], chosen]  # [N, K+Q, H, W, D]
-  episode = _to_unit_float(episode, dtype)
+  episode = to_unit_float(episode, dtype)
   item_shape = images.shape[2:]
   support_x = episode[:, :shots].reshape((ways * shots,) + item_shape)
   query_x = episode[:, shots:].reshape((ways * queries,) + item_shape)
@@ -275,7 +277,8 @@ def sample_episode(
   return Task(support_x, support_y, query_x, query_y)
 
 
-def _to_unit_float(x: Array, dtype: jnp.dtype) -> Array:
+def to_unit_float(x: Array, dtype: jnp.dtype) -> Array:
+  """uint8 pixels to `dtype` in [0, 1]; floating inputs are only cast."""
   if jnp.issubdtype(x.dtype, jnp.integer):
     return x.astype(dtype) * jnp.asarray(1.0 / 255.0, dtype)
   return x.astype(dtype)
@@ -304,7 +307,7 @@ def make_episode_sampler(
   Raises:
     ValueError / TypeError: as `validate_episode_spec`.
   """
-  ways, shots, queries = validate_episode_spec(_pool_shape(pool), ways, shots, queries)
+  ways, shots, queries = validate_episode_spec(pool_shape(pool), ways, shots, queries)
 
   def sample(key: PRNGKey, images: ArrayLike) -> Task:
     return sample_episode(key, images, ways=ways, shots=shots, queries=queries, dtype=dtype)
@@ -327,6 +330,6 @@ def sample_meta_batch(
   Returns:
     A `Task` whose fields have a leading axis of size `num_tasks`.
   """
-  num_tasks = _check_count("num_tasks", num_tasks, 1)
+  num_tasks = check_count("num_tasks", num_tasks, 1)
   keys = jax.random.split(key, num_tasks)
   return jax.vmap(sample, in_axes=(0,) + (None,) * len(args))(keys, *args)

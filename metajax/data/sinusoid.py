@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metajax.data.samplers import _check_count
+from metajax.data.samplers import check_count
 from metajax.types import Array, ArrayLike, PRNGKey, Task
 
 AMPLITUDE_RANGE = (0.1, 5.0)
@@ -82,8 +82,8 @@ def sinusoid_task(
     `Task(support_x [K, 1], support_y [K, 1], query_x [Q, 1], query_y [Q, 1])`, with
     `y = amplitude * sin(x - phase)`.
   """
-  shots = _check_count("shots", shots, 1)
-  queries = _check_count("queries", queries, 1)
+  shots = check_count("shots", shots, 1)
+  queries = check_count("queries", queries, 1)
   low, high = _check_range("input_range", input_range)
   x = jax.random.uniform(key, (shots + queries, 1), dtype, low, high)
   y = sinusoid(x, params).astype(dtype)
@@ -129,8 +129,8 @@ def make_sinusoid_sampler(
   Raises:
     ValueError / TypeError: shots or queries not an int >= 1, or a range with low > high.
   """
-  shots = _check_count("shots", shots, 1)
-  queries = _check_count("queries", queries, 1)
+  shots = check_count("shots", shots, 1)
+  queries = check_count("queries", queries, 1)
   for name, bounds in (
     ("amplitude_range", amplitude_range),
     ("phase_range", phase_range),

@@ -66,7 +66,7 @@ def _builder_class() -> type:
 
     def _split_generators(self, dl_manager):
       sources = {
-        split: omniglot_lib._find_source(self._archive_dir, archive)
+        split: omniglot_lib.find_source(self._archive_dir, archive)
         for split, archive in SPLIT_TO_ARCHIVE.items()
       }
       alphabets, label_names = set(), {}
@@ -117,11 +117,11 @@ def _examples(
       yield alphabet, character_id, label, name, (reader() if read else None)
 
   if source.is_dir():
-    yield from from_entries(list(omniglot_lib._dir_entries(source)))
+    yield from from_entries(list(omniglot_lib.dir_entries(source)))
     return
   try:
     with zipfile.ZipFile(source) as zf:
-      yield from from_entries(list(omniglot_lib._zip_entries(source, archive, zf)))
+      yield from from_entries(list(omniglot_lib.zip_entries(source, archive, zf)))
   except (zipfile.BadZipFile, EOFError) as e:
     raise CorruptDataError(f"corrupt Omniglot archive {str(source)!r}: {e}") from e
 
@@ -241,7 +241,7 @@ def _pool_arrays(builder: Any, split: str, image_size: int, resample: str) -> di
   for c, (alphabet, character, label) in enumerate(keys):
     for i, record in enumerate(by_label[label]):
       where = f"TFDS omniglot {split!r} {alphabet}/{character} image {i}"
-      images[c, i] = omniglot_lib._decode(bytes(record["image"]), where, image_size, resample)
+      images[c, i] = omniglot_lib.decode_image(bytes(record["image"]), where, image_size, resample)
   return {
     "images": images[..., None],
     "alphabet": np.array([k[0] for k in keys]),

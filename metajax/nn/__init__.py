@@ -1,0 +1,12 @@
+"""Networks and the layers they are built from, as pure `init` / `apply` pairs.
+
+- `models`: Conv-4 (`conv4`), Kao et al.'s Omniglot network (`kao_conv`), an MLP, and
+  `model_from_encoder` for your own Flax encoder; parameters are `{"encoder": ..., "head": ...}`.
+- `conv`: convolution as patches + matmul (im2col), exact, and much faster than XLA's grouped
+  convolutions on CPU under `vmap` over tasks; the 2x2 max-pool with a one-argmax derivative.
+- `norm`: BatchNorm with the batch's statistics (as MAML normalises), with a compact JVP rule.
+"""
+
+from metajax.nn import conv, models, norm
+
+__all__ = ["conv", "models", "norm"]

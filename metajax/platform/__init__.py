@@ -1,0 +1,13 @@
+"""What metajax does about the machine it runs on; the math does not depend on it.
+
+- `xla`: `jit` with the compiler options metajax's steps compile with (on XLA:CPU, the guard
+  against the miscompiles of second-order meta-gradients in `docs/xla_cpu.md`), and
+  `eager_mismatch` to check a compiled function against op-by-op execution.
+- `runtime`: start-up settings of the process (glibc's huge-page malloc for XLA:CPU's large step
+  buffers).
+- `sharding`: the meta-batch's tasks over a device mesh, parameters replicated.
+"""
+
+from metajax.platform import runtime, sharding, xla
+
+__all__ = ["runtime", "sharding", "xla"]

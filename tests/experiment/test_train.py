@@ -1,0 +1,404 @@
+"""Tests of the training loop (`metajax.experiment.train`) and of config building (`metajax.experiment.build`).
+
+Mechanics are tested in-process on the sinusoid smoke config (a tiny MLP compiles in a second);
+the binaries on real Omniglot are in test_experiments.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metajax.experiment import build, checkpoint, metrics, train
+from metajax.meta import MAML
+from metajax.algorithms.protonet import ProtoNet
+from metajax.algorithms.reptile import Reptile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_config(name: str, variant: str):
+  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "experiments/configs" /
+                                                f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def sinusoid_config(**overrides):
+  config = load_config("sinusoid", "smoke")
+  config.eval_every, config.test_num_tasks = 0, 0  # no evaluation: fewer compilations
+  config.update(overrides)
+  return config
+
+
+def final_state(workdir: Path) -> dict:
+  state_dict, _, _ = checkpoint.read_latest(workdir / train.CHECKPOINT_DIR)
+  return state_dict
+
+
+def assert_trees_bitwise_equal(a, b):
+  flat_a = jax.tree_util.tree_leaves_with_path(a)
+  flat_b = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("name, variants", [
+  ("omniglot", ("5way1shot", "5way5shot", "20way1shot", "20way5shot", "kao5way1shot",
+                "kao5way1shot_zeroing", "kao5way5shot", "kao5way5shot_zeroing", "reptile5way1shot",
+                "reptile5way5shot", "protonet5way1shot", "protonet5way5shot", "protonet20way1shot",
+                "protonet20way5shot", "umtra5way1shot", "smoke", "reptile_smoke",
+                "protonet_smoke", "umtra_smoke", "pretrain5way1shot", "simclr5way1shot",
+                "supcon5way1shot", "pretrain_smoke", "simclr_smoke", "supcon_smoke", "readme")),
+  ("miniimagenet", ("5way1shot", "5way5shot")),
+  ("sinusoid", ("default", "smoke")),
+])
+def test_every_config_is_valid(name, variants):
+  for variant in variants:
+    build.validate_config(load_config(name, variant))
+
+
+def test_kao_config_matches_the_paper():
+  c = load_config("omniglot", "kao5way1shot_zeroing")
+  assert (c.model, c.split, c.rotations, c.meta_batch_size, c.meta_lr, c.inner_lr) == (
+    "kao_conv", "kao", False, 32, 1e-3, 0.4)
+  assert (c.num_inner_steps, c.eval_num_inner_steps, c.num_steps) == (2, 3, 3000)
+  assert (c.algorithm, c.zeroing) == ("fomaml", True)
+
+
+@pytest.mark.parametrize("overrides, message", [
+  ({"algorithm": "reptyle"}, "algorithm='reptyle' is not one of"),
+  ({"ways": 1}, "ways=1 must be an int >= 2"),
+  ({"eval_num_inner_steps": 0}, "eval_num_inner_steps=0 must be an int >= 1"),
+  ({"shots": 5, "queries": 16}, "shots + queries = 5 + 16 is more than the 20 images"),
+  ({"ways": 500}, "ways=500 is more than the 423 classes"),
+  ({"model": "resnet"}, "model='resnet' is not one of"),
+  ({"dataset": "cifar"}, "dataset='cifar' is not one of"),
+  ({"task_map": "vmapp"}, "task_map must be"),
+  ({"split": "finn", "eval_split": "test", "rotations": True}, None),
+  ({"split": "kao", "eval_split": "val"}, "eval_split='val' is not a split"),
+  ({"inner_lr": -0.1}, "inner_lr=-0.1 must be a positive number"),
+  ({"train_ways": 20}, "train_ways=20 differs from ways=5, which algorithm='fomaml' does not"),
+  ({"algorithm": "protonet", "train_ways": 20}, None),
+  ({"algorithm": "protonet", "train_ways": 3}, "train_ways=3 is less than ways=5"),
+  ({"algorithm": "protonet", "train_ways": 2000}, "train_ways=2000 is more than the 1200 classes"),
+  ({"train_ways": -1}, "train_ways=-1 must be an int >= 0"),
+])
+def test_validate_config(overrides, message):
+  config = load_config("omniglot", "smoke")
+  config.update(overrides)
+  if message is None:
+    build.validate_config(config)
+    return
+  with pytest.raises(build.ConfigError, match=message.replace("+", r"\+")):
+    build.validate_config(config)
+
+
+def test_validate_config_lists_every_problem():
+  config = load_config("omniglot", "smoke")
+  config.update(algorithm="nope", ways=1, eval_num_inner_steps=0)
+  with pytest.raises(build.ConfigError) as info:
+    build.validate_config(config)
+  assert str(info.value).count("\n  - ") == 3
+
+
+def test_bad_config_fails_before_anything_is_written(tmp_path):
+  config = sinusoid_config(algorithm="nope")
+  with pytest.raises(build.ConfigError, match="algorithm"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_fails_before_anything_is_written(tmp_path):
+  config = load_config("omniglot", "smoke")
+  config.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere.*--config.data_dir"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_field_is_an_error(tmp_path):
+  with pytest.raises(build.ConfigError, match="unknown config fields \\['num_step'\\]"):
+    train.train_and_evaluate({**sinusoid_config().to_dict(), "num_step": 3}, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file"])
+def test_unwritable_workdir(tmp_path, kind):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  workdir = blocker if kind == "file" else blocker / "run"
+  with pytest.raises((PermissionError, NotADirectoryError), match="workdir"):
+    train.train_and_evaluate(sinusoid_config(), workdir)
+
+
+@pytest.mark.parametrize("algorithm, zeroing", [
+  ("maml", False), ("fomaml", True), ("anil", False), ("anil", True), ("metasgd", False)])
+def test_build_learner(algorithm, zeroing):
+  config = load_config("omniglot", "smoke")
+  config.update(algorithm=algorithm, zeroing=zeroing)
+  model = build.build_model(config)
+  learner = build.build_learner(config, model, num_inner_steps=5)
+  assert isinstance(learner, MAML)
+  assert learner.num_inner_steps == 5
+  assert learner.first_order == (algorithm == "fomaml")
+  assert (learner.adapt_mask is not None) == (algorithm == "anil")
+  assert (learner.learn_inner_lr == "element") == (algorithm == "metasgd")
+  assert len(learner.params_transforms) == int(zeroing)
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "umtra"])
+def test_classification_only_algorithms_refuse_regression(algorithm):
+  with pytest.raises(build.ConfigError, match=f"algorithm='{algorithm}' needs a classification"):
+    build.validate_config(sinusoid_config(algorithm=algorithm))
+
+
+def test_sinusoid_pretraining_fine_tunes_every_parameter(tmp_path):
+  """Finn et al.'s baseline: one optimiser step on the MSE of the pooled support and query points
+  of the sampled tasks, then plain fine-tuning of the whole network (no fresh head, nothing
+  masked) at test time; and the binary's loop runs it."""
+  config = sinusoid_config(algorithm="pretrain", num_steps=4, log_every=2)
+  model = build.build_model(config)
+  learner = build.build_learner(config, model, num_inner_steps=3)
+  assert isinstance(learner, MAML)
+  assert learner.first_order and learner.adapt_mask is None and not learner.params_transforms
+  assert learner.num_inner_steps == 3
+  meta_step = build.build_meta_step(config, model, learner)
+  source = build.load_task_sources(config, ("train",))["train"]
+  tasks = build.sample_tasks(source, jax.random.split(jax.random.key(1), config.meta_batch_size))
+  params = model.init(jax.random.key(0))
+  state = meta_step.init(params)
+  new_state, step_metrics = meta_step.step(state, tasks)
+  x = np.concatenate([np.reshape(tasks.support_x, (-1, 1)), np.reshape(tasks.query_x, (-1, 1))])
+  y = np.concatenate([np.reshape(tasks.support_y, (-1, 1)), np.reshape(tasks.query_y, (-1, 1))])
+  loss, grads = jax.value_and_grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
+  optimizer = build.build_optimizer(config)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  chex.assert_trees_all_close(new_state.params, optax.apply_updates(params, updates), rtol=1e-5,
+                              atol=1e-6)
+  np.testing.assert_allclose(step_metrics["outer/loss"], loss, rtol=1e-5)
+  result = train.train_and_evaluate(config, tmp_path, print_fn=lambda line: None)
+  assert result["step"] == 4 and np.isfinite(result["outer/loss"])
+
+
+@pytest.mark.parametrize("algorithm, serial, learner_type, step_module", [
+  ("reptile", False, Reptile, "metajax.algorithms.reptile"), ("reptile", True, Reptile, "metajax.algorithms.reptile"),
+  ("protonet", False, ProtoNet, "metajax.meta"), ("umtra", False, MAML, "metajax.meta")])
+def test_build_new_algorithms(algorithm, serial, learner_type, step_module):
+  config = load_config("omniglot", "smoke")
+  config.update(algorithm=algorithm, reptile_serial=serial, zeroing=True)
+  if algorithm == "protonet":
+    config.train_ways = 10
+  model = build.build_model(config)
+  learner = build.build_learner(config, model, num_inner_steps=5)
+  assert type(learner) is learner_type
+  assert len(learner.params_transforms) == 1  # zeroing composes with every learner
+  if algorithm == "protonet":
+    assert learner.num_classes == 10  # one learner for 10-way training and 5-way tests
+  else:
+    assert learner.num_inner_steps == 5
+  meta_step = build.build_meta_step(config, model, learner, jit=False)
+  assert meta_step.step.__module__ == step_module
+
+
+@pytest.mark.parametrize("algorithm, pretrain_eval, learner_type, outputs", [
+  ("pretrain", "", MAML, 1200), ("pretrain", "linear_probe", MAML, 1200),
+  ("simclr", "", ProtoNet, 5), ("supcon", "finetune", MAML, 5)])
+def test_build_pretraining_algorithms(algorithm, pretrain_eval, learner_type, outputs):
+  config = load_config("omniglot", "smoke")
+  config.update(algorithm=algorithm, pretrain_eval=pretrain_eval)
+  model = build.build_model(config)
+  params = model.init(jax.random.key(0))
+  assert all(x.shape[-1] == outputs for x in jax.tree.leaves(params["head"]))
+  learner = build.build_learner(config, model, num_inner_steps=3)
+  assert type(learner) is learner_type
+  if learner_type is MAML:  # a fresh zero 5-way head, whatever head was trained
+    head = learner.model_params(learner.init(params))["head"]
+    assert all(x.shape[-1] == 5 and not np.any(x) for x in jax.tree.leaves(head))
+    assert (learner.adapt_mask is not None) == (pretrain_eval == "linear_probe")
+  assert build.build_meta_step(config, model, learner, jit=False).step.__module__ == (
+    "metajax.algorithms.pretrain")
+
+
+def test_parse_task_map():
+  assert build.parse_task_map("vmap") == "vmap"
+  assert build.parse_task_map("8") == 8
+  assert build.parse_task_map(4) == 4
+  with pytest.raises(ValueError):
+    build.parse_task_map("0")
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def test_loop_writes_metrics_checkpoints_and_results(tmp_path):
+  lines = []
+  config = sinusoid_config(eval_every=2, test_num_tasks=3, eval_num_tasks=3, eval_batch_size=2,
+                           keep_checkpoints=2)
+  result = train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
+  assert result["step"] == 4
+  assert np.isfinite(result["test/loss_after"]) and "test/loss_after_ci95" in result
+  assert result["test/loss_after"] < result["test/loss_before"]
+  assert json.loads((tmp_path / train.RESULTS_FILE).read_text())["step"] == 4
+  assert checkpoint.all_steps(tmp_path / train.CHECKPOINT_DIR) == [3, 4]
+  records = metrics.read_metrics(tmp_path)
+  names = set().union(*records)
+  assert {"outer/loss", "outer/grad_norm", "inner/support_loss", "eval/loss_after",
+          "test/loss_after"} <= names
+  assert [r["step"] for r in records if "outer/loss" in r] == [1, 2, 3, 4]
+  if importlib.util.find_spec("tensorboardX"):
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  progress = [line for line in lines if line.startswith("step ")]
+  assert progress[-1].startswith("step 4/4 (100%)") and "steps/s" in progress[-1]
+  assert "ETA" in progress[-1] and "outer/loss" in progress[-1]
+
+
+def test_resume_is_bit_exact(tmp_path):
+  uninterrupted = tmp_path / "uninterrupted"
+  train.train_and_evaluate(sinusoid_config(num_steps=4), uninterrupted, print_fn=lambda _: None)
+  resumed = tmp_path / "resumed"
+  train.train_and_evaluate(sinusoid_config(num_steps=2), resumed, print_fn=lambda _: None)
+  lines = []
+  train.train_and_evaluate(sinusoid_config(num_steps=4), resumed, print_fn=lines.append)
+  assert any("resuming from checkpoint step 2" in line for line in lines)
+  assert_trees_bitwise_equal(final_state(uninterrupted), final_state(resumed))
+  # metrics of the resumed run continue the file without duplicates
+  steps = [r["step"] for r in metrics.read_metrics(resumed) if "outer/loss" in r]
+  assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("log_every, checkpoint_every, eval_every, limit, expected", [
+  (100, 1_000, 1_000, 5, 5), (50, 250, 250, 5, 5), (25, 100, 0, 4, 1), (1, 1, 2, 5, 1),
+  (6, 12, 0, 4, 3), (6, 12, 0, 1, 1),
+])
+def test_steps_per_call_divides_every_interval(log_every, checkpoint_every, eval_every, limit,
+                                               expected):
+  config = sinusoid_config(log_every=log_every, checkpoint_every=checkpoint_every,
+                           eval_every=eval_every, steps_per_call=limit)
+  assert train.steps_per_call(config) == expected
+
+
+def test_several_steps_per_call_train_the_same_steps(tmp_path):
+  # 3 steps per call (log every 3) against one step per call: the same tasks, the same updates.
+  runs = {}
+  for k in (1, 3):
+    lines = []
+    config = sinusoid_config(num_steps=6, log_every=3, checkpoint_every=6, steps_per_call=k)
+    runs[k] = train.train_and_evaluate(config, tmp_path / f"k{k}", print_fn=lines.append)
+    assert any(line.startswith("first 3 steps (one call)" if k == 3 else "first step")
+               for line in lines)
+    records = [r for r in metrics.read_metrics(tmp_path / f"k{k}") if "outer/loss" in r]
+    assert [r["step"] for r in records] == [3, 6]
+  chex.assert_trees_all_close(final_state(tmp_path / "k1"), final_state(tmp_path / "k3"),
+                              rtol=1e-5, atol=1e-6)
+  assert runs[1]["outer/loss"] == pytest.approx(runs[3]["outer/loss"], rel=1e-5)
+  # A resumed multi-step run makes the same calls as an uninterrupted one: bit-exact.
+  resumed = tmp_path / "resumed"
+  train.train_and_evaluate(sinusoid_config(num_steps=3, log_every=3, checkpoint_every=3,
+                                           steps_per_call=3), resumed, print_fn=lambda _: None)
+  train.train_and_evaluate(sinusoid_config(num_steps=6, log_every=3, checkpoint_every=3,
+                                           steps_per_call=3), resumed, print_fn=lambda _: None)
+  assert_trees_bitwise_equal(final_state(tmp_path / "k3"), final_state(resumed))
+
+
+def test_resume_with_another_config_is_an_error(tmp_path):
+  train.train_and_evaluate(sinusoid_config(num_steps=1), tmp_path, print_fn=lambda _: None)
+  with pytest.raises(build.ConfigError, match="hidden: \\[8, 8\\] in the checkpoint, \\[4, 4\\]"):
+    train.train_and_evaluate(sinusoid_config(num_steps=2, hidden=(4, 4)), tmp_path)
+
+
+def test_checkpoint_of_another_model_shape_is_an_error(tmp_path):
+  # a checkpoint whose arrays do not fit its config's model (e.g. written by other code)
+  config = sinusoid_config(num_steps=2)
+  other = train.train_and_evaluate(sinusoid_config(num_steps=1, hidden=(4, 4)), tmp_path / "o",
+                                   print_fn=lambda _: None)
+  del other
+  state_dict, _, _ = checkpoint.read_latest(tmp_path / "o" / train.CHECKPOINT_DIR)
+  checkpoint.save(tmp_path / "run" / train.CHECKPOINT_DIR, 1, state_dict,
+                  config=train.config_to_dict(config))
+  with pytest.raises(checkpoint.CheckpointError, match="shape \\(4,\\) float32 in the checkpoint, "
+                     "\\(8,\\) float32 in this model"):
+    train.train_and_evaluate(config, tmp_path / "run", print_fn=lambda _: None)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  # SGD with a huge meta-lr: step 1's loss is finite but its update blows the weights up to ~1e30,
+  # so the meta-loss of step 2 is not finite.
+  config = sinusoid_config(num_steps=4, optimizer="sgd", meta_lr=1e30, log_every=4)
+  with pytest.raises(train.NonFiniteError, match="at step 2: training stopped; the last good "
+                     "checkpoint is step 1"):
+    train.train_and_evaluate(config, tmp_path, print_fn=lambda _: None)
+  ckpt_dir = tmp_path / train.CHECKPOINT_DIR
+  assert checkpoint.all_steps(ckpt_dir) == [1]
+  state_dict, _, step = checkpoint.read_latest(ckpt_dir)
+  assert step == 1
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state_dict))
+  assert not (tmp_path / train.RESULTS_FILE).exists()
+
+
+def test_evaluator_tasks_do_not_depend_on_batch_size():
+  config = sinusoid_config()
+  model = build.build_model(config)
+  learner = build.build_learner(config, model)
+  params = model.init(jax.random.key(0))
+  source = build.load_task_sources(config, ("test",))["test"]
+  key = jax.random.key(7)
+  a = train.make_evaluator(learner, source, num_tasks=5, batch_size=2, key=key)(params)
+  b = train.make_evaluator(learner, source, num_tasks=5, batch_size=5, key=key)(params)
+  assert a["loss_after"].shape == (5,)
+  np.testing.assert_allclose(a["loss_after"], b["loss_after"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- algorithms on Omniglot
+
+
+def omniglot_smoke(variant, omniglot_dir, omniglot_cache_dir, **overrides):
+  config = load_config("omniglot", variant)
+  config.update(data_dir=str(omniglot_dir), cache_dir=str(omniglot_cache_dir), eval_every=0,
+                **overrides)
+  return config
+
+
+@pytest.mark.parametrize("variant, overrides", [
+  ("protonet_smoke", {}), pytest.param("umtra_smoke", {}, marks=pytest.mark.slow),
+  ("pretrain_smoke", {}),
+  pytest.param("supcon_smoke", {"pretrain_eval": "linear_probe"}, marks=pytest.mark.slow)])
+def test_algorithm_smoke_config(variant, overrides, omniglot_dir, omniglot_cache_dir,
+                                omniglot_pool, tmp_path):
+  """One step of the algorithm's smoke config on real Omniglot, then the test evaluation.
+  (simclr_smoke differs from supcon_smoke only in its objective, tested in
+  test_contrastive_pretrain.py; its wiring in test_build_pretraining_algorithms.)"""
+  del omniglot_pool  # only requested so that the cache is warm
+  config = omniglot_smoke(variant, omniglot_dir, omniglot_cache_dir, num_steps=1, **overrides)
+  result = train.train_and_evaluate(config, tmp_path, print_fn=lambda _: None)
+  assert result["step"] == 1 and np.isfinite(result["outer/loss"])
+  assert 0.0 <= result["test/accuracy_after"] <= 1.0
+  assert checkpoint.all_steps(tmp_path / train.CHECKPOINT_DIR) == [1]
+
+
+def test_reptile_smoke_config_resumes(omniglot_dir, omniglot_cache_dir, omniglot_pool, tmp_path):
+  """Serial Reptile's own meta-step: one step, then a resumed second one and the test
+  evaluation (its checkpoint is the shared MetaState)."""
+  del omniglot_pool
+  config = omniglot_smoke("reptile_smoke", omniglot_dir, omniglot_cache_dir, num_steps=1,
+                          test_num_tasks=0)
+  assert train.train_and_evaluate(config, tmp_path, print_fn=lambda _: None)["step"] == 1
+  lines = []
+  config.update(num_steps=2, test_num_tasks=4)
+  result = train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
+  assert any("resuming from checkpoint step 1" in line for line in lines)
+  assert result["step"] == 2 and np.isfinite(result["outer/grad_norm"])
+  assert 0.0 <= result["test/accuracy_after"] <= 1.0
