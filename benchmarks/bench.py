@@ -1,4 +1,4 @@
-"""metajax benchmark suite (issue 9): seconds per outer step, compile time, memory and FLOP rate.
+"""metajax benchmark suite: seconds per outer step, compile time, memory and FLOP rate.
 
 Every number comes from the library's default path: `metajax.conv4` / `metajax.kao_conv`,
 `metajax.MAML`, `metajax.make_meta_step` (the jitted step it builds is lowered and compiled
@@ -23,7 +23,7 @@ What is measured, per workload, each in its own fresh subprocess:
     steps run in one compiled call (`MetaStep.steps`, a lax.scan over K stacked meta-batches;
     the baselines alike): then ceil(reps / K) calls (at least 2) are timed after ceil(warmup /
     K), and each call's time / K is one entry of `times`. Each call is `block_until_ready`-ed.
-    `--steps_per_call=1` times single-step calls, as before session 10.
+    `--steps_per_call=1` times single-step calls (one compiled call per outer step).
   * compile: `jit(...).lower(...)` and `.compile()` wall times (seconds).
   * GFLOP: XLA `cost_analysis()["flops"]`. XLA counts the body of a while loop once, whatever its
     trip count, so the inner-loop `lax.scan` of W5/W20/WP would be under-counted. We count on a
@@ -194,8 +194,7 @@ def _remat(value):
 
 
 def _build(w: Workload, spec: dict):
-  """-> (jitted step of the library, init state, tasks, a vmap/unrolled twin for FLOP counting)."""
-  import inspect
+  """-> (the library's MetaStep, init state, tasks, a vmap/unrolled twin for FLOP counting)."""
 
   import jax
   import jax.numpy as jnp
@@ -215,7 +214,6 @@ def _build(w: Workload, spec: dict):
   params = model.init(jax.random.key(0))
   tasks = _synthetic_tasks(w, meta_batch, queries)
   optimizer = optax.adam(1e-3)
-  per_task = bool(spec.get("params_per_task", False))
 
   if w.mode == "fwdbwd":
     # The same network over the same images, no inner loop: per task, one batch of its
@@ -230,9 +228,6 @@ def _build(w: Workload, spec: dict):
         p, opt_state = state
 
         def loss_fn(p):
-          if per_task:  # see --params_per_task
-            pb = _broadcast_per_task(p, tasks)
-            return jnp.mean(jax.vmap(task_loss)(pb, tasks))
           return jnp.mean(metajax.map_tasks(functools.partial(task_loss, p), tasks, tm))
 
         loss, grads = jax.value_and_grad(loss_fn)(p)
@@ -242,11 +237,11 @@ def _build(w: Workload, spec: dict):
       return step
 
     state = (jax.tree.map(jnp.array, params), optimizer.init(params))
-    # Compiled as the library compiles its steps (metajax.compile_step: metajax.platform.xla.jit, and the
-    # same K-steps-per-call scan), for a like-for-like ratio.
+    # Compiled as the library compiles its steps (metajax.compile_step: metajax.platform.xla.jit and
+    # the same K-steps-per-call scan), for a like-for-like ratio.
     compiled = metajax.compile_step(lambda p: None, make_step(task_map))
     twin = jax.jit(make_step("vmap"))
-    return compiled.step.jitted, state, tasks, twin, {"steps": compiled.steps.jitted}
+    return compiled, state, tasks, twin, {"steps": compiled}
 
   learner = metajax.MAML(
     model.apply, metajax.cross_entropy, num_inner_steps=inner_steps, inner_lr=w.inner_lr,
@@ -254,57 +249,22 @@ def _build(w: Workload, spec: dict):
     adapt_mask=metajax.head_mask if w.mode == "anil" else None,
     remat=_remat(spec.get("remat", False)),
     **({} if spec.get("unroll") is None else {"unroll": spec["unroll"] or True}))
-  if per_task:
-    # Prototype of a proposed library change (not the library's path): the meta-params are
-    # broadcast to one copy per task *before* vmap, so every task's network runs with batched
-    # (per-task) weights from the first inner step on; the broadcast's transpose sums the
-    # per-task gradients. Without it, vmap keeps the shared initial weights unbatched and the
-    # first inner step runs as one big batch of all tasks' images (im2col patches of all
-    # 32x80 images at once).
-    def step(state, tasks):
-      def loss_fn(meta_params):
-        losses, _ = jax.vmap(learner.task_loss)(_broadcast_per_task(meta_params, tasks), tasks)
-        return jnp.mean(losses)
-
-      loss, grads = jax.value_and_grad(loss_fn)(state.params)
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      return (metajax.MetaState(optax.apply_updates(state.params, updates), opt_state,
-                                state.step + 1), {"outer/loss": loss})
-
-    state = metajax.MetaState(jax.tree.map(jnp.array, params), optimizer.init(params),
-                              jnp.zeros((), jnp.int32))
-    return metajax.platform.xla.jit(step, donate_argnums=(0,)), state, tasks, jax.jit(step), None
-
   shardings = None
   mesh = None
   if spec.get("devices", 1) > 1:
     mesh = metajax.platform.sharding.task_mesh()
     shardings = metajax.platform.sharding.meta_step_shardings(mesh)
   meta_step = metajax.make_meta_step(learner, optimizer, task_map=task_map, shardings=shardings)
-  # The library's own jitted step (what `meta_step.step` calls after its input checks); see the
-  # report's proposal to expose it as `meta_step.jitted`.
-  jitted = getattr(meta_step.step, "jitted", None) or \
-    inspect.getclosurevars(meta_step.step).nonlocals["compiled"]
   state = meta_step.init(params)
   if mesh is not None:
     state = metajax.platform.sharding.replicate(state, mesh)
     tasks = metajax.platform.sharding.shard_tasks(tasks, mesh)
-  # FLOP-counting twin: the same step, unjitted (jit=False gives the plain step function behind
-  # the input checks), with tasks vmapped, jitted here only to be lowered.
-  twin = jax.jit(inspect.getclosurevars(
-    metajax.make_meta_step(learner, optimizer, task_map="vmap", jit=False).step
-  ).nonlocals["compiled"])
+  # FLOP-counting twin: the same pure update (`MetaStep.update`, no input checks) with tasks
+  # vmapped, jitted here only to be lowered.
+  twin = jax.jit(metajax.make_meta_step(learner, optimizer, task_map="vmap", jit=False).update)
   extra = {"meta_step": meta_step, "learner": learner, "optimizer": optimizer, "params": params,
-           "mesh": mesh, "steps": None if mesh is not None else meta_step.steps.jitted}
-  return jitted, state, tasks, twin, extra
-
-
-def _broadcast_per_task(params, tasks):
-  import jax
-  import jax.numpy as jnp
-
-  num_tasks = tasks.support_x.shape[0]
-  return jax.tree.map(lambda p: jnp.broadcast_to(p, (num_tasks, *jnp.shape(p))), params)
+           "mesh": mesh, "steps": None if mesh is not None else meta_step}
+  return meta_step, state, tasks, twin, extra
 
 
 def _count_flops_unrolled(twin, state, tasks) -> float | None:
@@ -365,12 +325,12 @@ def run_step_worker(spec: dict) -> dict:
     spec = {**TINY, **spec}
   out: dict = {"workload": spec["workload"], "spec": spec, "load_before": os.getloadavg(),
                "devices": jax.device_count(), "backend": jax.default_backend()}
-  jitted, state, tasks, twin, extra = _build(w, spec)
+  meta_step, state, tasks, twin, extra = _build(w, spec)
   jax.block_until_ready((state, tasks))
   rss_before_compile = _proc_status().get("VmRSS", 0) / 1024.0
 
   t0 = time.perf_counter()
-  lowered = jitted.lower(state, tasks)
+  lowered = meta_step.lower(state, tasks)  # exactly the program `meta_step.step` runs
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -399,7 +359,7 @@ def run_step_worker(spec: dict) -> dict:
   if k > 1:
     tasks = jax.tree.map(lambda x: jax.numpy.stack([x] * k), tasks)
     t3 = time.perf_counter()
-    compiled = multi.lower(state, tasks).compile()
+    compiled = multi.lower(state, tasks, stacked=True).compile()
     out["compile_steps_s"] = time.perf_counter() - t3
     calls, warm_calls = max(2, -(-spec["reps"] // k)), -(-spec["warmup"] // k)
   else:
@@ -752,10 +712,6 @@ def main(argv: list[str] | None = None) -> int:
                       "them; the baselines alike); default: the training config's default; 1: "
                       "one step per call")
   p.add_argument("--nobaseline", action="store_true", help="skip the fwd+bwd baselines")
-  p.add_argument("--params_per_task", action="store_true",
-                 help="prototype (not the library's path): broadcast the meta-params to one copy "
-                      "per task before vmap (applies to the baselines too); measured no faster "
-                      "than the library's W1 in a same-process A/B (benchmarks/README.md)")
   p.add_argument("--nodata", action="store_true", help="skip the data-path benchmark")
   p.add_argument("--data", action="store_true", help="run the data-path benchmark")
   p.add_argument("--torch_python", default=None,
@@ -816,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             "task_map": args.task_map,
             "reps": reps, "warmup": warmup, "tiny": args.tiny,
             "steps_per_call": args.steps_per_call,
-            "params_per_task": args.params_per_task}
+}
   results: dict = {
     "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
@@ -825,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
              "steps_per_call": args.steps_per_call,
              "remat": args.remat,
              "task_map": args.task_map, "tiny": args.tiny,
-             "params_per_task": args.params_per_task, "hugepages": args.hugepages,
+             "hugepages": args.hugepages,
              "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "preload": args.preload,
              "thp_mode": runtime.thp_mode(),
              "timing": "median of `reps` outer steps after `warmup` untimed ones, each in its own "

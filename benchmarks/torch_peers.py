@@ -1,4 +1,4 @@
-"""PyTorch peers of the metajax benchmark workloads (issue 9), for `benchmarks/bench.py`.
+"""PyTorch peers of the metajax benchmark workloads, for `benchmarks/bench.py`.
 
 Three idiomatic PyTorch MAML implementations of the same workloads, CPU, `torch.set_num_threads(2)`:
 

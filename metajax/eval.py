@@ -10,13 +10,13 @@ import numpy as np
 
 from metajax import losses as losses_lib
 from metajax.platform import xla
-from metajax.meta import MAML, MetaParams, TaskMap, is_classification, map_tasks
-from metajax.types import Array, ArrayLike, Task
+from metajax.meta import TaskMap, is_classification, map_tasks
+from metajax.types import Array, ArrayLike, Learner, MetaParams, Task
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
-def evaluate_tasks(learner: MAML, meta_params: MetaParams, tasks: Task, *,
+def evaluate_tasks(learner: Learner, meta_params: MetaParams, tasks: Task, *,
                    task_map: TaskMap = "vmap") -> dict[str, Array]:
   """Per-task query metrics before and after adaptation on each task's support set.
 
@@ -62,7 +62,7 @@ def summarize(per_task: Mapping[str, ArrayLike]) -> dict[str, dict[str, float]]:
   return out
 
 
-def evaluate(learner: MAML, meta_params: MetaParams, tasks: Task, *,
+def evaluate(learner: Learner, meta_params: MetaParams, tasks: Task, *,
              task_map: TaskMap = "vmap", jit: bool = True) -> dict[str, dict[str, float]]:
   """`evaluate_tasks` then `summarize`: mean and 95% CI of each metric over the tasks."""
   fn = lambda p, t: evaluate_tasks(learner, p, t, task_map=task_map)  # noqa: E731

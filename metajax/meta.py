@@ -6,16 +6,16 @@ state. Everything that changes during training lives in `MetaState` and is threa
     model = metajax.conv4(num_classes=5)
     learner = metajax.MAML(model.apply, metajax.cross_entropy, num_inner_steps=1, inner_lr=0.4)
     learner = metajax.with_zeroing(learner)              # optional: Kao et al.'s zeroing trick
-    init, step = metajax.make_meta_step(learner, optax.adam(1e-3))
-    state = init(model.init(key))
-    state, metrics = step(state, tasks)                  # tasks: a Task with a leading task axis
+    meta_step = metajax.make_meta_step(learner, optax.adam(1e-3))
+    state = meta_step.init(model.init(key))
+    state, metrics = meta_step.step(state, tasks)        # tasks: a Task with a leading task axis
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +25,10 @@ import optax
 from metajax import inner as inner_lib
 from metajax import losses as losses_lib
 from metajax.platform import xla
-from metajax.types import ApplyFn, Array, Params, PyTree, Task
+from metajax.types import ApplyFn, Array, Learner, MetaParams, Params, Task
 
 TaskMap = Literal["vmap", "map"] | int
-MetaParams = Any  # the pytree the outer optimiser updates (model params, maybe inner lrs)
+L = TypeVar("L", bound=Learner)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ class MAML:
     return loss, metrics
 
 
-def with_zeroing(learner: MAML) -> MAML:
+def with_zeroing(learner: L) -> L:
   """Kao et al.'s zeroing trick: the head is 0 at the start of every inner loop and at test time.
 
   Because the head is zeroed inside the differentiated function, its outer gradient is 0 and the
@@ -178,22 +178,36 @@ class MetaState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class MetaStep:
-  """The outer update as functions; unpacks as `init, step = make_meta_step(...)`.
+  """The outer update as functions, built by `make_meta_step` or `compile_step`.
 
   Attributes:
     init: `init(params) -> MetaState`.
-    step: `step(state, tasks) -> (state, metrics)`, one outer step.
+    step: `step(state, tasks) -> (state, metrics)`, one outer step (inputs checked, compiled).
     steps: `steps(state, tasks) -> (state, metrics)` for tasks stacked along a new leading axis
       of K meta-batches: K outer steps, in order, in one compiled call (`lax.scan` of `step`);
-      metrics get the same leading axis. None where a builder does not provide it.
+      metrics get the same leading axis.
+    update: the pure outer update `(state, tasks) -> (state, metrics)` that `step` compiles, with
+      no input checks: to compose into a program of your own (`jax.jit`, `lax.scan`, ...).
   """
 
   init: Callable[[MetaParams], MetaState]
   step: Callable[[MetaState, Task], tuple[MetaState, dict[str, Array]]]
-  steps: Callable[[MetaState, Task], tuple[MetaState, dict[str, Array]]] | None = None
+  steps: Callable[[MetaState, Task], tuple[MetaState, dict[str, Array]]]
+  update: Callable[[MetaState, Any], tuple[MetaState, dict[str, Array]]]
+  # The jitted programs behind `step` and `steps` (None without jit), for `lower`.
+  _jitted: tuple[Any, Any] = dataclasses.field(default=(None, None), repr=False, compare=False)
 
-  def __iter__(self):  # `init, step = make_meta_step(...)`
-    return iter((self.init, self.step))
+  def lower(self, state: MetaState, tasks: Any, *, stacked: bool = False) -> Any:
+    """Ahead-of-time lowering of the compiled program of `step` (or, `stacked`, of `steps`).
+
+    Returns a `jax.stages.Lowered` (`.compile()`, `.cost_analysis()`, `.as_text()`), for
+    compile times, FLOP counts and memory analysis of exactly the program `step` runs.
+    """
+    jitted = self._jitted[1 if stacked else 0]
+    if jitted is None:
+      raise ValueError("this MetaStep was built with jit=False: there is no compiled program to "
+                       "lower")
+    return jitted.lower(state, tasks)
 
 
 # `make_meta_step` unrolls inner loops of up to this many steps when the learner leaves `unroll`
@@ -202,7 +216,7 @@ class MetaStep:
 MAX_AUTO_UNROLL = 5
 
 
-def make_meta_step(learner: MAML, optimizer: optax.GradientTransformation, *,
+def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
                    task_map: TaskMap = "vmap", jit: bool = True, donate: bool = True,
                    shardings: tuple[Any, Any] | None = None) -> MetaStep:
   """Builds the outer update: `value_and_grad` of `meta_loss`, then an optax update.
@@ -219,7 +233,7 @@ def make_meta_step(learner: MAML, optimizer: optax.GradientTransformation, *,
       tasks sharded over a device mesh along the task axis (see `metajax.platform.sharding`).
 
   Returns:
-    A `MetaStep(init, step, steps)`. `step` returns metrics averaged over tasks, plus
+    A `MetaStep(init, step, steps, update)`. `step` returns metrics averaged over tasks, plus
     `outer/grad_norm`; `steps` runs K steps over K stacked meta-batches in one call (faster on
     CPU, see `compile_step`).
   """
@@ -245,7 +259,7 @@ def make_meta_step(learner: MAML, optimizer: optax.GradientTransformation, *,
   return compile_step(init, step, check, jit=jit, donate=donate, shardings=shardings)
 
 
-def check_first_batch(learner: Any, checked: list, state: MetaState, tasks: Task) -> None:
+def check_first_batch(learner: Learner, checked: list, state: MetaState, tasks: Task) -> None:
   """Checks a meta-batch's shapes, and its label values once (`checked` remembers it)."""
   check_tasks(tasks, batched=True)
   if not checked:  # values need a host sync: check them once, on the first batch
@@ -314,9 +328,8 @@ def compile_step(init: Callable[[MetaParams], MetaState],
       check(state, jax.tree.map(lambda x: x[0], batches))
     return compiled_steps(state, batches)
 
-  checked_step.jitted = compiled  # the jitted object, for .lower()/.compile() in benchmarks
-  checked_steps.jitted = compiled_steps
-  return MetaStep(init=init, step=checked_step, steps=checked_steps)
+  return MetaStep(init=init, step=checked_step, steps=checked_steps, update=step,
+                  _jitted=(compiled, compiled_steps) if jit else (None, None))
 
 
 def _stack_length(batches: Any) -> int:
@@ -390,7 +403,7 @@ def check_tasks(tasks: Task, *, batched: bool) -> None:
                      f"support_y {sy} and query_y {qy}")
 
 
-def check_labels(learner: MAML, meta_params: MetaParams, tasks: Task) -> None:
+def check_labels(learner: Learner, meta_params: MetaParams, tasks: Task) -> None:
   """For integer labels, checks they lie in `[0, num_outputs)` of the model (a host sync)."""
   if not is_classification(tasks.support_y):
     return
@@ -404,7 +417,3 @@ def check_labels(learner: MAML, meta_params: MetaParams, tasks: Task) -> None:
       raise ValueError(f"{name} has labels in [{labels.min()}, {labels.max()}], outside [0, "
                        f"{num_classes}) for a model with {num_classes} outputs")
 
-
-def tree_size(tree: PyTree) -> int:
-  """Number of scalars in a pytree."""
-  return int(sum(np.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))

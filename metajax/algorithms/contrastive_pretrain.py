@@ -9,10 +9,10 @@ are learners for `metajax.evaluate_tasks`:
     model = metajax.conv4(num_classes=5)
     augment = metajax.data.augment.make_affine_augment()
     sample = make_class_batch_sampler(pool, classes_per_batch=128, images_per_class=2)
-    init, step = make_pretrain_step(simclr_objective(model.features, augment), optax.adam(1e-3),
-                                    key=train_key)                 # or supcon_objective
-    state = init(model.init(key))
-    state, metrics = step(state, sample(batch_key, images))
+    pretrain_step = make_pretrain_step(simclr_objective(model.features, augment),
+                                       optax.adam(1e-3), key=train_key)   # or supcon_objective
+    state = pretrain_step.init(model.init(key))
+    state, metrics = pretrain_step.step(state, sample(batch_key, images))
     metajax.evaluate_tasks(prototype_learner(model, ways=5), state.params, tasks)
     metajax.evaluate_tasks(linear_probe_learner(model, metajax.cross_entropy, num_inner_steps=50,
                                                 inner_lr=0.5), state.params, tasks)

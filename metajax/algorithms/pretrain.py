@@ -9,10 +9,10 @@ evaluation goes through `metajax.evaluate_tasks` unchanged:
     # classification: C-way pre-training, then a fresh (zero) 5-way head fitted per task
     big = metajax.conv4(num_classes=C)
     sample = make_class_batch_sampler(pool, classes_per_batch=64, images_per_class=2)
-    init, step = make_pretrain_step(supervised_objective(big.apply, metajax.cross_entropy),
-                                    optax.adam(1e-3))
-    state = init(big.init(key))
-    state, metrics = step(state, sample(batch_key, images))
+    pretrain_step = make_pretrain_step(supervised_objective(big.apply, metajax.cross_entropy),
+                                       optax.adam(1e-3))
+    state = pretrain_step.init(big.init(key))
+    state, metrics = pretrain_step.step(state, sample(batch_key, images))
     small = metajax.conv4(num_classes=5)
     learner = finetune_learner(small.apply, metajax.cross_entropy, num_inner_steps=10,
                                inner_lr=0.1, fresh_head=True)     # zeroing trick: head = 0
@@ -154,7 +154,7 @@ def make_pretrain_step(objective: Objective, optimizer: optax.GradientTransforma
     donate: let XLA reuse the old state's buffers.
 
   Returns:
-    `MetaStep(init, step)` with the `MetaState` of `metajax.make_meta_step`; metrics
+    `MetaStep` (`init`, `step`, `steps`) with the `MetaState` of `metajax.make_meta_step`; metrics
     `outer/loss`, `outer/grad_norm` and the objective's own.
   """
   root = jax.random.key(0) if key is None else key

@@ -2,12 +2,12 @@
 
 "Adapting" to a task means computing its class prototypes, the mean support embedding of each
 class; a query's logits are its negative squared Euclidean distances to the prototypes. The
-learner follows the protocol of `metajax.MAML` (`init`, `model_params`, `adapt`, `apply_fn`,
-`loss`, `task_loss`), so the episodic meta-step and the evaluation work unchanged:
+learner implements `metajax.types.Learner` (`init`, `model_params`, `adapt`, `apply_fn`, `loss`,
+`task_loss`), so the episodic meta-step and the evaluation work unchanged:
 
     model = metajax.conv4(num_classes=5)                   # its head is unused by ProtoNet
     learner = ProtoNet(model.features, num_classes=5)
-    init, step = metajax.make_meta_step(learner, optax.adam(1e-3))
+    meta_step = metajax.make_meta_step(learner, optax.adam(1e-3))
     metajax.evaluate_tasks(learner, state.params, tasks)   # "before" = chance, see model_params
 
 The adapted params are the dict `{"params": model params, "prototypes": [N, D],

@@ -10,10 +10,10 @@ differentiated through the inner loop, so there are no second-order terms by con
 and takes any optax inner optimiser (the paper uses Adam with beta1 = 0):
 
     learner = Reptile(model.apply, metajax.cross_entropy, num_inner_steps=5, inner_lr=1e-3)
-    init, step = make_reptile_step(learner, optax.sgd(1.0))           # batched: vmap over tasks
-    init, step = make_reptile_step(learner, optax.sgd(1.0), serial=True)   # the serial algorithm
-    state = init(model.init(key))
-    state, metrics = step(state, tasks)
+    reptile_step = make_reptile_step(learner, optax.sgd(1.0))        # batched: vmap over tasks
+    reptile_step = make_reptile_step(learner, optax.sgd(1.0), serial=True)  # the serial algorithm
+    state = reptile_step.init(model.init(key))
+    state, metrics = reptile_step.step(state, tasks)
 
 Its `task_loss` is the surrogate `1/2 |theta - stop_gradient(theta')|^2`, whose gradient is the
 pseudo-gradient: `metajax.make_meta_step(learner, opt)` is therefore batched Reptile too (tested
@@ -142,8 +142,8 @@ def make_reptile_step(learner: Reptile, optimizer: optax.GradientTransformation,
     donate: let XLA reuse the old state's buffers (the old state must not be used afterwards).
 
   Returns:
-    `MetaStep(init, step)`; `step(state, tasks) -> (state, metrics)` with metrics averaged over
-    tasks: `outer/loss` (= `outer/query_loss`, after adaptation), `outer/query_accuracy` for
+    `MetaStep` (`init`, `step`, `steps`); `step(state, tasks) -> (state, metrics)` with metrics
+    averaged over tasks: `outer/loss` (= `outer/query_loss`, after adaptation), `outer/query_accuracy` for
     labels, `inner/support_loss` (before the first inner step), `inner/support_loss_last` (before
     the last one) and `outer/grad_norm` (norm of the mean pseudo-gradient).
   """

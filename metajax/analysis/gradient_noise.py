@@ -212,13 +212,13 @@ def measure_during_training(
   steps = measurement_steps(num_steps, measure_every)
   learner = anil_learner(model.apply, variant, loss=loss, inner_lr=inner_lr,
                          num_inner_steps=num_inner_steps)
-  init, meta_step = make_meta_step(learner, meta_optimizer, jit=jit)
+  meta_step = make_meta_step(learner, meta_optimizer, jit=jit)
   measure_fn = functools.partial(measure, model, variant, loss=loss, inner_lr=inner_lr,
                                  num_inner_steps=num_inner_steps)
   sample = sample_train_tasks
   if jit:
     measure_fn, sample = xla.jit(measure_fn), jax.jit(sample_train_tasks)
-  state = init(params)
+  state = meta_step.init(params)
   pending: list[Mapping[str, Array]] = []
   for step in range(num_steps + 1):
     if step in steps:
@@ -231,7 +231,7 @@ def measure_during_training(
         pending = []
       yield record
     if step < num_steps:
-      state, metrics = meta_step(state, sample(jax.random.fold_in(train_key, step), train_data))
+      state, metrics = meta_step.step(state, sample(jax.random.fold_in(train_key, step), train_data))
       pending.append(metrics)
 
 

@@ -251,7 +251,7 @@ class LibraryStepsUseItTest(absltest.TestCase):
     tasks = mj.Task(jnp.ones((2, 4, 3)), jnp.ones((2, 4, 2)), jnp.ones((2, 5, 3)),
                     jnp.ones((2, 5, 2)))
     state = step.init(model.init(jax.random.key(0)))
-    lowering = step.step.jitted.lower(state, tasks)._lowering  # noqa: SLF001
+    lowering = step.lower(state, tasks)._lowering  # noqa: SLF001
     options = getattr(lowering, "_compiler_options_kvs", None)
     if options is None:
       self.skipTest("this jax does not expose a lowering's compiler options")
@@ -264,7 +264,7 @@ class LibraryStepsUseItTest(absltest.TestCase):
     for steps, unroll, loops in ((2, None, False), (6, None, True), (2, 1, True)):
       learner = mj.MAML(model.apply, mj.mse, num_inner_steps=steps, inner_lr=0.1, unroll=unroll)
       step = mj.make_meta_step(learner, optax.sgd(0.1))
-      hlo = step.step.jitted.lower(step.init(model.init(jax.random.key(0))), tasks).as_text()
+      hlo = step.lower(step.init(model.init(jax.random.key(0))), tasks).as_text()
       self.assertEqual("while" in hlo, loops, (steps, unroll))
 
 
