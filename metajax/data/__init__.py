@@ -9,6 +9,7 @@ unlabelled images, Hsu et al.'s UMTRA) work on those pools.
 
 from metajax.data import omniglot as _omniglot
 from metajax.data.cache import CACHE_DIR_ENV
+from metajax.data.download import DownloadError, default_omniglot_dir, download_omniglot
 from metajax.data.miniimagenet import (
   MINIIMAGENET_DIR_ENV,
   find_miniimagenet_dir,
@@ -58,11 +59,14 @@ __all__ = [
   "OMNIGLOT_SPLITS",
   "ClassPool",
   "CorruptDataError",
+  "DownloadError",
   "EpisodeSampler",
   "SinusoidParams",
   "add_rotations",
   "augment",
   "concatenate_pools",
+  "default_omniglot_dir",
+  "download_omniglot",
   "find_miniimagenet_dir",
   "find_omniglot_dir",
   "finn_character_order",

@@ -11,9 +11,11 @@ JPEGs) is done once and stored as one compressed `.npz` file. The file is
   truncated or bit-flipped cache is detected, reported with a warning and rebuilt, never used.
 
 Where it goes (`resolve_cache_dir`): an explicit `cache_dir` argument, else `$METAJAX_CACHE_DIR`,
-else the data directory itself when it is writable (and not marked read-only), else
-`~/.cache/metajax`. An explicit location wins over the data directory because a user who sets one
-wants their caches there (e.g. a shared data directory that happens to be writable).
+else the user's cache directory (`user_cache_dir()`: `$XDG_CACHE_HOME/metajax`, by default
+`~/.cache/metajax`; `~/Library/Caches/metajax` on macOS, `%LOCALAPPDATA%\\metajax` on Windows).
+Never the data folder unless it is passed as `cache_dir`: a data folder is only read, it may be
+read-only or shared between users, and what a loader left there would change what the next
+user, or the next test run, finds in it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -83,35 +85,38 @@ def make_key(**fields: Any) -> str:
   return hashlib.sha256(blob).hexdigest()
 
 
-def _marked_writable(directory: Path) -> bool:
-  """True if `directory` exists, is writable by us, and is not marked read-only (r-x for all).
+def user_cache_dir() -> Path:
+  """The platform's per-user cache directory for metajax.
 
-  `os.access` alone says yes to root on any directory; the mode bits are checked too so that a
-  directory deliberately marked read-only (like a shared data directory) is left alone.
+  `$XDG_CACHE_HOME/metajax` when that variable holds an absolute path (the XDG base directory
+  specification ignores relative ones), else `~/Library/Caches/metajax` on macOS,
+  `%LOCALAPPDATA%\\metajax` on Windows, and `~/.cache/metajax` elsewhere.
   """
-  try:
-    mode = directory.stat().st_mode
-  except OSError:
-    return False
-  return (
-    stat.S_ISDIR(mode)
-    and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    and os.access(directory, os.W_OK | os.X_OK)
-  )
+  xdg = os.environ.get("XDG_CACHE_HOME", "")
+  if xdg and os.path.isabs(xdg):
+    return Path(xdg) / "metajax"
+  if sys.platform == "darwin":
+    return Path.home() / "Library" / "Caches" / "metajax"
+  if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+    return Path(os.environ["LOCALAPPDATA"]) / "metajax"
+  return Path.home() / ".cache" / "metajax"
 
 
-def resolve_cache_dir(
-  data_dir: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
-  """Returns the directory where a cache for data in `data_dir` is kept (see module docstring)."""
-  if cache_dir is not None:
-    return Path(cache_dir)
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+  """Where caches go: `cache_dir`, else `$METAJAX_CACHE_DIR`, else `user_cache_dir()`.
+
+  Args:
+    cache_dir: an explicit directory (the only way a cache lands beside the data).
+
+  Returns:
+    The directory, `~` expanded; it may not exist yet (`save_arrays` creates it).
+  """
+  if cache_dir is not None and str(cache_dir):
+    return Path(cache_dir).expanduser()
   env = os.environ.get(CACHE_DIR_ENV)
   if env:
-    return Path(env)
-  if data_dir is not None and _marked_writable(Path(data_dir)):
-    return Path(data_dir)
-  return Path.home() / ".cache" / "metajax"
+    return Path(env).expanduser()
+  return user_cache_dir()
 
 
 def array_checksum(arrays: Mapping[str, np.ndarray]) -> str:
@@ -155,7 +160,7 @@ def save_arrays(
       np.savez_compressed(f, **payload)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache beside shared data is shared
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache dir may be shared
     os.replace(tmp, path)
   except BaseException:
     try:

@@ -253,7 +253,7 @@ def load_miniimagenet(
         csv=cache_lib.fingerprint([csv_path]),
         images=listing,
       )
-      path = cache_lib.resolve_cache_dir(root, cache_dir) / (
+      path = cache_lib.resolve_cache_dir(cache_dir) / (
         f"metajax-miniimagenet-{split}-{int(image_size)}px-{key[:16]}.npz"
       )
       pool_images = cache_lib.cached_arrays(path, key=key, build=build)["images"]

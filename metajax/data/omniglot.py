@@ -4,7 +4,12 @@ Reads the canonical archives `images_background.zip`, `images_evaluation.zip`,
 `images_background_small1.zip` and `images_background_small2.zip` (layout
 `images_*/<Alphabet>/characterNN/NNNN_DD.png`, 105x105 1-bit PNGs; NNNN the global character id
 0001-1623, DD the drawer), or directories with the same layout already extracted from them, from
-`data_dir` or `$METAJAX_OMNIGLOT_DIR`.
+`data_dir`, else `$METAJAX_OMNIGLOT_DIR`, else the folder `download=True` downloads to
+(`metajax.data.download.default_omniglot_dir()`, in the user's cache directory) when an earlier
+download put them there. The archives are published in the dataset's official repository,
+https://github.com/brendenlake/omniglot (folder `python/`); `load_omniglot(download=True)` fetches
+the missing ones and checks their published sha256 (`metajax.data.download`); nothing is ever
+downloaded unless asked.
 
 Preprocessing (as the MAML literature, version `PREPROCESSING_VERSION`): the 1-bit image is
 converted to 8-bit grey, resized to `image_size` x `image_size` with an antialiasing filter
@@ -14,7 +19,9 @@ as Finn et al.'s `resize_images.py` did (`Image.open(f).resize((28, 28), Image.L
 silently a nearest-neighbour resize: PIL ignores the filter for mode "1" images. Pass
 `resample="nearest"` to reproduce that.
 
-The result is cached (see `metajax.data.cache`): a second load takes well under a second.
+The result is cached (see `metajax.data.cache`: `$METAJAX_CACHE_DIR` or the user's cache
+directory, never the data folder unless passed as `cache_dir`): a second load takes well under a
+second.
 
 Class order of `load_omniglot`: archive by archive in the order asked for (background first by
 default), within an archive alphabets sorted, within an alphabet `characterNN` sorted; images
@@ -35,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from metajax.data import cache as cache_lib
+from metajax.data import download as download_lib
 from metajax.data.samplers import ClassPool, concatenate_pools
 
 OMNIGLOT_DIR_ENV = "METAJAX_OMNIGLOT_DIR"
@@ -71,24 +79,36 @@ class CorruptDataError(ValueError):
   """A data file exists but cannot be read: a truncated archive, an unreadable image."""
 
 
+def _how_to_get_data() -> str:
+  return (f"pass data_dir=... or set ${OMNIGLOT_DIR_ENV} to a folder holding "
+          f"{BACKGROUND}.zip and {EVALUATION}.zip (or their extracted folders; published at "
+          f"{download_lib.OMNIGLOT_URL}), or let metajax download and verify them into "
+          f"{str(download_lib.default_omniglot_dir())!r} with load_omniglot(download=True) "
+          f"(binaries: --config.download=True)")
+
+
 def find_omniglot_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-  """Returns the Omniglot directory: `data_dir`, else `$METAJAX_OMNIGLOT_DIR`.
+  """Returns the Omniglot directory: `data_dir`, else `$METAJAX_OMNIGLOT_DIR`, else the folder
+  `download=True` downloads to, when it holds the archives.
 
   Raises:
-    FileNotFoundError: if neither is given, or the directory does not exist.
+    FileNotFoundError: none of them given or there, or `data_dir` does not exist; the message
+      says how to get the data (a path, or the download).
   """
   if data_dir is None:
     env = os.environ.get(OMNIGLOT_DIR_ENV)
-    if not env:
-      raise FileNotFoundError(
-        f"no Omniglot directory given: pass data_dir=... or set ${OMNIGLOT_DIR_ENV} to a "
-        f"directory holding {', '.join(a + '.zip' for a in ARCHIVES[:2])} (or their extracted folders)"
-      )
-    data_dir = env
+    if env:
+      data_dir = env
+    else:
+      downloaded = download_lib.default_omniglot_dir()
+      if any((downloaded / f"{a}.zip").is_file() for a in ARCHIVES):
+        return downloaded
+      raise FileNotFoundError(f"no Omniglot data: {_how_to_get_data()}")
   path = Path(data_dir).expanduser()
   if not path.is_dir():
     raise FileNotFoundError(
-      f"Omniglot directory {str(path)!r} does not exist or is not a directory"
+      f"Omniglot directory {str(path)!r} does not exist or is not a directory; "
+      f"{_how_to_get_data()}"
     )
   return path
 
@@ -105,7 +125,8 @@ def find_source(root: Path, archive: str) -> Path:
     return dir_path
   raise FileNotFoundError(
     f"Omniglot archive {archive!r} not found in {str(root)!r}: expected {zip_path.name} or an "
-    f"extracted folder {archive}/"
+    f"extracted folder {archive}/ (download=True fetches the published archive; binaries: "
+    f"--config.download=True)"
   )
 
 
@@ -233,20 +254,27 @@ def load_omniglot(
   dtype: np.dtype | type | str = np.float32,
   cache_dir: str | os.PathLike[str] | None = None,
   use_cache: bool = True,
+  download: bool = False,
 ) -> ClassPool:
   """Loads Omniglot archives as one preprocessed `ClassPool` (cached on disk).
 
   Args:
     data_dir: folder holding the archives (`images_background.zip`, ...) or their extracted
-      folders; default `$METAJAX_OMNIGLOT_DIR`.
+      folders; default `$METAJAX_OMNIGLOT_DIR`, else where `download=True` puts them.
     archives: which archives, in order; any of `ARCHIVES`. The default, background then
       evaluation, is all 1623 characters (what `omniglot_split` needs).
     image_size: side of the square output images (28 as in MAML; 105 keeps the originals).
     resample: "lanczos" (default, antialiased), "box", "bilinear", or "nearest".
     dtype: float32 (values in [0, 1], strokes 1) or uint8 (values in [0, 255], 4x smaller; the
       episode samplers scale it to [0, 1]).
-    cache_dir: where to keep the cache; default as `metajax.data.cache.resolve_cache_dir`.
+    cache_dir: where to keep the decoded cache; default `$METAJAX_CACHE_DIR`, else the user's
+      cache directory (`metajax.data.cache.resolve_cache_dir`); never the data folder unless
+      named here.
     use_cache: False to neither read nor write a cache.
+    download: fetch the archives of `archives` that the folder lacks from the dataset's
+      official repository (`metajax.data.download.download_omniglot`, sha256-verified) into
+      `data_dir`, else `$METAJAX_OMNIGLOT_DIR`, else `default_omniglot_dir()` (the user's cache
+      directory). Off by default: nothing is downloaded unless asked.
 
   Returns:
     A `ClassPool` with images `[C, 20, image_size, image_size, 1]` and metadata columns
@@ -255,16 +283,20 @@ def load_omniglot(
     Class names are "<Alphabet>/characterNN".
 
   Raises:
-    FileNotFoundError: no such directory or archive.
+    FileNotFoundError: no such directory or archive (the message says how to get them).
+    metajax.data.download.DownloadError (an OSError): with `download=True`, a failed, truncated
+      or corrupted download (nothing is left behind).
     CorruptDataError (a ValueError): a truncated/corrupt archive or an unreadable image.
     ValueError: an unknown archive or resample name, or an image size that is not an int >= 1.
   """
-  root = find_omniglot_dir(data_dir)
   archives = tuple(archives)
   if not archives:
     raise ValueError(f"archives must name at least one of {', '.join(ARCHIVES)}")
   if len(set(archives)) != len(archives):
     raise ValueError(f"archives {archives} lists an archive twice")
+  if download:
+    _download_missing(data_dir, archives)
+  root = find_omniglot_dir(data_dir)
   if resample not in _RESAMPLE:
     raise ValueError(f"resample={resample!r} is not one of {', '.join(_RESAMPLE)}")
   if (
@@ -291,13 +323,26 @@ def load_omniglot(
     )
     name = f"metajax-omniglot-{'+'.join(a.removeprefix('images_') for a in archives)}"
     path = (
-      cache_lib.resolve_cache_dir(root, cache_dir)
+      cache_lib.resolve_cache_dir(cache_dir)
       / f"{name}-{image_size}px-{resample}-{key[:16]}.npz"
     )
     arrays = cache_lib.cached_arrays(path, key=key, build=build)
   else:
     arrays = build()
   return pool_from_arrays(arrays, dtype)
+
+
+def _download_missing(data_dir: str | os.PathLike[str] | None, archives: Sequence[str]) -> None:
+  """Downloads those of `archives` that the folder `load_omniglot` would read lacks."""
+  for archive in archives:
+    if archive not in ARCHIVES:
+      raise ValueError(f"unknown Omniglot archive {archive!r}; allowed: {', '.join(ARCHIVES)}")
+  folder = data_dir if data_dir is not None else os.environ.get(OMNIGLOT_DIR_ENV)
+  root = Path(folder).expanduser() if folder else download_lib.default_omniglot_dir()
+  missing = [a for a in archives
+             if not (root / f"{a}.zip").is_file() and not (root / a).is_dir()]
+  if missing:
+    download_lib.download_omniglot(root, archives=missing)
 
 
 def pool_from_arrays(arrays: dict[str, np.ndarray], dtype: np.dtype | type | str) -> ClassPool:

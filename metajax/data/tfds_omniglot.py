@@ -314,7 +314,7 @@ def load_tfds_omniglot(
       resample=resample,
       source=cache_lib.fingerprint(_dataset_files(builder, splits)),
     )
-    path = cache_lib.resolve_cache_dir(dataset_dir, cache_dir) / (
+    path = cache_lib.resolve_cache_dir(cache_dir) / (
       f"metajax-tfds-omniglot-{'+'.join(splits)}-{int(image_size)}px-{resample}-{key[:16]}.npz"
     )
     arrays = cache_lib.cached_arrays(path, key=key, build=build)

@@ -109,19 +109,29 @@ def test_fingerprint(tmp_path):
 
 def test_resolve_cache_dir(tmp_path, monkeypatch):
   monkeypatch.delenv(cache_lib.CACHE_DIR_ENV, raising=False)
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  data = tmp_path / "data"
-  data.mkdir()
-  assert cache_lib.resolve_cache_dir(data, tmp_path / "explicit") == tmp_path / "explicit"
-  assert cache_lib.resolve_cache_dir(data) == data
-  data.chmod(0o555)  # marked read-only: left alone even by root
-  try:
-    assert cache_lib.resolve_cache_dir(data) == tmp_path / "home/.cache/metajax"
-  finally:
-    data.chmod(0o755)
+  monkeypatch.setattr(cache_lib.sys, "platform", "linux")
+  assert cache_lib.resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
+  assert cache_lib.resolve_cache_dir() == tmp_path / "home/.cache/metajax"
+  assert cache_lib.resolve_cache_dir("") == tmp_path / "home/.cache/metajax"  # a config's ""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert cache_lib.resolve_cache_dir() == tmp_path / "xdg/metajax"
+  monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # ignored, as the XDG spec says
+  assert cache_lib.resolve_cache_dir() == tmp_path / "home/.cache/metajax"
   monkeypatch.setenv(cache_lib.CACHE_DIR_ENV, str(tmp_path / "env"))
-  assert cache_lib.resolve_cache_dir(data) == tmp_path / "env"
-  assert cache_lib.resolve_cache_dir(data, tmp_path / "explicit") == tmp_path / "explicit"
+  assert cache_lib.resolve_cache_dir() == tmp_path / "env"
+  assert cache_lib.resolve_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
+
+
+def test_user_cache_dir_per_platform(tmp_path, monkeypatch):
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setattr(cache_lib.sys, "platform", "darwin")
+  assert cache_lib.user_cache_dir() == tmp_path / "Library/Caches/metajax"
+  monkeypatch.setattr(cache_lib.sys, "platform", "win32")
+  monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
+  assert cache_lib.user_cache_dir() == tmp_path / "local/metajax"
 
 
 def test_make_key_is_order_independent():

@@ -20,6 +20,7 @@ from metajax.data import (
   load_omniglot,
   omniglot_split,
 )
+from metajax.data import cache as cache_lib
 from metajax.data import omniglot as omniglot_lib
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
@@ -250,34 +251,45 @@ def test_env_var_locates_data(tmp_path, fake_omniglot, monkeypatch):
     load_omniglot(archives=[BACKGROUND])
 
 
-def test_cache_next_to_writable_data_and_rebuilt_when_source_changes(
+def _listing(directory: Path) -> list[tuple[str, int, int]]:
+  """Every file under `directory` with its size and modification time."""
+  return sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in directory.rglob("*"))
+
+
+def test_cache_goes_to_the_user_cache_dir_and_is_rebuilt_when_source_changes(
   tmp_path, fake_omniglot, monkeypatch
 ):
   monkeypatch.delenv("METAJAX_CACHE_DIR", raising=False)
-  fake_omniglot(tmp_path)
-  load_omniglot(tmp_path, archives=[BACKGROUND])
-  first = sorted(tmp_path.glob("metajax-omniglot-*.npz"))
-  assert len(first) == 1
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setattr(cache_lib.sys, "platform", "linux")
+  data = tmp_path / "data"
+  fake_omniglot(data)  # a writable data folder: still only read
+  before = _listing(data)
+  load_omniglot(data, archives=[BACKGROUND])
+  assert _listing(data) == before
+  user_cache = tmp_path / "home/.cache/metajax"
+  assert len(list(user_cache.glob("metajax-omniglot-*.npz"))) == 1
   # A different source (one more alphabet) gets a different key and cache file.
-  fake_omniglot(tmp_path, alphabets=(("Alpha", 2), ("Beta", 3), ("Gamma", 1)))
-  pool = load_omniglot(tmp_path, archives=[BACKGROUND])
+  fake_omniglot(data, alphabets=(("Alpha", 2), ("Beta", 3), ("Gamma", 1)))
+  pool = load_omniglot(data, archives=[BACKGROUND])
   assert pool.num_classes == 6
-  assert len(sorted(tmp_path.glob("metajax-omniglot-*.npz"))) == 2
+  assert len(list(user_cache.glob("metajax-omniglot-*.npz"))) == 2
+  assert not list(data.glob("*.npz"))
 
 
-def test_read_only_data_dir_uses_env_cache_dir(tmp_path, fake_omniglot, monkeypatch):
+def test_env_and_explicit_cache_dir(tmp_path, fake_omniglot, monkeypatch):
   data = tmp_path / "data"
   fake_omniglot(data)
-  data.chmod(0o555)
+  data.chmod(0o555)  # read-only data works: nothing is written there
   try:
-    monkeypatch.delenv("METAJAX_CACHE_DIR", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    load_omniglot(data, archives=[BACKGROUND])
-    assert not list(data.glob("*.npz"))
-    assert len(list((tmp_path / "home/.cache/metajax").glob("metajax-omniglot-*.npz"))) == 1
     monkeypatch.setenv("METAJAX_CACHE_DIR", str(tmp_path / "env_cache"))
     load_omniglot(data, archives=[BACKGROUND])
     assert len(list((tmp_path / "env_cache").glob("metajax-omniglot-*.npz"))) == 1
+    load_omniglot(data, archives=[BACKGROUND], cache_dir=tmp_path / "explicit")
+    assert len(list((tmp_path / "explicit").glob("metajax-omniglot-*.npz"))) == 1
+    assert not list(data.glob("*.npz"))
   finally:
     data.chmod(0o755)
 
@@ -380,6 +392,12 @@ def test_empty_archive(tmp_path):
     load_omniglot(tmp_path, archives=[BACKGROUND], use_cache=False)
 
 
-def test_shared_data_dir_is_left_untouched(omniglot_dir):
-  # The shared archives are read-only; the loader must never have written a cache there.
-  assert not list(Path(omniglot_dir).glob("*.npz"))
+def test_shared_data_dir_is_left_untouched(omniglot_dir, tmp_path, monkeypatch):
+  """A load with the default cache location leaves the data folder exactly as it was (whatever
+  earlier runs may have left in it)."""
+  monkeypatch.delenv("METAJAX_CACHE_DIR", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  before = _listing(Path(omniglot_dir))
+  load_omniglot(omniglot_dir, archives=["images_background_small1"])
+  assert _listing(Path(omniglot_dir)) == before
+  assert len(list((tmp_path / "xdg/metajax").glob("metajax-omniglot-small1-*.npz"))) == 1
