@@ -5,11 +5,15 @@ Metrics are flat dicts of scalars named `inner/...`, `outer/...`, `eval/...`, `t
 * `JsonlWriter`: one JSON object per line, `{"step": s, "time": t, name: value, ...}` in
   `<workdir>/metrics.jsonl`; on resume, lines of steps after the restored checkpoint are dropped
   (`truncate_after`) so the file describes exactly one run.
-* `TensorBoardWriter`: TF event files via `tensorboardX` (when installed; otherwise a no-op with
-  a warning).
-* `ProgressLine`: `step 120/3000 (4%) | 5.1 steps/s | ETA 9m25s | outer/loss 0.913 ...`.
+* `TensorBoardWriter`: TF event files via `tensorboardX`: the scalars, and the run's config as
+  text and as hyper-parameters (`write_config`).
+* `ProgressLine`: on a terminal a `tqdm` bar (rate, ETA, the latest metrics as its postfix);
+  elsewhere (CI logs, files, notebooks) plain lines,
+  `step 120/3000 (4%) | 5.1 steps/s | ETA 9m25s | outer/loss 0.913 ...`.
 * `read_metrics` / `plot_learning_curves`: a workdir's metrics as PNG learning curves;
-  `plot_comparison` (with `mean_over_runs` for seeds): one metric of several runs.
+  `plot_comparison` (with `mean_over_runs` for seeds): one metric of several runs. Figures are
+  drawn on `matplotlib.figure.Figure` objects with the Agg canvas: no display needed, and
+  pyplot's global backend (a notebook's inline figures) is left as it is.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 Scalars = Mapping[str, float]
@@ -70,31 +75,59 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-  """Scalar summaries as TensorBoard event files in `logdir` (a no-op without tensorboardX)."""
+  """TensorBoard event files in `logdir`: scalars, and the config as text and hyper-parameters."""
 
   def __init__(self, logdir: str | os.PathLike[str]):
-    try:
-      from tensorboardX import SummaryWriter
-    except ImportError:
-      warnings.warn("tensorboardX is not installed: no TensorBoard summaries are written "
-                    "(pip install tensorboardX)", stacklevel=2)
-      self._writer = None
-    else:
-      self._writer = SummaryWriter(str(logdir), flush_secs=30)
+    from tensorboardX import SummaryWriter  # a dependency; imported here as it loads protobuf
+
+    self._writer = SummaryWriter(str(logdir), flush_secs=30)
 
   def write(self, step: int, scalars: Scalars) -> None:
-    if self._writer is None:
-      return
     for name, value in scalars.items():
       self._writer.add_scalar(name, _scalar(value), int(step))
 
+  def write_config(self, config: Mapping[str, Any], metrics: Sequence[str] = ()) -> None:
+    """Records `config` (a flat or nested dict) as a JSON text summary `config` and as the run's
+    hyper-parameters (TensorBoard's HPARAMS tab), with `metrics` (scalar names this run writes,
+    e.g. "test/accuracy_after") as the columns to compare runs by.
+
+    Nested fields become dotted names; values other than bool, int, float and str are recorded
+    as their JSON text (None as "None"). The hyper-parameters go into this run's own event file
+    (tensorboardX's `add_hparams` would start a separate run directory per call).
+    """
+    from tensorboardX.summary import hparams
+
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    # TensorBoard renders text as markdown: indent to keep it a code block.
+    self._writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
+    experiment, start, end = hparams(_flat_hparams(config), {name: 0.0 for name in metrics})
+    for summary in (experiment, start, end):
+      self._writer.file_writer.add_summary(summary)
+
   def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+    self._writer.flush()
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
+    self._writer.close()
+
+
+HParam = bool | int | float | str
+
+
+def _flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, HParam]:
+  """`config` as `{dotted.name: bool | int | float | str}`, what TensorBoard's hparams accept."""
+  flat: dict[str, HParam] = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(_flat_hparams(value, name + "."))
+    elif isinstance(value, (bool, int, float, str)):
+      flat[name] = value
+    elif isinstance(value, np.generic):
+      flat[name] = value.item()
+    else:
+      flat[name] = "None" if value is None else json.dumps(value, default=str)
+  return flat
 
 
 def format_duration(seconds: float) -> str:
@@ -111,6 +144,13 @@ def format_duration(seconds: float) -> str:
   return f"{secs}s"
 
 
+def _shown_metrics(scalars: Scalars, max_metrics: int) -> list[tuple[str, float | int]]:
+  """The metrics a progress line shows: outer/eval/test first, then inner, at most `max_metrics`."""
+  shown = [(k, v) for k, v in scalars.items() if k.startswith(("outer/", "eval/", "test/"))]
+  shown += [(k, v) for k, v in scalars.items() if k.startswith("inner/")]
+  return [(k, _scalar(v)) for k, v in shown[:max_metrics]]
+
+
 def format_progress(step: int, num_steps: int, rate: float, scalars: Scalars,
                     max_metrics: int = 6) -> str:
   """The progress line: step, percentage, rate (steps/s), ETA, and a few metrics."""
@@ -118,35 +158,87 @@ def format_progress(step: int, num_steps: int, rate: float, scalars: Scalars,
   pct = 100.0 * step / num_steps if num_steps else 100.0
   parts = [f"step {step}/{num_steps} ({pct:.0f}%)",
            f"{rate:.2f} steps/s" if rate > 0 else "? steps/s", f"ETA {format_duration(eta)}"]
-  shown = [(k, v) for k, v in scalars.items() if k.startswith(("outer/", "eval/", "test/"))]
-  shown += [(k, v) for k, v in scalars.items() if k.startswith("inner/")]
-  metrics = " ".join(f"{k} {_scalar(v):.4g}" for k, v in shown[:max_metrics])
+  metrics = " ".join(f"{k} {v:.4g}" for k, v in _shown_metrics(scalars, max_metrics))
   return " | ".join(parts + ([metrics] if metrics else []))
 
 
+def _is_terminal(stream: Any) -> bool:
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError):  # no isatty, or a closed stream
+    return False
+
+
 class ProgressLine:
-  """Prints `format_progress` lines; the rate is measured over the steps since the last line."""
+  """Training progress: a `tqdm` bar on a terminal, plain `format_progress` lines elsewhere.
+
+  On a terminal the bar (on `file`, default stderr) shows the step, the rate and the ETA as
+  `tqdm` measures them, and the metrics of the latest `write` as its postfix; `message` prints a
+  line above it without breaking it. Elsewhere (a CI log, a file, a notebook's output) every
+  `write` prints one `format_progress` line through `print_fn`, its rate measured over the steps
+  since the previous line. Either way `reset` restarts the rate measurement, so compilation and
+  evaluations are not counted as training time.
+
+  Args:
+    num_steps: the step the run ends at.
+    start_step: the step it starts from (a resumed run's checkpoint).
+    print_fn: where plain lines and messages go.
+    clock: seconds, for the plain lines' rate (a fake one in tests).
+    tty: True for the bar, False for plain lines; default: the bar when `file` is a terminal.
+    file: the bar's stream (default `sys.stderr`).
+  """
 
   def __init__(self, num_steps: int, start_step: int = 0,
-               print_fn: Callable[[str], None] = print, clock: Callable[[], float] = time.time):
+               print_fn: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
+               *, tty: bool | None = None, file: IO[str] | None = None):
     self.num_steps = num_steps
     self._print = print_fn
     self._clock = clock
     self._last = (start_step, clock())
+    file = file if file is not None else sys.stderr
+    self._bar: tqdm.tqdm | None = None
+    if _is_terminal(file) if tty is None else tty:
+      # mininterval=0: `write` is called every `log_every` steps already; draw each one.
+      self._bar = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", file=file,
+                            dynamic_ncols=True, leave=True, mininterval=0)
 
   def reset(self, step: int) -> None:
     """Restarts the rate measurement (e.g. after an evaluation or the first compilation)."""
     self._last = (step, self._clock())
+    if self._bar is not None:
+      self._bar.reset()  # restarts tqdm's clock and its rate average, and sets n to 0
+      self._bar.n = self._bar.last_print_n = self._bar.initial = step
+      self._bar.refresh()
 
   def write(self, step: int, scalars: Scalars) -> None:
+    """Shows `step` and the metrics `scalars` (a bar update, or one plain line)."""
+    if self._bar is not None:
+      postfix = " ".join(f"{k}={v:.4g}" for k, v in _shown_metrics(scalars, 6))
+      self._bar.set_postfix_str(postfix, refresh=False)
+      if step > self._bar.n:
+        self._bar.update(step - self._bar.n)
+      else:
+        self._bar.refresh()
+      return
     now = self._clock()
     last_step, last_time = self._last
     rate = (step - last_step) / max(now - last_time, 1e-9) if step > last_step else 0.0
     self._last = (step, now)
     self._print(format_progress(step, self.num_steps, rate, scalars))
 
+  def message(self, line: str) -> None:
+    """Prints `line` through `print_fn`; on a terminal above the bar, which is then redrawn."""
+    if self._bar is None:
+      self._print(line)
+      return
+    with tqdm.tqdm.external_write_mode(file=sys.stdout):  # clears bars on stdout and stderr
+      self._print(line)
+
   def close(self) -> None:
-    pass
+    """Leaves the bar's last state on the terminal."""
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
 
 class MultiWriter:
@@ -214,14 +306,16 @@ def mean_over_runs(runs: Sequence[Sequence[Mapping[str, Any]]],
   return out
 
 
-def _pyplot():
-  """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-  import matplotlib
+def _figure(**kwargs: Any) -> Any:
+  """A `matplotlib.figure.Figure` on the Agg canvas: it renders to files without a display and
+  without pyplot, so pyplot's backend and figure list (a notebook's inline figures) are untouched
+  and nothing needs closing."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg", force=True)
-  import matplotlib.pyplot as plt
-
-  return plt
+  fig = Figure(**kwargs)
+  FigureCanvasAgg(fig)
+  return fig
 
 
 def _draw_series(ax: Any, records: Sequence[Mapping[str, Any]], name: str, *,
@@ -248,8 +342,6 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os
   Returns:
     The paths written.
   """
-  plt = _pyplot()
-
   names = sorted({k for r in records for k in r if "/" in k and not k.endswith("_ci95")})
   if not names:
     raise ValueError("no metrics (names like 'outer/loss') to plot")
@@ -269,7 +361,8 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os
   for group, members in groups.items():
     cols = min(3, len(members))
     rows = math.ceil(len(members) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig = _figure(figsize=(4 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, members):
       draw(ax, name)
     for ax in list(axes.flat)[len(members):]:
@@ -278,19 +371,18 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], out_dir: str | os
     fig.tight_layout()
     path = out_dir / f"{group}.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     paths.append(path)
   # one overview: the main curves
   main = [n for n in ("outer/loss", "outer/query_accuracy", "eval/accuracy_after",
                       "eval/loss_after") if n in names] or names[:4]
-  fig, axes = plt.subplots(1, len(main), figsize=(4 * len(main), 3), squeeze=False)
+  fig = _figure(figsize=(4 * len(main), 3))
+  axes = fig.subplots(1, len(main), squeeze=False)
   for ax, name in zip(axes.flat, main):
     draw(ax, name)
   fig.suptitle(title)
   fig.tight_layout()
   path = out_dir / "learning_curves.png"
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   paths.append(path)
   return paths
 
@@ -306,13 +398,11 @@ def plot_comparison(curves: Mapping[str, Sequence[Mapping[str, Any]]], metric: s
   Returns:
     The path written.
   """
-  plt = _pyplot()
-
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig = _figure(figsize=(6.5, 4))
+  ax = fig.subplots()
   drawn = [_draw_series(ax, records, metric, label=label, band_alpha=0.2, band=band)
            for label, records in curves.items()]
   if not any(drawn):
-    plt.close(fig)
     raise ValueError(f"no run has the metric {metric!r}")
   if log_y:
     ax.set_yscale("log")
@@ -325,5 +415,4 @@ def plot_comparison(curves: Mapping[str, Sequence[Mapping[str, Any]]], metric: s
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
