@@ -41,7 +41,7 @@ from metajax.nn.models import Model, conv4, kao_conv, mlp, model_from_encoder
 from metajax.types import Task
 from metajax.variants import encoder_mask, head_mask, zero_head
 
-__version__ = "0.1.0"
+from metajax._version import __version__  # pyproject.toml is its one source
 
 __all__ = [
   "MAML",
