@@ -17,8 +17,6 @@
 # %% [markdown]
 # # metajax quick start: MAML on Omniglot
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/<owner>/metajax/blob/main/colab/quickstart.ipynb)
-#
 # Load Omniglot, look at a few 5-way 1-shot episodes, meta-train second-order MAML
 # (Finn et al. 2017) for a short budget, evaluate it on held-out characters with a 95% confidence
 # interval, and watch it adapt to one new episode.
@@ -28,37 +26,46 @@
 # %% [markdown]
 # ## Install
 #
-# In Colab (or on a fresh machine) this installs metajax from its git repository; where metajax
-# is already importable (a local checkout installed with `pip install -e .`, CI) it does nothing.
+# Where metajax is importable already (CI, an environment set up with `pip install -e .`) this
+# cell does nothing. Run from a checkout of metajax (this notebook in its `colab/` folder), it
+# installs that checkout with its dependencies. Anywhere else, e.g. in Colab, set
+# `METAJAX_SOURCE` below to where metajax comes from, a path to a checkout or a `git+https` URL
+# of its repository (anything `pip install` takes), or clone the repository and open the notebook
+# from its `colab/` folder.
 
 # %%
+import importlib
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
-# The git URL of the metajax repository: replace <owner> with the GitHub account that hosts it.
-METAJAX_REPO = "https://github.com/<owner>/metajax"
+METAJAX_SOURCE = ""  # elsewhere: a checkout's path, or a git+https URL of the repository
 
 if importlib.util.find_spec("metajax") is None:
-  if "<owner>" in METAJAX_REPO:
-    raise RuntimeError("metajax is not installed: set METAJAX_REPO above to the repository's URL")
-  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{METAJAX_REPO}"])
+  checkout = next((p for p in (Path.cwd(), Path.cwd().parent)
+                   if (p / "pyproject.toml").is_file() and (p / "metajax").is_dir()), None)
+  source = METAJAX_SOURCE or (str(checkout) if checkout else "")
+  if not source:
+    raise RuntimeError("metajax is not installed and this notebook is not inside a metajax "
+                       "checkout: set METAJAX_SOURCE in this cell to a checkout's path or a "
+                       "git+https URL of the repository, then run the cell again")
+  local = Path(source).expanduser().is_dir()
+  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q",
+                         *(["-e"] if local else []), source])
+  if local:  # this kernel started before the editable install's path hook existed
+    sys.path.insert(0, str(Path(source).expanduser().resolve()))
+  importlib.invalidate_caches()
 
 # %% [markdown]
 # ## Data
 #
-# Nothing is downloaded here. The Omniglot archives (`images_background.zip` and
-# `images_evaluation.zip`, from the official repository
-# [brendenlake/omniglot](https://github.com/brendenlake/omniglot/tree/master/python)) are read from
-# the folder in `$METAJAX_OMNIGLOT_DIR`, else from `../shared/data/omniglot` beside the repository
-# root. In Colab, fetch them once in a cell of your own, for example:
-#
-# ```
-# !mkdir -p /content/omniglot
-# !wget -q -P /content/omniglot https://github.com/brendenlake/omniglot/raw/master/python/images_background.zip
-# !wget -q -P /content/omniglot https://github.com/brendenlake/omniglot/raw/master/python/images_evaluation.zip
-# %env METAJAX_OMNIGLOT_DIR=/content/omniglot
-# ```
+# The Omniglot archives (`images_background.zip` and `images_evaluation.zip`, from the official
+# repository [brendenlake/omniglot](https://github.com/brendenlake/omniglot/tree/master/python))
+# are read from the folder in `$METAJAX_OMNIGLOT_DIR`, else from `../shared/data/omniglot` beside
+# the repository root when it is there. Nothing is downloaded unless asked: elsewhere (e.g. in
+# Colab) set `DOWNLOAD = True` below, and `load_omniglot(..., download=True)` fetches the two
+# archives (15 MB) into the user cache directory and checks their published sha256.
 #
 # (A TFDS-prepared Omniglot works too: replace `load_omniglot(OMNIGLOT_DIR, ...)` below by
 # `mj.data.load_tfds_omniglot(tfds_data_dir, ...)`.) The preprocessed 28x28 images are cached, so
@@ -81,10 +88,13 @@ from tqdm.auto import trange  # a metajax dependency
 
 SMOKE = os.environ.get("METAJAX_NOTEBOOK_SMOKE") == "1"  # CI: tiny budgets, same code
 REPO_ROOT = Path.cwd().parent if Path.cwd().name == "colab" else Path.cwd()
-OMNIGLOT_DIR = os.environ.get(mj.data.OMNIGLOT_DIR_ENV) or str(
-  REPO_ROOT.parent / "shared" / "data" / "omniglot")
+SHARED_OMNIGLOT = REPO_ROOT.parent / "shared" / "data" / "omniglot"
+OMNIGLOT_DIR = os.environ.get(mj.data.OMNIGLOT_DIR_ENV) or (
+  str(SHARED_OMNIGLOT) if SHARED_OMNIGLOT.is_dir() else None)  # None: the download's folder
+DOWNLOAD = False  # True: fetch the published archives if they are not there
 
-pool = mj.data.load_omniglot(OMNIGLOT_DIR, dtype=np.uint8)  # all 1623 characters (uint8: 4x less)
+# all 1623 characters; uint8 takes 4x less memory than float32
+pool = mj.data.load_omniglot(OMNIGLOT_DIR, dtype=np.uint8, download=DOWNLOAD)
 splits = mj.data.omniglot_split(pool, "finn")  # Finn et al.'s split; rotated train classes
 print({name: split.num_classes for name, split in splits.items()}, "classes")
 train_images = jax.device_put(splits["train"].images)  # [C, 20, 28, 28, 1], stays on device

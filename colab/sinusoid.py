@@ -17,8 +17,6 @@
 # %% [markdown]
 # # MAML vs joint pre-training on sine waves
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/<owner>/metajax/blob/main/colab/sinusoid.ipynb)
-#
 # The regression experiment of Finn et al. (2017), section 5.1 and figure 2. A task is a sine wave
 # `y = A sin(x - b)` with amplitude A ~ U[0.1, 5] and phase b ~ U[0, pi], seen through K = 10
 # points with x ~ U[-5, 5]. Two initialisations of the same small network (1 -> 40 -> 40 -> 1,
@@ -34,21 +32,36 @@
 # %% [markdown]
 # ## Install
 #
-# In Colab (or on a fresh machine) this installs metajax from its git repository; where metajax
-# is already importable (a local checkout installed with `pip install -e .`, CI) it does nothing.
+# Where metajax is importable already (CI, an environment set up with `pip install -e .`) this
+# cell does nothing. Run from a checkout of metajax (this notebook in its `colab/` folder), it
+# installs that checkout with its dependencies. Anywhere else, e.g. in Colab, set
+# `METAJAX_SOURCE` below to where metajax comes from, a path to a checkout or a `git+https` URL
+# of its repository (anything `pip install` takes), or clone the repository and open the notebook
+# from its `colab/` folder.
 
 # %%
+import importlib
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
-# The git URL of the metajax repository: replace <owner> with the GitHub account that hosts it.
-METAJAX_REPO = "https://github.com/<owner>/metajax"
+METAJAX_SOURCE = ""  # elsewhere: a checkout's path, or a git+https URL of the repository
 
 if importlib.util.find_spec("metajax") is None:
-  if "<owner>" in METAJAX_REPO:
-    raise RuntimeError("metajax is not installed: set METAJAX_REPO above to the repository's URL")
-  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{METAJAX_REPO}"])
+  checkout = next((p for p in (Path.cwd(), Path.cwd().parent)
+                   if (p / "pyproject.toml").is_file() and (p / "metajax").is_dir()), None)
+  source = METAJAX_SOURCE or (str(checkout) if checkout else "")
+  if not source:
+    raise RuntimeError("metajax is not installed and this notebook is not inside a metajax "
+                       "checkout: set METAJAX_SOURCE in this cell to a checkout's path or a "
+                       "git+https URL of the repository, then run the cell again")
+  local = Path(source).expanduser().is_dir()
+  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q",
+                         *(["-e"] if local else []), source])
+  if local:  # this kernel started before the editable install's path hook existed
+    sys.path.insert(0, str(Path(source).expanduser().resolve()))
+  importlib.invalidate_caches()
 
 # %%
 import os
