@@ -10,7 +10,7 @@ and with `benchmarks/torch_peers.py --meta_grad` (plain `torch.autograd`, a loop
 Prints, per parameter, |g| and max |g_jax - g_torch| (relative to the largest entry of the whole
 torch gradient) for metajax op by op (its arithmetic) and compiled (what runs); exits 1 when
 either is above `--rtol` / `--compiled_rtol`. In float64 the compiled column is wrong for a
-Conv-4 of 48+ filters on CPU (`xla_cpu_f64_width.py`); `--compiled_dtype=float32` checks the
+Conv-4 of 48+ filters on CPU (`xla_cpu/f64_width.py`); `--compiled_dtype=float32` checks the
 float32 program that training runs instead.
 
   python benchmarks/torch_crosscheck.py \

@@ -169,7 +169,7 @@ def test_page_faults_script_reports_each_call(capsys):
 
 
 def _reproducer():
-  path = BENCH.parent / "xla_cpu_miscompile.py"
+  path = BENCH.parent / "xla_cpu/miscompile.py"
   spec = importlib.util.spec_from_file_location("metajax_xla_cpu_miscompile", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -177,7 +177,7 @@ def _reproducer():
 
 
 def test_miscompile_reproducer_runs(capsys):
-  """benchmarks/xla_cpu_miscompile.py prints eager / jax.jit / metajax.platform.xla.jit rows; on the MLP
+  """benchmarks/xla_cpu/miscompile.py prints eager / jax.jit / metajax.platform.xla.jit rows; on the MLP
   (which XLA compiles correctly either way) they all agree with the eager gradient."""
   assert _reproducer().main(["--net=mlp"]) == 0
   rows = capsys.readouterr().out.strip().splitlines()[1:]
@@ -188,9 +188,9 @@ def test_miscompile_reproducer_runs(capsys):
 
 @pytest.mark.slow
 def test_miscompile_sweep_one_configuration(tmp_path, capsys):
-  """benchmarks/xla_cpu_sweep.py on one configuration: one row of four float64 cells, the rolled
+  """benchmarks/xla_cpu/sweep.py on one configuration: one row of four float64 cells, the rolled
   ones right (the library's default), and the JSON with the same cells."""
-  path = BENCH.parent / "xla_cpu_sweep.py"
+  path = BENCH.parent / "xla_cpu/sweep.py"
   spec = importlib.util.spec_from_file_location("metajax_xla_cpu_sweep", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -213,7 +213,7 @@ class AdaptTest(chex.TestCase):
                remat="dots_saveable")
 
   def test_unroll_gives_the_same_meta_gradient(self):
-    # Op by op (what unroll means, not what XLA:CPU compiles of it: benchmarks/xla_cpu_sweep.py):
+    # Op by op (what unroll means, not what XLA:CPU compiles of it: benchmarks/xla_cpu/sweep.py):
     # rolled, partly and fully unrolled agree to float64 rounding.
     with jax.enable_x64(True):
       model, params, tasks = _tiny_mlp_problem(jax.random.key(9))

@@ -3,25 +3,25 @@
 Why: on jax/jaxlib 0.10.2, XLA:CPU's algebraic simplifier (the `algsimp` pass) miscompiles
 second-order meta-gradients of convolutional networks with BatchNorm: eager op-by-op runs and
 central finite differences agree with each other, the compiled gradient does not
-(`tests/platform/test_xla.py`; each case has a reproducer in `benchmarks/`, history in
-`docs/BENCHMARKS.md`):
+(`tests/platform/test_xla.py`; each case has a reproducer in `benchmarks/xla_cpu/`;
+`docs/xla_cpu.md` has the minimal one and a report for XLA's tracker):
 
   * the inner loop unrolled (`lax.scan(..., unroll=True)`): a Conv-4 with 4 filters at 16x16,
-    2 to 8 tasks, 2 to 5 steps, 1e-2 to 3e-1 off in float64 (`xla_cpu_sweep.py`);
+    2 to 8 tasks, 2 to 5 steps, 1e-2 to 3e-1 off in float64 (`xla_cpu/sweep.py`);
   * one inner step of conv -> BatchNorm -> 2x2 max-pool -> linear head on 4x4 or 8x8 images
-    (`xla_cpu_minimal.py`, standalone: JAX only), 1e-2 to 1e-1 off;
+    (`xla_cpu/minimal.py`, standalone: JAX only), 1e-2 to 1e-1 off;
   * float64 at 48 channels or more: the Hessian-vector product through conv -> BatchNorm ->
-    max-pool is NaN or 1e-1 off (`xla_cpu_f64_width.py`), and so is a 64-filter Conv-4's
-    meta-gradient at the benchmark's W20 shapes;
+    max-pool is NaN or 1e-1 off (`xla_cpu/f64_width.py`), and so is a 64-filter Conv-4's
+    20-way 1-shot meta-gradient with 5 inner steps;
   * max-pooling differentiated by `jnp.max`'s rule (XLA recomputed a fused input with different
     rounding for the max and for the comparison with it): `metajax.nn.conv.max_pool_2x2` routes the
     tangent through one argmax, which compiles right either way.
 
 With `xla_disable_hlo_passes=algsimp` every one of these equals the op-by-op gradient to float64
-rounding (1e-15 to 1e-12), rolled and unrolled, at every width (session 9; the sweep 16 of 16,
-W20's shapes at 64 filters 2.7e-15 where the previous option gave NaN). It is also the fastest
-option measured for the Conv-4 meta-steps with the inner loop unrolled (W5 and W20 13-17%
-faster than session 8's default, `docs/BENCHMARKS.md`). (The previous option,
+rounding (1e-15 to 1e-12), rolled and unrolled, at every width (the sweep: 16 of 16 right; the
+64-filter 20-way Conv-4 2.7e-15 where the fusion-emitter option below gave NaN). It is also the
+fastest option measured for Conv-4 meta-steps with the inner loop unrolled, which is why
+`make_meta_step` unrolls short inner loops (`docs/BENCHMARKS.md`). (The earlier option,
 `xla_cpu_use_fusion_emitters=False`, was right only with the inner loop rolled and below 48
 channels in float64; `algsimp` off with the old emitters does not compile metajax's im2col
 convolution: "negative padding in IrEmitter".) The options are given per compiled function
@@ -32,25 +32,84 @@ Every jitted step the library builds goes through `metajax.platform.xla.jit`; wr
 gradients of metajax models with it too (plain `jax.jit` is wrong in the cases above), and check a
 new formulation on small inputs with `eager_mismatch` (compiled against op by op) before trusting
 it at scale.
+
+Which jaxlib versions: `VERIFIED_JAXLIB` lists those on which the reproducers were run, wrong under
+plain `jax.jit` and right with the option. On any other jaxlib the option is still applied, and
+the first CPU compilation warns once (`UnverifiedJaxlibWarning`) that it is unverified there.
+Applied, because turning an optimisation pass off cannot make a program wrong (at worst slower),
+while leaving it on where the miscompile persists gives wrong meta-gradients without any error;
+the warning says how to check the new version. The day a jaxlib compiles the minimal reproducer
+right without the option, the slow test `test_minimal_reproducer_under_the_installed_jaxlib`
+fails and says so: run every reproducer of `benchmarks/xla_cpu/` there, and drop the option for
+the versions on which all of them are right.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
-__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "eager_mismatch", "jit"]
+__all__ = [
+  "CPU_COMPILER_OPTIONS",
+  "VERIFIED_JAXLIB",
+  "UnverifiedJaxlibWarning",
+  "compiler_options",
+  "eager_mismatch",
+  "jit",
+  "verified",
+]
 
 # Per-backend XLA options for correctness (see the module docstring).
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_disable_hlo_passes": "algsimp"}
 
+# jaxlib version -> what was run on it: each reproducer wrong under plain jit, right with
+# CPU_COMPILER_OPTIONS. Add a version only after running them all there.
+VERIFIED_JAXLIB: dict[str, str] = {
+  "0.10.2": "benchmarks/xla_cpu/{minimal,miscompile,sweep,f64_width}.py and tests/platform/"
+            "test_xla.py: plain jit 1e-2 to 3e-1 off (or NaN) in float64, algsimp off 1e-15",
+}
+
+_warned = False
+
+
+class UnverifiedJaxlibWarning(UserWarning):
+  """metajax's XLA:CPU option is applied on a jaxlib it was not verified on."""
+
+
+def verified(version: str | None = None) -> bool:
+  """Whether `CPU_COMPILER_OPTIONS` were verified on jaxlib `version` (default: the installed)."""
+  return (version or jaxlib.__version__) in VERIFIED_JAXLIB
+
+
+def _warn_once_if_unverified() -> None:
+  global _warned
+  if _warned or verified():
+    return
+  _warned = True
+  warnings.warn(
+    f"metajax compiles on XLA:CPU with {CPU_COMPILER_OPTIONS} (the algebraic simplifier "
+    f"miscompiles second-order meta-gradients on jaxlib {', '.join(VERIFIED_JAXLIB)}); jaxlib "
+    f"{jaxlib.__version__} is not verified: the option is still applied (it keeps gradients "
+    f"right and can only cost speed). To check this version: python benchmarks/xla_cpu/"
+    f"minimal.py --size=8 (the 'emitters on' column is plain jax.jit)",
+    UnverifiedJaxlibWarning, stacklevel=3)
+
 
 def compiler_options(backend: str | None = None) -> dict[str, Any]:
-  """The options metajax compiles with on `backend` (default: `jax.default_backend()`)."""
+  """The options metajax compiles with on `backend` (default: `jax.default_backend()`).
+
+  On CPU with a jaxlib outside `VERIFIED_JAXLIB`, the first call warns once
+  (`UnverifiedJaxlibWarning`); the options are the same.
+  """
   backend = backend or jax.default_backend()
-  return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" else {}
+  if backend != "cpu":
+    return {}
+  _warn_once_if_unverified()
+  return dict(CPU_COMPILER_OPTIONS)
 
 
 def jit(fun: Callable[..., Any], **kwargs: Any) -> Any:

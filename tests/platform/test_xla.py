@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import optax
 import pytest
@@ -15,6 +23,9 @@ from metajax.platform import xla
 
 # Relative to the gradient's largest entry, float64: the wrong XLA:CPU results were 4e-2 off.
 F64_RTOL = 1e-10
+# A compiled float64 gradient this far from op by op is a wrong program, not rounding.
+WRONG = 1e-6
+MINIMAL = Path(__file__).resolve().parents[2] / "benchmarks" / "xla_cpu" / "minimal.py"
 
 
 def _f64_problem(model, num_tasks, ways, queries, shape):
@@ -30,7 +41,7 @@ def _f64_problem(model, num_tasks, ways, queries, shape):
 
 
 def _conv4_meta_grad(unroll: bool, activation=jax.nn.relu, num_tasks=8, steps=2):
-  """The second-order meta-gradient of `benchmarks/xla_cpu_miscompile.py`'s Conv-4 cases."""
+  """The second-order meta-gradient of `benchmarks/xla_cpu/miscompile.py`'s Conv-4 cases."""
   model = mj.conv4(3, filters=4, input_shape=(16, 16, 1), activation=activation)
   params, tasks = _f64_problem(model, num_tasks, 3, 2, (16, 16, 1))
   loss_fn = mj.make_loss_fn(model.apply, mj.cross_entropy)
@@ -70,10 +81,57 @@ class CompilerOptionsTest(absltest.TestCase):
     np.testing.assert_allclose(g(jnp.arange(3.0)), jnp.sin(jnp.arange(3.0)) + 1, rtol=1e-6)
 
 
+class VersionTableTest(absltest.TestCase):
+
+  def test_verified_versions(self):
+    self.assertTrue(xla.verified("0.10.2"))
+    self.assertFalse(xla.verified("99.0.0"))
+    self.assertEqual(xla.verified(), jaxlib.__version__ in xla.VERIFIED_JAXLIB)
+
+  def test_unverified_jaxlib_still_gets_the_option_and_one_warning(self):
+    with mock.patch.object(xla.jaxlib, "__version__", "99.0.0"), \
+         mock.patch.object(xla, "_warned", False):
+      with self.assertWarnsRegex(xla.UnverifiedJaxlibWarning,
+                                 "jaxlib 99.0.0 is not verified: the option is still applied"):
+        self.assertEqual(xla.compiler_options("cpu"), xla.CPU_COMPILER_OPTIONS)
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        self.assertEqual(xla.compiler_options("cpu"), xla.CPU_COMPILER_OPTIONS)
+        self.assertEqual(xla.compiler_options("gpu"), {})
+
+  def test_verified_jaxlib_does_not_warn(self):
+    with mock.patch.object(xla.jaxlib, "__version__", "0.10.2"), \
+         mock.patch.object(xla, "_warned", False), warnings.catch_warnings():
+      warnings.simplefilter("error")
+      xla.compiler_options("cpu")
+
+
+@pytest.mark.slow  # about 20 s: op-by-op gradients and six compilations
+def test_minimal_reproducer_under_the_installed_jaxlib(tmp_path):
+  """Runs `benchmarks/xla_cpu/minimal.py --size=8` (standalone JAX) in its own process: the op-by-op
+  gradient agrees with central differences, the option makes both formulations right, and plain
+  `jax.jit` is still wrong, which is why metajax needs the option. When a jaxlib compiles it right,
+  this fails: then check every reproducer on that version and retire the workaround there."""
+  out = tmp_path / "minimal.json"
+  subprocess.run([sys.executable, str(MINIMAL), "--size=8", f"--json={out}"], check=True,
+                 capture_output=True, text=True, timeout=600)
+  result = json.loads(out.read_text())
+  assert result["jaxlib"] == jaxlib.__version__
+  np.testing.assert_allclose(result["eager"], result["central_differences"], rtol=1e-6)
+  for formulation, cells in result["cells"].items():
+    assert cells["no algsimp"] < F64_RTOL, (formulation, cells)
+  plain = result["cells"]["loop-free"]["emitters on"]
+  assert plain > WRONG, (
+    f"jaxlib {jaxlib.__version__} compiles benchmarks/xla_cpu/minimal.py --size=8 right under "
+    f"plain jax.jit ({plain:.1e}): XLA:CPU may have fixed the miscompile. Run every reproducer "
+    f"of benchmarks/xla_cpu/ on this jaxlib; if all are right without the option, compile "
+    f"without CPU_COMPILER_OPTIONS there (metajax/platform/xla.py)")
+
+
 class ConvMetaGradientTest(chex.TestCase):
   """Float64 Conv-4 meta-gradients that XLA:CPU with its fusion emitters got wrong under jit
   (jax/jaxlib 0.10.2): the unrolled one with the plain-formula BatchNorm (still wrong, see
-  `xla_cpu_miscompile.py --norm=plain`); the one-step one with the old max-pool derivative. Each
+  `xla_cpu/miscompile.py --norm=plain`); the one-step one with the old max-pool derivative. Each
   must equal the op-by-op gradient and central finite differences."""
 
   def _check(self, unroll, jit=xla.jit, **kw):
@@ -100,12 +158,12 @@ class ConvMetaGradientTest(chex.TestCase):
   @pytest.mark.slow  # 45 s: a plain-jit guard; the library's path is checked above
   def test_one_smooth_inner_step_plain_jit(self):
     """metajax's max-pool derivative (one argmax) keeps this right under plain `jax.jit` too;
-    with `jnp.max`'s rule it was 2e-1 off (`xla_cpu_miscompile.py --case=max_pool`)."""
+    with `jnp.max`'s rule it was 2e-1 off (`xla_cpu/miscompile.py --case=max_pool`)."""
     self._check(False, jit=jax.jit, activation=jax.nn.softplus, num_tasks=2, steps=1)
 
 
 def _minimal_meta_loss(num_tasks: int, size: int, conv_fn):
-  """`benchmarks/xla_cpu_minimal.py`'s network (conv -> BatchNorm -> 2x2 max-pool -> linear)
+  """`benchmarks/xla_cpu/minimal.py`'s network (conv -> BatchNorm -> 2x2 max-pool -> linear)
   built from metajax's pieces, its inner step through `metajax.adapt`."""
   c = 2
   keys = jax.random.split(jax.random.key(0), 4)
@@ -131,9 +189,9 @@ def _minimal_meta_loss(num_tasks: int, size: int, conv_fn):
 
 
 class MinimalMetaGradientTest(parameterized.TestCase):
-  """The configurations of `benchmarks/xla_cpu_minimal.py`, where XLA:CPU's one-step meta-gradient
-  is 1e-2 to 1e-1 off under plain `jax.jit`: metajax's path (`adapt`, `metajax.platform.xla.jit`) must
-  equal the op-by-op gradient."""
+  """The configurations of `benchmarks/xla_cpu/minimal.py`, where XLA:CPU's one-step
+  meta-gradient is 1e-2 to 1e-1 off under plain `jax.jit`: metajax's path (`adapt`,
+  `metajax.platform.xla.jit`) must equal the op-by-op gradient."""
 
   @parameterized.product(shape=[(2, 4), (2, 8), (8, 4)], conv=["lax", "im2col"])
   def test_library_path_matches_eager(self, shape, conv):
@@ -146,9 +204,10 @@ class MinimalMetaGradientTest(parameterized.TestCase):
 
 class Conv4LibraryPathTest(parameterized.TestCase):
   """The library's Conv-4 path (`MAML`, `metajax.platform.xla.jit`), rolled, unrolled (what
-  `make_meta_step` compiles for up to 5 steps) and rematerialised, with the default and with XLA's convolution, against op by op,
-  on two of its blocks (8x8 inputs, 4 filters). Under plain `jax.jit` the unrolled cases and
-  XLA's convolution were 7e-2 to 3e-1 off on XLA:CPU (jaxlib 0.10.2)."""
+  `make_meta_step` compiles for up to 5 steps) and rematerialised, with the default and with
+  XLA's convolution, against op by op, on two of its blocks (8x8 inputs, 4 filters). Under plain
+  `jax.jit` the unrolled cases and XLA's convolution were 7e-2 to 3e-1 off on XLA:CPU (jaxlib
+  0.10.2)."""
 
   @parameterized.parameters(
     (1, False, 1, "default"), (2, False, True, "default"), (2, True, 1, "default"),
@@ -174,7 +233,7 @@ class Conv4LibraryPathTest(parameterized.TestCase):
 
   def test_float64_full_width_second_order(self):
     """At 48 channels and more XLA:CPU's float64 second-order products through BatchNorm ->
-    max-pool were NaN or 1e-1 off under plain `jax.jit` (`xla_cpu_f64_width.py`)."""
+    max-pool were NaN or 1e-1 off under plain `jax.jit` (`xla_cpu/f64_width.py`)."""
     with jax.enable_x64(True):
       encoder = mj.nn.models.Conv4Encoder(filters=64, num_blocks=1)
       model = mj.model_from_encoder(encoder, 3, (8, 8, 1))

@@ -5,10 +5,10 @@ meta-gradient of `metajax.meta_loss` (the library's `MAML`, second order) is com
 (the reference) and then jitted four ways: the inner loop rolled / unrolled (`MAML.unroll`), each
 under `jax.jit` (XLA:CPU's fusion emitters on) and `metajax.platform.xla.jit` (off). A cell is the largest
 absolute difference to the reference relative to its largest entry; float64 rounding gives
-~1e-15, so anything above `--tol` (1e-9) is a wrong program. `benchmarks/xla_cpu_miscompile.py`
+~1e-15, so anything above `--tol` (1e-9) is a wrong program. `benchmarks/xla_cpu/miscompile.py`
 prints single cases; this counts how often each pair is wrong.
 
-  python benchmarks/xla_cpu_sweep.py [--nets=conv4,kao] [--tasks=1,2,4,8] [--steps=2,3,5]
+  python benchmarks/xla_cpu/sweep.py [--nets=conv4,kao] [--tasks=1,2,4,8] [--steps=2,3,5]
       [--activations=relu,softplus] [--norms=fused] [--json=PATH]
 """
 

@@ -23,16 +23,21 @@ Printed: max |g - g_eager| / max |g_eager| for each. On jax/jaxlib 0.10.2 (2-cor
 
 So disabling `algsimp` makes every case right; the loop-free gradient is wrong under either
 emitter setting; inside the loop it is wrong with the emitters on (`--size=8`, `--tasks=8`) or
-with `jnp.max`'s derivative. (Until session 9 metajax relied on the one combination of the other
+with `jnp.max`'s derivative. (metajax once relied on the one combination of the other
 columns that was right in every case: the inner step in a rolled `lax.scan`, the emitters off,
 the max-pool differentiated through one argmax; it now compiles with `algsimp` disabled, which
-also fixes the unrolled loop and float64 at 48+ channels, `metajax.platform.xla`.) The loop-free gradient without the conv, or without the BatchNorm, was right too (the
-defaults and `--size=8`, either emitter setting; variants of this script). It is not rounding at
+also fixes the unrolled loop and float64 at 48+ channels, `metajax.platform.xla`.) The loop-free
+gradient without the conv, or without the BatchNorm, was right too (the defaults and `--size=8`,
+either emitter setting; variants of this script). It is not rounding at
 a kink: there is no activation, and the smallest gap between the two largest entries of any
 pooling window is printed (1.7e-3 at the defaults).
 
-  python benchmarks/xla_cpu_minimal.py [--tasks=2] [--size=4] [--channels=2]
-      [--pool=argmax|max|reduce_window]
+  python benchmarks/xla_cpu/minimal.py [--tasks=2] [--size=4] [--channels=2]
+      [--pool=argmax|max|reduce_window] [--json=PATH]
+
+`--json` also writes the numbers (the versions, the directional derivatives, every cell) to PATH;
+`tests/platform/test_xla.py` runs `--size=8` that way under the installed jaxlib, so CI tells the
+day a jaxlib compiles it right without the option.
 """
 
 from __future__ import annotations
@@ -49,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--pool", default="argmax", choices=["argmax", "max", "reduce_window"],
                  help="max-pool derivative: through one argmax (metajax's), jnp.max's own "
                       "rule, or lax.reduce_window's")
+  p.add_argument("--json", default=None, help="also write the numbers there")
   args = p.parse_args(argv)
 
+  import json
+
   import jax
+  import jaxlib
 
   jax.config.update("jax_enable_x64", True)  # a script's process: nothing else shares it
   import jax.numpy as jnp
@@ -120,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
   for i in range(t):  # the support pass at the initial params, one task at a time
     top = jnp.sort(windows(normed(params, tasks[0][i])), axis=-2)
     gaps.append(float(jnp.min(top[..., -1, :] - top[..., -2, :])))
-  print(f"jax {jax.__version__}; {t} tasks, {s}x{s} images, {c} channels, pool {args.pool}; "
-        f"smallest top-2 gap of a pooling window (support, initial params): {min(gaps):.1e}")
+  print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}; {t} tasks, {s}x{s} images, "
+        f"{c} channels, pool {args.pool}; smallest top-2 gap of a pooling window (support, "
+        f"initial params): {min(gaps):.1e}")
 
   grad = jax.grad(meta_loss(task_loss))
   with jax.disable_jit():
@@ -142,13 +152,22 @@ def main(argv: list[str] | None = None) -> int:
 
   print("max |g - g_eager| / max |g_eager|:")
   print(f"  {'formulation':22s} {'emitters on':>12s} {'emitters off':>13s} {'no algsimp':>11s}")
+  columns = {"emitters on": {}, "emitters off": {"xla_cpu_use_fusion_emitters": False},
+             "no algsimp": {"xla_disable_hlo_passes": "algsimp"}}
+  cells = {}
   for name, task_fn in (("loop-free", task_loss), ("lax.scan, 1 iteration", task_loss_scan)):
-    row = []
-    for options in ({}, {"xla_cpu_use_fusion_emitters": False},
-                    {"xla_disable_hlo_passes": "algsimp"}):
+    row = {}
+    for column, options in columns.items():
       fn = jax.jit(jax.grad(meta_loss(task_fn)), compiler_options=options or None)
-      row.append(rel(leaves(fn(params, *tasks)), ref))
-    print(f"  {name:22s} {row[0]:12.1e} {row[1]:13.1e} {row[2]:11.1e}")
+      row[column] = rel(leaves(fn(params, *tasks)), ref)
+    cells[name] = row
+    print(f"  {name:22s} {row['emitters on']:12.1e} {row['emitters off']:13.1e} "
+          f"{row['no algsimp']:11.1e}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"jax": jax.__version__, "jaxlib": jaxlib.__version__, "args": vars(args),
+                 "central_differences": fd, "eager": eager_dd, "smallest_gap": min(gaps),
+                 "cells": cells}, f, indent=2)
   return 0
 
 

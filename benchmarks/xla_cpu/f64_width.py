@@ -9,12 +9,12 @@ max |op by op| with `jax.jit` (fusion emitters on, the default), with
 `xla_cpu_use_fusion_emitters=False` and with `xla_disable_hlo_passes=algsimp`, in float64 and float32 (both against the float64 op-by-op
 product, run under `jax.disable_jit()`).
 
-  python benchmarks/xla_cpu_f64_width.py [--channels=16,32,48,64]
+  python benchmarks/xla_cpu/f64_width.py [--channels=16,32,48,64]
 
 On jax/jaxlib 0.10.2 (2-core AMD EPYC, 2026-11-30), float64: right (< 1e-15) at 16 and 32
 channels; at 48 and 64 NaN with ReLU and 0.67-0.77 off without it, under either emitter
 setting. With `XLA_FLAGS=--xla_disable_hlo_passes=fusion` every float64 cell at 48 and 64 equals
-the op-by-op product exactly, and so does every float64 cell with `algsimp` disabled (session 9:
+the op-by-op product exactly, and so does every float64 cell with `algsimp` disabled (2026-11-30:
 4.3e-16 to 6.6e-16; what `metajax.platform.xla.jit` now compiles with). float32 is right at every width (2e-7 to 5e-7, rounding). The
 gradient alone (no second order) is right in float64; so is the product without the BatchNorm,
 or without the max-pool (variants of this script).

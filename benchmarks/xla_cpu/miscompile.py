@@ -9,11 +9,11 @@ differences side with eager (`tests/platform/test_xla.py`).
 Cases:
   unroll    8 tasks, 2 inner steps, ReLU; the inner loop rolled (metajax's default) and unrolled
             (`lax.scan(..., unroll=True)`, what `make_meta_step` compiles for up to 5 steps). With `--norm=plain` (BatchNorm differentiated
-            through its formula, metajax's before session 6) unrolled under plain `jax.jit` is
+            through its formula, as metajax once did) unrolled under plain `jax.jit` is
             wrong (1e-1 in float32, 4e-2 in float64); with metajax's BatchNorm (`--norm=fused`,
             `metajax.nn.norm`) the same case is right, but `--tasks=2 --activation=softplus
             --dtype=float64` was wrong under `metajax.platform.xla.jit` while it turned the emitters off
-            (2.4e-3); with `algsimp` off (its option since session 9) every case of the sweep
+            (2.4e-3); with `algsimp` off (its option now) every case of the sweep
             is right.
   max_pool  2 tasks, 1 inner step, softplus, with metajax's max-pool and with the derivative it
             had before (`jnp.max`'s: the tangent averaged over the entries equal to the max).
@@ -23,7 +23,7 @@ Cases:
 `--net=mlp` / `--net=kao` run the unroll case on an MLP / Kao et al.'s net (no pooling);
 `--activation` swaps the case's nonlinearity, `--tasks` its number of tasks.
 
-  python benchmarks/xla_cpu_miscompile.py [--case=unroll|max_pool] [--dtype=float32|float64]
+  python benchmarks/xla_cpu/miscompile.py [--case=unroll|max_pool] [--dtype=float32|float64]
       [--net=conv4|kao|mlp] [--activation=relu|softplus] [--norm=fused|plain] [--tasks=N]
 """
 
