@@ -3,8 +3,8 @@
 - `xla`: `jit` with the compiler options metajax's steps compile with (on XLA:CPU, the guard
   against the miscompiles of second-order meta-gradients in `docs/xla_cpu.md`), and
   `eager_mismatch` to check a compiled function against op-by-op execution.
-- `runtime`: start-up settings of the process (glibc's huge-page malloc for XLA:CPU's large step
-  buffers).
+- `runtime`: start-up of a binary's process (`prepare_process`): glibc's huge-page malloc for
+  XLA:CPU's large step buffers, announced and switchable, and no note about a missing libtpu.
 - `sharding`: the meta-batch's tasks over a device mesh, parameters replicated.
 """
 
