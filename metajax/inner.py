@@ -93,8 +93,8 @@ def adapt(
       arrays as in Meta-SGD). Differentiable, so it can be meta-learned. Exclusive with
       `optimizer`.
     optimizer: any optax transformation to use instead of gradient descent; its state starts
-      fresh for each task. Differentiating through `optax.adam` needs `eps_root > 0` (optax
-      issue 882: sqrt at 0 has an infinite derivative).
+      fresh for each task. Differentiating through `optax.adam` needs `eps_root > 0` (sqrt at 0
+      has an infinite derivative; https://github.com/google-deepmind/optax/issues/882).
     first_order: if True, the inner gradients are treated as constants (FOMAML): the
       meta-gradient is then the query gradient at the adapted params.
     adapt_mask: which leaves adapt (pytree of bools, or `params -> mask`); the others stay
@@ -105,8 +105,8 @@ def adapt(
       True recomputes everything but the step's input; a `jax.checkpoint_policies` policy
       (e.g. `dots_saveable`) keeps what it allows and recomputes the rest.
     unroll: `lax.scan`'s unroll: how many inner steps one loop iteration runs (True: all).
-      Unrolled, XLA skips the loop's stacked copies of each step's residuals (W5 and W20 13-17%
-      faster on CPU, `docs/BENCHMARKS.md`); rolled (the default), the program and its compile
+      Unrolled, XLA skips the loop's stacked copies of each step's residuals (faster for
+      several inner steps, `docs/BENCHMARKS.md`); rolled (the default), the program and its compile
       time stay the same size however many steps. Compile unrolled steps with
       `metajax.platform.xla.jit`: plain `jax.jit` miscompiles unrolled second-order Conv-4
       meta-gradients on CPU (jaxlib 0.10.2, `metajax.platform.xla`); rolled is right under either.

@@ -4,8 +4,8 @@ Why this module exists: MAML vmaps a model over tasks with *per-task* adapted we
 `vmap`, `lax.conv_general_dilated` with a batched kernel becomes a grouped convolution
 (`feature_group_count = num_tasks`), and its first and second derivatives become more grouped
 convolutions with swapped dimension numbers. XLA:CPU runs those slowly (a few GFLOP/s on the
-second-order meta-step, see `benchmarks/FINDINGS.md`). `reduce_window` max-pooling differentiates
-through `select_and_scatter`, whose own derivative is slow too.
+second-order meta-step; `benchmarks/bench.py --conv=lax` times it). `reduce_window` max-pooling
+differentiates through `select_and_scatter`, whose own derivative is slow too.
 
 Here a convolution is written as *patches + matmul*: the padded input is cut into
 `prod(kernel_size)` statically shifted (strided) slices, concatenated along the feature axis and
@@ -185,7 +185,7 @@ def max_pool_2x2(x: ArrayLike) -> Array:
   major), found by one `argmax`, as `reduce_window`'s does. Why not `jnp.max`'s own rule (the
   tangent averaged over every entry equal to the max): it compares the input with the max again,
   and XLA:CPU may recompute a fused input with different rounding for the two, so that no entry
-  matches and the gradient is wrong (`benchmarks/xla_cpu_miscompile.py --case=max_pool`).
+  matches and the gradient is wrong (`benchmarks/xla_cpu/miscompile.py --case=max_pool`).
 
   Args:
     x: `[..., H, W, C]` array (any leading batch dimensions).
