@@ -1,5 +1,5 @@
-"""experiments/reproduce.py: the suite is well-formed, the queue trains, evaluates, skips what is
-done, and the report quotes the runs' own files."""
+"""tools/reproduce: the suite is well-formed; the queue trains, evaluates, skips what is done and
+stops on SIGTERM; the archive keeps what resuming needs; the report quotes the runs' own files."""
 
 from __future__ import annotations
 
@@ -7,15 +7,21 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from absl import app
 
 from metajax.experiment import checkpoint, metrics
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # tools/ is not installed: it is imported from the checkout
+  sys.path.insert(0, str(REPO))
+
+from tools.reproduce import archive, queue, report, suite  # noqa: E402
 
 
 def load(name: str, path: Path):
@@ -26,15 +32,22 @@ def load(name: str, path: Path):
   return module
 
 
-reproduce = load("metajax_reproduce", REPO / "experiments" / "reproduce.py")
+TINY_STATE = {"w": np.arange(3, dtype=np.float32)}  # a checkpoint in the library's own format
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+  """The files of a checkpoint (a file or a folder, whichever the format writes) by name."""
+  if path.is_file():
+    return {path.name: path.read_bytes()}
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_suite_is_well_formed():
-  names = [r.name for r in reproduce.SUITE]
+  names = [r.name for r in suite.SUITE]
   assert len(names) == len(set(names))
   configs = {}
-  for run in reproduce.SUITE:
-    assert run.group in reproduce.GROUPS, run
+  for run in suite.SUITE:
+    assert run.group in suite.GROUPS, run
     assert run.eval_steps and all(k >= 1 for k in run.eval_steps)
     file, variant = run.config.split(":")
     if file not in configs:
@@ -47,32 +60,59 @@ def test_suite_is_well_formed():
 
 
 def test_select_groups_and_refuse_unknown_names():
-  assert [r.group for r in reproduce.select(["kao"])] == ["kao"] * 12
-  assert [r.name for r in reproduce.select(["kao1s_fo", "finn"])] == ["kao1s_fo", "finn5w1s"]
+  assert [r.group for r in suite.select(["kao"])] == ["kao"] * 12
+  assert [r.name for r in suite.select(["kao1s_fo", "finn"])] == ["kao1s_fo", "finn5w1s"]
   with pytest.raises(app.UsageError, match="nope"):
-    reproduce.select(["nope"])
+    suite.select(["nope"])
 
 
-def test_queue_trains_evaluates_resumes_and_reports(tmp_path, monkeypatch):
-  run = reproduce.Run("sin", "sinusoid", "sinusoid.py:smoke", ("--config.num_steps=4",),
-                      "smoke MAML", eval_steps=(1, 2))
-  monkeypatch.setattr(reproduce, "SUITE", (run,))
+def test_binary_lists_dry_runs_and_refuses_unknown_runs(tmp_path):
+  """`python -m tools.reproduce` from the project root, as the docs show it."""
+
+  def binary(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.reproduce", f"--root={tmp_path}", *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+  listed = binary("--list", "--runs=kao1s_fo,finn")
+  assert listed.returncode == 0, listed.stderr
+  assert [line.split()[:4] for line in listed.stdout.splitlines()] == [
+    ["kao1s_fo", "kao", "not", "started"], ["finn5w1s", "finn", "not", "started"]]
+  dry = binary("--dry_run", "--runs=sinusoid_maml_k5", "--eval_tasks=8")
+  assert dry.returncode == 0, dry.stderr
+  commands = dry.stdout.splitlines()
+  assert len(commands) == 3 and not any(tmp_path.iterdir())  # train, two evaluations; no files
+  assert commands[0].startswith(
+    "python experiments/train.py --config=experiments/configs/sinusoid.py:default --workdir=")
+  assert all("--num_tasks=8" in c for c in commands[1:])
+  unknown = binary("--list", "--runs=nope")
+  assert unknown.returncode != 0 and "nope" in unknown.stderr
+
+
+def test_results_md_has_the_markers_of_the_code():
+  text = (REPO / "docs" / "RESULTS.md").read_text()
+  assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+  assert text.index(report.BEGIN) < text.index(report.END)
+
+
+def test_queue_trains_evaluates_resumes_and_reports(tmp_path):
+  run = suite.Run("sin", "sinusoid", "sinusoid.py:smoke", ("--config.num_steps=4",),
+                  "smoke MAML", eval_steps=(1, 2))
   root = tmp_path / "runs"
-  assert reproduce.work([run], root, None, eval_tasks=8, dry_run=False) == 0
-  st = reproduce.status(run, root)
+  assert queue.work([run], root, None, eval_tasks=8, dry_run=False) == 0
+  st = suite.status(run, root)
   assert st["done"] and st["results"]["step"] == 4 and st["step"] == 4
   assert [e["kind"] for e in st["log"]] == ["train", "eval", "eval"]
   assert all(e["returncode"] == 0 and e["seconds"] > 0 and e["cpu_seconds"] > 0
              for e in st["log"])
 
   # A second pass finds everything done: nothing runs, nothing is logged.
-  assert reproduce.work([run], root, None, eval_tasks=8, dry_run=False) == 0
-  assert len(reproduce.status(run, root)["log"]) == 3
+  assert queue.work([run], root, None, eval_tasks=8, dry_run=False) == 0
+  assert len(suite.status(run, root)["log"]) == 3
 
   doc = tmp_path / "docs" / "RESULTS.md"
   doc.parent.mkdir()
-  doc.write_text(f"# mine\nbefore\n{reproduce.BEGIN}\nold\n{reproduce.END}\nafter\n")
-  reproduce.report(doc, root, eval_tasks=8)
+  doc.write_text(f"# mine\nbefore\n{report.BEGIN}\nold\n{report.END}\nafter\n")
+  report.report(doc, root, eval_tasks=8, runs=[run])
   text = doc.read_text()
   assert text.startswith("# mine\nbefore\n") and text.endswith("after\n") and "\nold\n" not in text
   row = next(line for line in text.splitlines() if line.startswith("| smoke MAML |"))
@@ -86,20 +126,19 @@ def test_queue_trains_evaluates_resumes_and_reports(tmp_path, monkeypatch):
 
 
 def test_unfinished_runs_are_listed_without_figures(tmp_path, monkeypatch):
-  run = reproduce.Run("half", "kao", "omniglot.py:kao5way1shot")
-  monkeypatch.setattr(reproduce, "SUITE", (run,))
+  run = suite.Run("half", "kao", "omniglot.py:kao5way1shot")
+  monkeypatch.setattr(suite, "SUITE", (run,))  # the default of `runs`: the whole suite
   checkpoint.write_json_atomic(tmp_path / "half" / "config.json", {"num_steps": 3000})
   doc = tmp_path / "RESULTS.md"
-  reproduce.report(doc, tmp_path)
+  report.report(doc, tmp_path)
   text = doc.read_text()
   assert "`half` (running/unfinished: step 0 of 3000)" in text  # a config, no checkpoint yet
-  checkpoint.write_atomic(checkpoint.checkpoint_path(tmp_path / "half" / "checkpoints", 250), b"")
-  reproduce.report(doc, tmp_path)
+  checkpoint.save(tmp_path / "half" / "checkpoints", 250, TINY_STATE)
+  report.report(doc, tmp_path, runs=[run])
   assert "`half` (running/unfinished: step 250 of 3000)" in doc.read_text()
   assert "| run |" not in text
-  run = reproduce.Run("none", "kao", "omniglot.py:kao5way1shot")
-  monkeypatch.setattr(reproduce, "SUITE", (run,))
-  reproduce.report(doc, tmp_path)
+  run = suite.Run("none", "kao", "omniglot.py:kao5way1shot")
+  report.report(doc, tmp_path, runs=[run])
   assert "`none` (not started)" in doc.read_text()
 
 
@@ -107,18 +146,17 @@ def test_report_refuses_a_file_without_markers(tmp_path):
   doc = tmp_path / "RESULTS.md"
   doc.write_text("# hand-written only\n")
   with pytest.raises(ValueError, match="markers"):
-    reproduce.report(doc, tmp_path)
+    report.report(doc, tmp_path)
   assert doc.read_text() == "# hand-written only\n"
 
 
-def test_classification_rows_compare_with_the_paper_at_its_test_steps(tmp_path, monkeypatch):
-  run = reproduce.Run("fo", "kao", "omniglot.py:kao5way1shot", label="FO random",
-                      paper=(88.6, "Kao et al.", 1))
-  monkeypatch.setattr(reproduce, "SUITE", (run,))
+def test_classification_rows_compare_with_the_paper_at_its_test_steps(tmp_path):
+  run = suite.Run("fo", "kao", "omniglot.py:kao5way1shot", label="FO random",
+                  paper=(88.6, "Kao et al.", 1))
   workdir = tmp_path / "fo"
   accuracy = {1: (0.8912, 0.0066), 3: (0.9078, 0.0059)}
   for k, (mean, ci) in accuracy.items():
-    checkpoint.write_json_atomic(reproduce.eval_file(workdir, k), {"metrics": {
+    checkpoint.write_json_atomic(suite.eval_file(workdir, k), {"metrics": {
       "accuracy_after": {"mean": mean, "ci95": ci, "num_tasks": 600}}})
   checkpoint.write_json_atomic(workdir / "results.json", {"step": 3000})
   (workdir / "metrics.jsonl").write_text(
@@ -126,62 +164,63 @@ def test_classification_rows_compare_with_the_paper_at_its_test_steps(tmp_path, 
   entry = {"kind": "train", "command": "python experiments/train.py ...", "returncode": 0,
            "seconds": 5400.0, "cpu_seconds": 7200.0, "start": "2026-11-23T13:00:00+00:00",
            "cpu": "x", "cores": 2, "backend": "cpu", "device": "cpu", "jax": "0"}
-  (workdir / reproduce.LOG_FILE).write_text(json.dumps(entry) + "\n")
+  (workdir / suite.LOG_FILE).write_text(json.dumps(entry) + "\n")
   doc = tmp_path / "RESULTS.md"
-  reproduce.report(doc, tmp_path)
+  report.report(doc, tmp_path, runs=[run])
   row = next(line for line in doc.read_text().splitlines() if line.startswith("| FO random |"))
   cells = [c.strip() for c in row.strip("|").split("|")]
   assert cells == ["FO random", "89.12 +- 0.66", "90.78 +- 0.59", "88.6 (1 step)",
                    f"{100 * accuracy[1][0] - 88.6:+.2f}", "1.50 h", "2.00 h", "2026-11-23 14:30"]
 
 
-def test_archive_keeps_what_resuming_needs(tmp_path, monkeypatch):
-  run = reproduce.Run("half", "kao", "omniglot.py:kao5way1shot", eval_steps=(1,))
-  monkeypatch.setattr(reproduce, "SUITE", (run,))
+def test_archive_keeps_what_resuming_needs(tmp_path):
+  run = suite.Run("half", "kao", "omniglot.py:kao5way1shot", eval_steps=(1,))
   root, dest = tmp_path / "root", tmp_path / "archive"
   checkpoint.write_json_atomic(root / "half" / "config.json", {"num_steps": 3000})
   (root / "half" / "metrics.jsonl").write_text('{"step": 250}\n')
   for step in (250, 500):
-    checkpoint.write_atomic(checkpoint.checkpoint_path(root / "half" / "checkpoints", step),
-                            f"state {step}".encode())
+    checkpoint.save(root / "half" / "checkpoints", step, TINY_STATE)
   (root / "half" / "tensorboard").mkdir()
-  assert reproduce.archive([run], root, dest) == ["half"]
-  assert sorted(p.name for p in (dest / "half").rglob("*") if p.is_file()) == [
-    "checkpoint_00000500.msgpack", "config.json", "metrics.jsonl"]
+  assert archive.archive([run], root, dest) == ["half"]
+  assert sorted(p.name for p in (dest / "half").iterdir()) == [
+    "checkpoints", "config.json", "metrics.jsonl"]
+  assert checkpoint.all_steps(dest / "half" / "checkpoints") == [500]
+  assert _tree(checkpoint.checkpoint_path(dest / "half" / "checkpoints", 500)) == _tree(
+    checkpoint.checkpoint_path(root / "half" / "checkpoints", 500))  # the whole checkpoint
   # Copied back into an empty root, the run resumes from the archived step.
-  assert reproduce.status(run, dest)["step"] == 500 and not reproduce.status(run, dest)["done"]
+  assert suite.status(run, dest)["step"] == 500 and not suite.status(run, dest)["done"]
 
   # Finished: the archive keeps its figures and drops the checkpoint.
   checkpoint.write_json_atomic(root / "half" / "results.json", {"step": 3000})
-  checkpoint.write_json_atomic(reproduce.eval_file(root / "half", 1), {"metrics": {}})
-  assert reproduce.archive([run], root, dest) == ["half"]
+  checkpoint.write_json_atomic(suite.eval_file(root / "half", 1), {"metrics": {}})
+  assert archive.archive([run], root, dest) == ["half"]
   assert sorted(p.name for p in (dest / "half").rglob("*") if p.is_file()) == [
     "config.json", "eval_test_1steps.json", "metrics.jsonl", "results.json"]
-  assert reproduce.status(run, dest)["done"]
+  assert checkpoint.all_steps(dest / "half" / "checkpoints") == []
+  assert suite.status(run, dest)["done"]
 
   # A run that never started is skipped.
-  other = reproduce.Run("none", "kao", "omniglot.py:kao5way1shot")
-  assert reproduce.archive([other], root, dest) == []
+  other = suite.Run("none", "kao", "omniglot.py:kao5way1shot")
+  assert archive.archive([other], root, dest) == []
 
 
 def test_sigterm_stops_the_queue_and_logs_the_running_command(tmp_path, monkeypatch):
   import signal
   import threading
 
-  runs = [reproduce.Run(n, "kao", "omniglot.py:kao5way1shot", eval_steps=(1,)) for n in "ab"]
-  monkeypatch.setattr(reproduce, "SUITE", tuple(runs))
-  monkeypatch.setattr(reproduce.Run, "train_command",
+  runs = [suite.Run(n, "kao", "omniglot.py:kao5way1shot", eval_steps=(1,)) for n in "ab"]
+  monkeypatch.setattr(suite.Run, "train_command",
                       lambda self, root, data_dir: [sys.executable, "-c",
                                                     "import time; time.sleep(120)"])
   previous = signal.getsignal(signal.SIGTERM)
   timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
   timer.start()
   try:
-    assert reproduce.work(runs, tmp_path, None, eval_tasks=8, dry_run=False) == 0
+    assert queue.work(runs, tmp_path, None, eval_tasks=8, dry_run=False) == 0
   finally:
     timer.cancel()
   assert signal.getsignal(signal.SIGTERM) is previous
-  log = reproduce.status(runs[0], tmp_path)["log"]
+  log = suite.status(runs[0], tmp_path)["log"]
   assert [(e["kind"], e["returncode"]) for e in log] == [("train", -signal.SIGTERM)]
   assert 2.0 < log[0]["seconds"] < 60
   assert not (tmp_path / "b").exists()  # nothing started after the signal
@@ -195,24 +234,23 @@ def _finished_run(workdir: Path, seed: int, accuracy: dict[int, float]) -> None:
     json.dumps({"step": step, "eval/accuracy_after": accuracy[1] - 0.01 * (step == 250)}) + "\n"
     for step in (250, 500)))
   for k, mean in accuracy.items():
-    checkpoint.write_json_atomic(reproduce.eval_file(workdir, k), {"metrics": {
+    checkpoint.write_json_atomic(suite.eval_file(workdir, k), {"metrics": {
       "accuracy_after": {"mean": mean, "ci95": 0.005, "num_tasks": 600}}})
 
 
-def test_seed_table_averages_seeds_and_pairs_zeroing_with_its_random_head(tmp_path,
-                                                                         monkeypatch):
+def test_seed_table_averages_seeds_and_pairs_zeroing_with_its_random_head(tmp_path):
   paper = lambda p: (p, "Kao et al.", 1)  # noqa: E731
-  runs = [reproduce.Run("a", "kao", "omniglot.py:kao5way1shot", label="FO random head",
-                        paper=paper(88.6)),
-          reproduce.Run("a_zero", "kao", "omniglot.py:kao5way1shot_zeroing",
-                        label="FO zeroing", paper=paper(93.8)),
-          reproduce.Run("a_seed1", "kao", "omniglot.py:kao5way1shot",
-                        label="FO random head seed 1", paper=paper(88.6)),
-          reproduce.Run("a_zero_seed1", "kao", "omniglot.py:kao5way1shot_zeroing",
-                        label="FO zeroing seed 1", paper=paper(93.8)),
-          reproduce.Run("a_seed2", "kao", "omniglot.py:kao5way1shot",
-                        label="FO random head seed 2", paper=paper(88.6)),
-          reproduce.Run("b", "kao", "omniglot.py:kao5way1shot", label="alone")]
+  runs = [suite.Run("a", "kao", "omniglot.py:kao5way1shot", label="FO random head",
+                    paper=paper(88.6)),
+          suite.Run("a_zero", "kao", "omniglot.py:kao5way1shot_zeroing",
+                    label="FO zeroing", paper=paper(93.8)),
+          suite.Run("a_seed1", "kao", "omniglot.py:kao5way1shot",
+                    label="FO random head seed 1", paper=paper(88.6)),
+          suite.Run("a_zero_seed1", "kao", "omniglot.py:kao5way1shot_zeroing",
+                    label="FO zeroing seed 1", paper=paper(93.8)),
+          suite.Run("a_seed2", "kao", "omniglot.py:kao5way1shot",
+                    label="FO random head seed 2", paper=paper(88.6)),
+          suite.Run("b", "kao", "omniglot.py:kao5way1shot", label="alone")]
   random = {0: {1: 0.89, 3: 0.91}, 1: {1: 0.87, 3: 0.90}, 2: {1: 0.88, 3: 0.92}}
   zero = {0: {1: 0.94, 3: 0.945}, 1: {1: 0.95, 3: 0.955}}
   for seed, acc in random.items():
@@ -222,9 +260,9 @@ def test_seed_table_averages_seeds_and_pairs_zeroing_with_its_random_head(tmp_pa
   _finished_run(tmp_path / "b", 0, {1: 0.5, 3: 0.5})  # one seed: no row
   # An unfinished seed is left out.
   checkpoint.write_json_atomic(tmp_path / "a_zero_seed2" / "config.json", {"seed": 2})
-  runs.append(reproduce.Run("a_zero_seed2", "kao", "omniglot.py:kao5way1shot_zeroing"))
-  statuses = {r.name: reproduce.status(r, tmp_path) for r in runs}
-  lines = reproduce.seed_table(runs, statuses)
+  runs.append(suite.Run("a_zero_seed2", "kao", "omniglot.py:kao5way1shot_zeroing"))
+  statuses = {r.name: suite.status(r, tmp_path) for r in runs}
+  lines = report.seed_table(runs, statuses)
   rows = {cells[0]: cells[1:] for cells in
           ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
   assert list(rows) == ["FO random head", "FO zeroing", "FO: zeroing - random head"]
@@ -242,12 +280,11 @@ def test_seed_table_averages_seeds_and_pairs_zeroing_with_its_random_head(tmp_pa
   gains = rows["FO: zeroing - random head"]
   assert gains[:3] == ["0, 1", "5.00, 8.00", f"6.50 +- {sd([5, 8]):.2f}"]
   assert gains[-2:] == ["5.2 (1 step)", "+1.30"]
-  assert reproduce.seed_table(runs[-2:], statuses) == []  # no family with two seeds
+  assert report.seed_table(runs[-2:], statuses) == []  # no family with two seeds
 
   # The report puts the table under the group and plots each family's mean curve.
-  monkeypatch.setattr(reproduce, "SUITE", tuple(runs))
   doc = tmp_path / "RESULTS.md"
-  reproduce.report(doc, tmp_path)
+  report.report(doc, tmp_path, runs=runs)
   text = doc.read_text()
   assert "| FO: zeroing - random head | 0, 1 | 5.00, 8.00 |" in text
   assert "![kao over seeds](results/kao_seeds.png)" in text

@@ -1,0 +1,188 @@
+"""The reproduction suite as data: its runs, their groups, the published figures they face.
+
+Every run is one `experiments/train.py` invocation in `<root>/<run>` followed by
+`experiments/evaluate.py` on the final checkpoint, once per test-time inner-step count. What a run
+has done is read from its workdir's files alone (`status`), so the queue, the archive and the
+report agree on it without any state of their own, and a root copied elsewhere keeps its meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from absl import app
+
+from metajax.experiment import checkpoint
+
+# The project root: the commands run there, and relative roots are read from there.
+ROOT = Path(__file__).resolve().parents[2]
+LOG_FILE = "reproduce_log.jsonl"
+KAO_PAPER = "Kao et al. 2022, official code's Omniglot curves"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of the suite.
+
+  Attributes:
+    name: its workdir name under the root.
+    group: the comparison it belongs to (a table and a plot in the report).
+    config: `experiments/configs/<file>:<variant>`.
+    overrides: extra `--config.<field>=<value>` flags.
+    label: its row label in the report.
+    eval_steps: test-time inner steps of the final evaluations.
+    paper: the published figure (accuracy %, or None), where it comes from, and the test-time
+      inner steps it is compared at (one of `eval_steps`).
+  """
+
+  name: str
+  group: str
+  config: str
+  overrides: tuple[str, ...] = ()
+  label: str = ""
+  eval_steps: tuple[int, ...] = (1, 3)
+  paper: tuple[float | None, str, int] = (None, "", 1)
+
+  def train_command(self, root: Path, data_dir: str | None) -> list[str]:
+    """The `experiments/train.py` command of this run, to run from the project root."""
+    cmd = [sys.executable, "experiments/train.py", f"--config=experiments/configs/{self.config}",
+           f"--workdir={root / self.name}", *self.overrides]
+    if data_dir and not self.config.startswith("sinusoid"):
+      cmd.append(f"--config.data_dir={data_dir}")
+    return cmd
+
+  def eval_command(self, root: Path, steps: int, num_tasks: int) -> list[str]:
+    """The `experiments/evaluate.py` command of the final evaluation with `steps` inner steps."""
+    return [sys.executable, "experiments/evaluate.py", f"--workdir={root / self.name}",
+            f"--num_inner_steps={steps}", f"--num_tasks={num_tasks}",
+            f"--output={eval_file(root / self.name, steps)}"]
+
+
+def eval_file(workdir: Path, steps: int) -> Path:
+  """Where the final evaluation of `workdir` with `steps` test-time inner steps is written."""
+  return workdir / f"eval_test_{steps}steps.json"
+
+
+def _kao(name: str, group: str, shots: int, order: str, zeroing: bool, *extra: str,
+         seed: int = 0, paper: float | None = None, label: str = "") -> Run:
+  variant = f"kao5way{shots}shot" + ("_zeroing" if zeroing else "")
+  algo = {"fo": "fomaml", "so": "maml"}[order]
+  overrides = (f"--config.algorithm={algo}", f"--config.seed={seed}", *extra)
+  label = label or (f"5w{shots}s {order.upper()} " + ("zeroing" if zeroing else "random head")
+                    + (f" seed {seed}" if seed else ""))
+  return Run(name, group, f"omniglot.py:{variant}", overrides, label,
+             paper=(paper, KAO_PAPER if paper is not None else "", 1))
+
+
+def _sinusoid(algorithm: str, shots: int) -> Run:
+  return Run(f"sinusoid_{algorithm}_k{shots}", "sinusoid", "sinusoid.py:default",
+             (f"--config.algorithm={algorithm}", f"--config.shots={shots}",
+              f"--config.queries={shots}"),
+             f"{'MAML' if algorithm == 'maml' else 'pre-training'}, K={shots}",
+             eval_steps=(1, 10))
+
+
+def _suite() -> list[Run]:
+  """Every run in the queue's order: the sinusoid toy, Kao et al.'s central comparison, the
+  studies around it, more seeds of the central runs, then Finn et al.'s setting."""
+  runs = [_sinusoid(a, k) for k in (5, 10) for a in ("maml", "pretrain")]
+  central = [("kao1s_fo", 1, "fo", False, 88.6), ("kao1s_fo_zero", 1, "fo", True, 93.8),
+             ("kao5s_so", 5, "so", False, 97.3), ("kao5s_so_zero", 5, "so", True, 97.9)]
+  runs += [_kao(n, "kao", s, o, z, paper=p) for n, s, o, z, p in central]
+  runs += [_kao(f"kao1s_fo_inner{k}" + ("_zero" if z else ""), "inner_steps", 1, "fo", z,
+                f"--config.num_inner_steps={k}",
+                label=f"{k} train steps, " + ("zeroing" if z else "random head"))
+           for k in (1, 3, 5) for z in (False, True)]
+  runs += [_kao(n, "kao_other", s, o, z) for n, s, o, z in
+           [("kao1s_so", 1, "so", False), ("kao1s_so_zero", 1, "so", True),
+            ("kao5s_fo", 5, "fo", False), ("kao5s_fo_zero", 5, "fo", True)]]
+  runs += [
+    Run("kao1s_protonet", "reference", "omniglot.py:kao5way1shot",
+        ("--config.algorithm=protonet", "--config.seed=0"), "Prototypical Networks 5w1s",
+        eval_steps=(1,)),
+    Run("kao1s_reptile", "reference", "omniglot.py:kao5way1shot",
+        ("--config.algorithm=reptile", "--config.seed=0", "--config.num_inner_steps=5",
+         "--config.inner_lr=0.1", "--config.optimizer=sgd", "--config.meta_lr=1.0"),
+        "Reptile 5w1s (5 inner SGD steps of 0.1, outer SGD 1.0)", eval_steps=(3, 50)),
+  ]
+  runs += [_kao(f"{n}_seed{seed}", "kao", s, o, z, seed=seed, paper=p)
+           for seed in (1, 2) for n, s, o, z, p in central]
+  runs.append(Run("finn5w1s", "finn", "omniglot.py:5way1shot",
+                  ("--config.num_steps=2000", "--config.eval_every=500", "--config.seed=0"),
+                  "MAML 5w1s, Conv-4, rotations, 2,000 of the paper's 60,000 steps",
+                  eval_steps=(3,), paper=(98.7, "Finn et al. 2017, table 1 (60,000 steps)", 3)))
+  return runs
+
+
+SUITE: tuple[Run, ...] = tuple(_suite())
+# Each group is one section of the report (a table and its plots), in this order.
+GROUPS = {
+  "sinusoid": "Sinusoid regression: MAML vs pre-training (test MSE, lower is better)",
+  "kao": "Kao et al.'s Omniglot setting: random head vs the zeroing trick",
+  "inner_steps": "Inner steps in training, with and without zeroing (5-way 1-shot, first order)",
+  "kao_other": "Kao et al.'s setting, the other orders",
+  "reference": "Reference points at the same budget (Kao et al.'s setting, 3,000 steps)",
+  "finn": "The classic MAML setting (Finn et al. 2017), as far as the budget goes",
+}
+
+
+def select(names: Sequence[str]) -> list[Run]:
+  """The runs named (or in the groups named), in suite order; every run when `names` is empty.
+
+  Raises:
+    app.UsageError: a name is neither a run nor a group.
+  """
+  if not names:
+    return list(SUITE)
+  known = {r.name for r in SUITE} | set(GROUPS)
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise app.UsageError(f"unknown runs/groups {unknown}; choose from groups {sorted(GROUPS)} or "
+                         f"runs {[r.name for r in SUITE]}")
+  return [r for r in SUITE if r.name in names or r.group in names]
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+  """The JSON object in `path`, or None if it is missing or not (yet) valid JSON."""
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def status(run: Run, root: Path) -> dict[str, Any]:
+  """What exists of `run` under `root`: its training results, evaluations, progress and wall time.
+
+  Returns:
+    A dict with `results` (its `results.json`, or None while training), `evals` (test-time inner
+    steps -> the final evaluation's metrics, or None), `step` (its newest checkpoint's, 0 if
+    none), `num_steps` and `config` (its `config.json`), `log` (the queue's entries for it),
+    `train_seconds` (the sum of its training invocations' wall clocks) and `done` (trained and
+    every evaluation written).
+  """
+  workdir = ROOT / root / run.name
+  log = []
+  if (workdir / LOG_FILE).exists():
+    log = [json.loads(line) for line in (workdir / LOG_FILE).read_text().splitlines() if line]
+  config = read_json(workdir / "config.json") or {}
+  step = checkpoint.latest_step(workdir / "checkpoints") if workdir.exists() else None
+  evals = {k: read_json(eval_file(workdir, k)) for k in run.eval_steps}
+  evals = {k: e["metrics"] if e else None for k, e in evals.items()}  # name -> mean, ci95
+  results = read_json(workdir / "results.json")
+  return {"results": results, "evals": evals, "step": step or 0,
+          "num_steps": config.get("num_steps"), "config": config,
+          "train_seconds": sum(e["seconds"] for e in log if e["kind"] == "train"),
+          "log": log, "done": results is not None and all(v is not None for v in evals.values())}
+
+
+def progress(st: dict[str, Any]) -> str:
+  """A run's progress in words, from its `status`."""
+  if st["done"]:
+    return "finished"
+  if not st["log"] and not st["step"] and not st["config"]:
+    return "not started"
+  return f"running/unfinished: step {st['step']} of {st['num_steps'] or '?'}"
