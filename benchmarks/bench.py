@@ -58,7 +58,7 @@ Other modes (they add to the table; with one of them, the default workloads run 
 Usage:
   python benchmarks/bench.py --quick --json=benchmarks/results/quick.json
   python benchmarks/bench.py --workloads=W1,W5 --conv=lax --task_map=4
-  python benchmarks/bench.py --memory --memory_meta_batch=8 --json=benchmarks/results/memory.json
+  python benchmarks/bench.py --memory --memory_meta_batch=32 --json=benchmarks/results/memory32.json
   python benchmarks/bench.py --devices=4 --workloads=W1
 """
 
@@ -68,6 +68,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -488,23 +489,32 @@ PEER_CHECK_RTOL = 1e-10  # a peer whose float64 meta-update is further off is ma
 
 def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: bool, env: dict,
                timeout: float = 3600) -> dict:
+  """torch_peers.py once per (workload, peer), each in a fresh process (as metajax's workloads),
+  so a peer's peak memory is its own; then every peer's exactness check, in one process."""
   script = Path(__file__).resolve().parent / "torch_peers.py"
-  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-    path = f.name
-  cmd = [python, str(script), f"--workloads={','.join(workloads)}", f"--reps={reps}",
-         f"--warmup={warmup}", f"--json={path}"] + (["--tiny"] if tiny else [])
-  try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout:.0f} s"}
-  try:
-    with open(path) as f:
-      result = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    result = {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
-  finally:
-    if os.path.exists(path):
-      os.unlink(path)
+  result: dict = {"workloads": {}}
+  for name in workloads:
+    for impl in PEER_IMPLS:
+      with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+      cmd = [python, str(script), f"--workloads={name}", f"--impls={impl}", f"--reps={reps}",
+             f"--warmup={warmup}", f"--json={path}"] + (["--tiny"] if tiny else [])
+      proc = None
+      try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        with open(path) as f:
+          one = json.load(f)
+        result["meta"] = one["meta"]
+        r = one["workloads"][name][impl]
+      except subprocess.TimeoutExpired:
+        r = {"error": f"timed out after {timeout:.0f} s"}
+      except (OSError, json.JSONDecodeError, KeyError) as e:
+        r = {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}" if proc else
+             f"{type(e).__name__}: {e}"}
+      finally:
+        if os.path.exists(path):
+          os.unlink(path)
+      result["workloads"].setdefault(name, {})[impl] = r
   try:  # each peer's meta-update against plain autograd's (float64, tiny shapes, seconds)
     proc = subprocess.run([python, str(script), f"--workloads={','.join(workloads)}", "--check"],
                           env=env, capture_output=True, text=True, timeout=timeout)
@@ -740,10 +750,12 @@ def main(argv: list[str] | None = None) -> int:
     worker_main(json.loads(args.worker))
     return 0
 
-  if args.steps_per_call is None:
-    from metajax.experiment import build
-
-    args.steps_per_call = build.default_config().steps_per_call
+  if args.steps_per_call is None:  # the training config's default
+    spec = importlib.util.spec_from_file_location(
+      "metajax_default_config", REPO / "experiments" / "configs" / "default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args.steps_per_call = module.get_config().steps_per_call
   if args.steps_per_call < 1:
     p.error(f"--steps_per_call={args.steps_per_call}: must be >= 1")
   reps = args.reps if args.reps is not None else (3 if args.quick else 10)
