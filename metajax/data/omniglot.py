@@ -294,9 +294,6 @@ def load_omniglot(
     raise ValueError(f"archives must name at least one of {', '.join(ARCHIVES)}")
   if len(set(archives)) != len(archives):
     raise ValueError(f"archives {archives} lists an archive twice")
-  if download:
-    _download_missing(data_dir, archives)
-  root = find_omniglot_dir(data_dir)
   if resample not in _RESAMPLE:
     raise ValueError(f"resample={resample!r} is not one of {', '.join(_RESAMPLE)}")
   if (
@@ -306,6 +303,9 @@ def load_omniglot(
       f"image_size={image_size!r} must be a positive int (28 as in MAML, 105 native)"
     )
   image_size = int(image_size)
+  if download:  # after the checks: a bad argument costs no download
+    _download_missing(data_dir, archives)
+  root = find_omniglot_dir(data_dir)
   sources = [find_source(root, archive) for archive in archives]
 
   def build() -> dict[str, np.ndarray]:

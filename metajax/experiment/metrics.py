@@ -257,7 +257,7 @@ class MultiWriter:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """The records of a metrics file (or of `<workdir>/metrics.jsonl`); a torn last line is skipped."""
+  """The records of a metrics file (or of `<workdir>/metrics.jsonl`), torn lines skipped."""
   path = Path(path)
   if path.is_dir():
     path = path / METRICS_FILE

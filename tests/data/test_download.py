@@ -185,6 +185,8 @@ def test_loader_downloads_only_when_asked(tmp_path, archive, monkeypatch):
   assert not (tmp_path / "cache").exists()  # nothing fetched or written
   with pytest.raises(FileNotFoundError, match="download=True"):
     load_omniglot(tmp_path / "empty_but_missing", archives=[BACKGROUND])
+  with pytest.raises(ValueError, match="resample='cubic'"):  # checked before any download
+    load_omniglot(archives=[BACKGROUND], download=True, resample="cubic")
 
   with _serve({f"{BACKGROUND}.zip": raw}) as url:
     monkeypatch.setattr(download_lib, "OMNIGLOT_URL", url)

@@ -400,4 +400,4 @@ def test_shared_data_dir_is_left_untouched(omniglot_dir, tmp_path, monkeypatch):
   before = _listing(Path(omniglot_dir))
   load_omniglot(omniglot_dir, archives=["images_background_small1"])
   assert _listing(Path(omniglot_dir)) == before
-  assert len(list((tmp_path / "xdg/metajax").glob("metajax-omniglot-small1-*.npz"))) == 1
+  assert len(list((tmp_path / "xdg/metajax").glob("metajax-omniglot-background_small1-*.npz"))) == 1

@@ -88,7 +88,8 @@ def test_tensorboard_scalars_config_and_hparams(tmp_path):
   assert [p.parent for p in tmp_path.rglob("events.out.tfevents.*")] == [tmp_path]  # one run
   values = {v.tag: v for e in _events(tmp_path) for v in e.summary.value}
   assert values["outer/loss"].simple_value == 0.5
-  assert '"algorithm": "maml"' in values["config"].tensor.string_val[0].decode()
+  (config,) = [v for tag, v in values.items() if tag.split("/")[0] == "config"]
+  assert '"algorithm": "maml"' in config.tensor.string_val[0].decode()
   assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(values)
   start = values["_hparams_/session_start_info"].metadata.plugin_data.content
   assert b"model.filters" in start and b"[40, 40]" in start

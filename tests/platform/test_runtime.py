@@ -119,7 +119,7 @@ def test_parse_hugepages():
     assert runtime.parse_hugepages(value) is None
   with pytest.raises(ValueError, match="'sometimes' is not one of auto, on, off"):
     runtime.parse_hugepages("sometimes")
-  with pytest.raises(ValueError, match=r"\$METAJAX_HUGEPAGES: 'maybe'"):
+  with pytest.raises(ValueError, match=r"\$METAJAX_HUGEPAGES: huge pages setting 'maybe'"):
     runtime.decide({"METAJAX_HUGEPAGES": "maybe"}, LINUX, GLIBC, THP)
 
 
