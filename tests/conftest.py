@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -25,6 +26,11 @@ from metajax.platform import runtime as _runtime
 # binaries they launch use the malloc the binaries re-execute themselves with
 # (metajax.platform.runtime): the same code paths, and the suite's big jitted steps run faster.
 os.environ.update(_runtime.hugepage_environ(os.environ))
+
+# Caches of the suite (and of the binaries it launches) never go to the user's cache directory:
+# a private folder, shared by pytest-xdist's workers (they inherit the controller's environment),
+# unless the caller chose one (CI sets $METAJAX_CACHE_DIR to a folder of its clone).
+os.environ.setdefault("METAJAX_CACHE_DIR", tempfile.mkdtemp(prefix="metajax-test-cache-"))
 
 OMNIGLOT_DIR_ENV = "METAJAX_OMNIGLOT_DIR"
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
