@@ -1,7 +1,8 @@
 """One-step smoke tests of every binary in experiments/, run as the user runs them (subprocesses).
 
 train -> evaluate -> classify -> plot on the `smoke` config on real Omniglot; a run SIGKILLed
-mid-training and restarted ends bit-identical to an uninterrupted one; bad flags fail fast.
+mid-training, or while it writes a checkpoint, and restarted ends bit-identical to an
+uninterrupted one; bad flags and config names fail fast.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metajax.experiment import checkpoint, train
+from metajax.experiment import build, checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -65,13 +66,17 @@ def test_train(smoke_workdir):
   assert json.loads((workdir / "config.json").read_text())["model"] == "kao_conv"
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_train_again_resumes_and_does_not_retrain(smoke_workdir, env):
   workdir, _ = smoke_workdir
-  before = (workdir / "checkpoints" / "checkpoint_00000002.msgpack").read_bytes()
+  before = _files(checkpoint.checkpoint_path(workdir / "checkpoints", 2))
   stdout = run("train.py", "--config=experiments/configs/omniglot.py:smoke",
                f"--workdir={workdir}", env=env).stdout
   assert "resuming from checkpoint step 2" in stdout
-  assert (workdir / "checkpoints" / "checkpoint_00000002.msgpack").read_bytes() == before
+  assert _files(checkpoint.checkpoint_path(workdir / "checkpoints", 2)) == before
 
 
 def test_evaluate(smoke_workdir, env, tmp_path):
@@ -159,9 +164,26 @@ def test_bad_flags_fail_before_any_compute(env, tmp_path):
   assert time.time() - start < 60
 
 
-def test_killed_run_resumes_bit_exact(env, tmp_path):
-  flags = ["--config=experiments/configs/sinusoid.py:smoke", "--config.num_steps=200",
-           "--config.checkpoint_every=1", "--config.log_every=100", "--config.eval_every=0",
+def test_a_misspelt_config_name_lists_the_names(env, tmp_path):
+  result = run("train.py", "--config=experiments/configs/omniglot.py:readne",
+               f"--workdir={tmp_path / 'run'}", env=env, check=False)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "has no config 'readne' (did you mean 'readme'?); its configs are: 5way1shot" in (
+    result.stderr)
+  assert not (tmp_path / "run").exists()
+
+
+def _unfinished(ckpt_dir: Path) -> list[str]:
+  """orbax's temporary folders: checkpoints being written."""
+  return [p.name for p in ckpt_dir.glob("*.orbax-checkpoint-tmp*")] if ckpt_dir.is_dir() else []
+
+
+@pytest.mark.parametrize("when", ["training", "writing a checkpoint"])
+def test_killed_run_resumes_bit_exact(env, tmp_path, when):
+  """SIGKILL at a random point of training, or while a checkpoint is being written; the rerun
+  cleans up, resumes from the newest complete checkpoint, and ends bit-identical."""
+  flags = ["--config=experiments/configs/sinusoid.py:smoke", "--config.num_steps=60",
+           "--config.checkpoint_every=1", "--config.log_every=60", "--config.eval_every=0",
            "--config.test_num_tasks=0"]
   workdir = tmp_path / "killed"
   ckpt_dir = workdir / "checkpoints"
@@ -169,23 +191,34 @@ def test_killed_run_resumes_bit_exact(env, tmp_path):
                               f"--workdir={workdir}"], env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + TIMEOUT
-  while (checkpoint.latest_step(ckpt_dir) or 0) < 3 and process.poll() is None:
+
+  def ready() -> bool:
+    if (checkpoint.latest_step(ckpt_dir) or 0) < 3:
+      return False
+    return when == "training" or bool(_unfinished(ckpt_dir))
+
+  while not ready() and process.poll() is None:
     assert time.time() < deadline
-    time.sleep(0.01)
+    time.sleep(0.001)
   process.send_signal(signal.SIGKILL)
   process.wait()
   killed_at = checkpoint.latest_step(ckpt_dir)
-  assert killed_at is not None and killed_at < 200, "the run ended before it could be killed"
+  assert killed_at is not None and killed_at < 60, "the run ended before it could be killed"
+  left = _unfinished(ckpt_dir)
+  if when == "writing a checkpoint":
+    assert left, "the kill came after the checkpoint was complete"
   stdout = run("train.py", *flags, f"--workdir={workdir}", env=env).stdout
   assert f"resuming from checkpoint step {killed_at}" in stdout
+  assert all(name in stdout for name in left)  # the rerun says what it removed
+  assert not _unfinished(ckpt_dir)
 
   # The uninterrupted reference, in this process (checkpoint_every does not change the numbers).
-  config = train.config_from_dict(json.loads((workdir / "config.json").read_text()))
-  config.checkpoint_every = 200
+  config = build.config_from_dict(json.loads((workdir / "config.json").read_text()))
+  config.checkpoint_every = 60
   train.train_and_evaluate(config, tmp_path / "uninterrupted", print_fn=lambda _: None)
   resumed, _, step = checkpoint.read_latest(ckpt_dir)
   reference, _, _ = checkpoint.read_latest(tmp_path / "uninterrupted" / "checkpoints")
-  assert step == 200
+  assert step == 60
   leaves, reference_leaves = jax.tree.leaves(resumed), jax.tree.leaves(reference)
   assert len(leaves) == len(reference_leaves) > 0
   for x, y in zip(leaves, reference_leaves):

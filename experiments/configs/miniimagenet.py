@@ -13,14 +13,16 @@ The data is read from `--config.data_dir` or `$METAJAX_MINIIMAGENET_DIR` (see
 First-order MAML (`--config.algorithm=fomaml`): 48.07 +- 1.75 and 63.15 +- 0.91 in the paper.
 """
 
-from metajax.experiment.build import default_config
+from pathlib import Path
+from typing import Callable
+
+import ml_collections
+
+from metajax.experiment import build
 
 
-def get_config(variant: str = "5way1shot"):
-  if variant not in ("5way1shot", "5way5shot"):
-    raise ValueError(f"unknown miniimagenet config {variant!r}; choose 5way1shot or 5way5shot")
-  shots = int(variant[len("5way")])
-  c = default_config()
+def _maml(shots: int) -> ml_collections.ConfigDict:
+  c = build.load_config_file(Path(__file__).with_name("default.py"))
   c.dataset, c.image_size, c.model, c.filters = "miniimagenet", 84, "conv4", 32
   c.algorithm, c.ways, c.shots, c.queries = "maml", 5, shots, 15
   c.meta_batch_size = 4 if shots == 1 else 2
@@ -28,3 +30,13 @@ def get_config(variant: str = "5way1shot"):
   c.num_steps, c.eval_split, c.eval_every, c.eval_num_tasks = 60_000, "val", 1_000, 100
   c.eval_batch_size, c.log_every, c.checkpoint_every = 10, 100, 1_000
   return c
+
+
+VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+  "5way1shot": lambda: _maml(1),
+  "5way5shot": lambda: _maml(5),
+}
+
+
+def get_config(variant: str = "5way1shot") -> ml_collections.ConfigDict:
+  return build.get_variant(VARIANTS, variant, "experiments/configs/miniimagenet.py")

@@ -1,31 +1,40 @@
 """From an experiment config to the objects the loop needs: model, learner, optimiser, task sources.
 
 Everything a config selects by name is looked up in a registry here, so a new algorithm, model or
-dataset is one entry, never an `if` in the loop:
+dataset is one entry, never an `if` in the loop, in `validate_config` or in the data loading:
 
     ALGORITHMS["reptile"] = Algorithm(
         learner=lambda model, loss, config, num_inner_steps: Reptile(model.apply, loss, ...),
         step=_reptile_step)           # (model, learner, optimizer, config, ...) -> MetaStep
+    DATASETS["omniglot"] = DatasetSpec(kind="classification", ..., load=_load_omniglot,
+                                       find=_find_omniglot, checks=(_classification_checks, ...))
 
 An `Algorithm` names the learner (used for training and, rebuilt with `eval_num_inner_steps`, for
 evaluation), the meta-step (all share `MetaState`, so checkpoints, resuming and the NaN stop are
 the loop's, unchanged), and the training data drawn from the train pool (labelled episodes,
 UMTRA's unlabelled tasks, or class minibatches for pre-training); evaluation is always on
-labelled `ways`-way episodes.
+labelled `ways`-way episodes. A `DatasetSpec` carries its splits and class counts, its loader,
+the cheap check that its files are there, its own config checks, and the validation metric that
+picks the best checkpoint.
 
-`validate_config` checks a config against what is known about each dataset *before* any data is
-loaded or anything is compiled, and raises one ValueError that lists every problem.
+`validate_config` checks a config against the registries *before* any data is loaded or anything
+is compiled, and raises one ConfigError that lists every problem.
 
-The config fields (see `experiments/configs/omniglot.py` for their defaults and meaning):
-  dataset, data_dir, cache_dir, split, rotations, model, filters, hidden, algorithm, zeroing, loss,
-  reptile_serial, pretrain_eval, ways, train_ways, shots, queries, meta_batch_size, num_inner_steps, eval_num_inner_steps, inner_lr, meta_lr,
-  optimizer, num_steps, eval_every, eval_split, eval_num_tasks, test_num_tasks, eval_batch_size,
-  eval_seed, log_every, checkpoint_every, keep_checkpoints, seed, task_map, remat, steps_per_call.
+Configs are data: `experiments/configs/default.py` gives every field of `FIELDS` its default, and
+the dataset configs beside it build on that. `config_from_dict` turns a stored config (a
+checkpoint's, a run's `config.json`) back into a ConfigDict; fields that configs stored by older
+versions lack take the value those runs ran with (`ABSENT`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import importlib.util
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -33,32 +42,39 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 
-from metajax.algorithms import contrastive_pretrain as contrastive_lib
+from metajax import data as data_lib
 from metajax import losses as losses_lib
-from metajax.nn import models as models_lib
+from metajax.algorithms import contrastive_pretrain as contrastive_lib
 from metajax.algorithms import pretrain as pretrain_lib
-from metajax.data.augment import make_affine_augment
-from metajax.meta import MAML, MetaStep, TaskMap, make_meta_step, with_zeroing
 from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.reptile import Reptile, make_reptile_step
-from metajax.types import Array, PRNGKey, Task
+from metajax.data.augment import make_affine_augment
 from metajax.data.umtra import make_umtra_sampler
+from metajax.meta import MAML, MetaStep, TaskMap, make_meta_step, with_zeroing
+from metajax.nn import models as models_lib
+from metajax.types import Array, PRNGKey, Task
 from metajax.variants import head_mask
 
 Config = ml_collections.ConfigDict | ml_collections.FrozenConfigDict
 Learner = MAML  # any object with MAML's interface: init, model_params, adapt, task_loss, ...
 
 
-
 class ConfigError(ValueError):
   """An invalid config, or one that does not match the checkpoint it should resume from."""
 
 
-# --------------------------------------------------------------------------------------- registry
+class UnknownConfigError(flags.Error, LookupError):
+  """A config name that its config file does not define. An absl flags error, so that
+  `--config=file.py:name` with a typo is one usage error naming the valid names (config_flags
+  would wrap a ValueError in a traceback)."""
+
+
+# ----------------------------------------------------------------------------------- algorithms
 
 def _maml_kwargs(config: Config, num_inner_steps: int) -> dict[str, Any]:
-  return dict(num_inner_steps=num_inner_steps, inner_lr=config.inner_lr, remat=config.remat)
+  return {"num_inner_steps": num_inner_steps, "inner_lr": config.inner_lr, "remat": config.remat}
 
 
 def train_ways(config: Config) -> int:
@@ -80,30 +96,35 @@ def _reptile_step(model: models_lib.Model, learner: Learner,
                            task_map=task_map, jit=jit)
 
 
-# Pre-training baselines: `(model, config) -> objective(params, (x, y), key)`.
-PRETRAIN_OBJECTIVES: dict[str, Callable[[models_lib.Model, Config], Any]] = {
-  "pretrain": lambda model, c: pretrain_lib.supervised_objective(model.apply, build_loss(c)),
-  "simclr": lambda model, c: contrastive_lib.simclr_objective(model.features,
-                                                              make_affine_augment()),
-  "supcon": lambda model, c: contrastive_lib.supcon_objective(model.features,
-                                                              make_affine_augment()),
-}
+# Pre-training objectives: `(model, config) -> objective(params, (x, y), key)`.
+def _supervised(model: models_lib.Model, config: Config) -> Callable[..., Array]:
+  return pretrain_lib.supervised_objective(model.apply, build_loss(config))
+
+
+def _simclr(model: models_lib.Model, config: Config) -> Callable[..., Array]:
+  del config
+  return contrastive_lib.simclr_objective(model.features, make_affine_augment())
+
+
+def _supcon(model: models_lib.Model, config: Config) -> Callable[..., Array]:
+  del config
+  return contrastive_lib.supcon_objective(model.features, make_affine_augment())
 
 
 def _pretrain_step(model: models_lib.Model, learner: Learner,
                    optimizer: optax.GradientTransformation, config: Config, *, task_map: TaskMap,
-                   jit: bool) -> MetaStep:
-  """One optax step on a pooled minibatch: the `[meta_batch_size, B, ...]` chunks of
-  `_class_batches` are flattened into one batch of `meta_batch_size * B` examples. The
+                   jit: bool, objective: Callable[[models_lib.Model, Config], Any]) -> MetaStep:
+  """One optax step of `objective` on a pooled minibatch: the `[meta_batch_size, B, ...]` chunks
+  of `_class_batches` are flattened into one batch of `meta_batch_size * B` examples. The
   augmentations of step s come from `fold_in(fold_in(key(seed), 1), s)` (resumable)."""
   del learner, task_map
-  objective = PRETRAIN_OBJECTIVES[config.algorithm](model, config)
+  loss = objective(model, config)
 
   def pooled(params, batch, key):
     if isinstance(batch, Task):  # regression tasks: their support and query points, pooled
-      return objective(params, pretrain_lib.tasks_to_batch(batch), key)
+      return loss(params, pretrain_lib.tasks_to_batch(batch), key)
     x, y = (a.reshape((-1,) + a.shape[2:]) for a in batch)
-    return objective(params, (x, y), key)
+    return loss(params, (x, y), key)
 
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   return pretrain_lib.make_pretrain_step(pooled, optimizer, key=key, jit=jit)
@@ -111,8 +132,6 @@ def _pretrain_step(model: models_lib.Model, learner: Learner,
 
 def _episodes(config: Config, images: Array) -> Callable[..., Task]:
   """Labelled `train_ways`-way `shots`-shot episodes of the training classes."""
-  from metajax import data as data_lib  # local: data imports PIL and the loaders
-
   return data_lib.make_episode_sampler(images, train_ways(config), config.shots, config.queries)
 
 
@@ -132,24 +151,27 @@ def _class_batches(config: Config, images: Array) -> Callable[..., Task]:
 
 
 def _pretrained_learner(model: models_lib.Model, loss: losses_lib.Loss, config: Config,
-                        num_inner_steps: int) -> Learner:
-  """The few-shot learner on top of pre-trained params (`config.pretrain_eval`, default the
-  algorithm's): "finetune" all params from a fresh zero `ways`-way head, "linear_probe" (the head
-  only), or "prototypes" (nearest class mean of the features). On regression datasets: fine-tune
-  every param of the pre-trained network, its head included."""
+                        num_inner_steps: int, *, default_eval: str) -> Learner:
+  """The few-shot learner on top of pre-trained params (`config.pretrain_eval`, else
+  `default_eval`): "finetune" all params from a fresh zero `ways`-way head, "linear_probe" (the
+  head only), or "prototypes" (nearest class mean of the features). On regression datasets:
+  fine-tune every param of the pre-trained network, its head included."""
   if DATASETS[config.dataset].kind == "regression":
     # Finn et al.'s baseline: fine-tune the whole pre-trained network, its output layer included
     # (a regression head has nothing class-specific to reset).
     return pretrain_lib.finetune_learner(model.apply, loss, num_inner_steps=num_inner_steps,
                                          inner_lr=config.inner_lr)
-  how = config.pretrain_eval or {"pretrain": "finetune"}.get(config.algorithm, "prototypes")
+  how = config.pretrain_eval or default_eval
   if how == "prototypes":
     return ProtoNet(model.features, config.ways, loss)
   shape = DATASETS[config.dataset].input_shape(config)
-  small = MODELS[config.model](config, num_outputs(config), shape)
+  small = MODELS[config.model].build(config, num_outputs(config), shape)
   head = jax.eval_shape(small.init, jax.random.key(0))["head"]
-  fresh_head = lambda params: pretrain_lib.with_head(  # noqa: E731
-    params, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), head))
+
+  def fresh_head(params):
+    return pretrain_lib.with_head(params, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                       head))
+
   learner = pretrain_lib.finetune_learner(small.apply, loss, num_inner_steps=num_inner_steps,
                                           inner_lr=config.inner_lr,
                                           head_only=how == "linear_probe")
@@ -163,6 +185,9 @@ def _pretrain_outputs(config: Config) -> int:
   return DATASETS[config.dataset].classes(config).get("train", 0)
 
 
+KINDS = frozenset({"classification", "regression"})
+
+
 class Algorithm(NamedTuple):
   """Everything `config.algorithm` selects.
 
@@ -174,7 +199,7 @@ class Algorithm(NamedTuple):
       `MetaState`).
     train_tasks: `(config, train images [C, M, ...]) -> sample(key, images) -> Task`, the
       training task sampler (evaluation episodes are always labelled `ways`-way episodes).
-    classification_only: refuse regression datasets.
+    kinds: the dataset kinds it works on.
     higher_way: supports `train_ways` different from `ways` (one learner for both).
     outputs: `config -> ` width of the trained model's head (default `num_outputs`).
   """
@@ -182,10 +207,12 @@ class Algorithm(NamedTuple):
   learner: Callable[[models_lib.Model, losses_lib.Loss, Config, int], Learner]
   step: Callable[..., MetaStep] = _meta_step
   train_tasks: Callable[[Config, Array], Callable[..., Task]] = _episodes
-  classification_only: bool = False
+  kinds: frozenset[str] = KINDS
   higher_way: bool = False
   outputs: Callable[[Config], int] | None = None
 
+
+_CLASSIFICATION = frozenset({"classification"})
 
 ALGORITHMS: dict[str, Algorithm] = {
   # Finn et al. 2017: exact second-order meta-gradient.
@@ -206,74 +233,49 @@ ALGORITHMS: dict[str, Algorithm] = {
   # Snell et al. 2017: nearest class mean of `model.features`; the head is unused. Trained on
   # `train_ways`-way episodes ("higher way"), evaluated on `ways`-way ones.
   "protonet": Algorithm(lambda model, loss, c, k: ProtoNet(model.features, train_ways(c), loss),
-                        classification_only=True, higher_way=True),
+                        kinds=_CLASSIFICATION, higher_way=True),
   # Khodadadeh et al. 2019: MAML meta-trained on unlabelled tasks of the training pool.
   "umtra": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, **_maml_kwargs(c, k)),
-                     train_tasks=_umtra_tasks, classification_only=True),
+                     train_tasks=_umtra_tasks, kinds=_CLASSIFICATION),
   # Joint training on all meta-training classes (a head over all of them), then per test task a
   # fresh head fine-tuned on the support set (`pretrain_eval`: finetune, linear_probe, prototypes).
   # On regression datasets (sinusoid) it trains on the pooled points of the sampled tasks and
   # fine-tunes every parameter at test time (Finn et al. 2017's pre-training baseline).
-  "pretrain": Algorithm(_pretrained_learner, step=_pretrain_step, train_tasks=_class_batches,
-                        outputs=_pretrain_outputs),
+  "pretrain": Algorithm(functools.partial(_pretrained_learner, default_eval="finetune"),
+                        step=functools.partial(_pretrain_step, objective=_supervised),
+                        train_tasks=_class_batches, outputs=_pretrain_outputs),
   # Chen et al. 2020 / Khosla et al. 2020: contrastive pre-training of the encoder on two affine
   # views, then prototypes (default) or a linear probe.
-  "simclr": Algorithm(_pretrained_learner, step=_pretrain_step, train_tasks=_class_batches,
-                      classification_only=True),
-  "supcon": Algorithm(_pretrained_learner, step=_pretrain_step, train_tasks=_class_batches,
-                      classification_only=True),
+  "simclr": Algorithm(functools.partial(_pretrained_learner, default_eval="prototypes"),
+                      step=functools.partial(_pretrain_step, objective=_simclr),
+                      train_tasks=_class_batches, kinds=_CLASSIFICATION),
+  "supcon": Algorithm(functools.partial(_pretrained_learner, default_eval="prototypes"),
+                      step=functools.partial(_pretrain_step, objective=_supcon),
+                      train_tasks=_class_batches, kinds=_CLASSIFICATION),
 }
 
 PRETRAIN_EVALS = ("finetune", "linear_probe", "prototypes")
 
 
-class DatasetSpec(NamedTuple):
-  """What is known about a dataset before loading it (used to validate configs early).
+# ------------------------------------------------------------------------------ models, optimisers
 
-  Attributes:
-    kind: "classification" or "regression".
-    images_per_class: M, or None for synthetic tasks.
-    classes: split name -> number of classes (None if unknown before loading).
-    input_shape: the shape of one example.
-    default_loss: the loss used when `config.loss` is empty.
-  """
+class ModelSpec(NamedTuple):
+  """What `config.model` selects: `build(config, num_outputs, input_shape) -> Model`, and the
+  dataset kinds whose inputs it takes."""
 
-  kind: str
-  images_per_class: int | None
-  classes: Callable[[Config], Mapping[str, int]]
-  input_shape: Callable[[Config], tuple[int, ...]]
-  default_loss: str
+  build: Callable[[Config, int, tuple[int, ...]], models_lib.Model]
+  kinds: frozenset[str]
 
 
-def _omniglot_classes(config: Config) -> dict[str, int]:
-  rotations = _omniglot_rotations(config)
-  counts = {"finn": {"train": 1100, "val": 100, "test": 423},
-            "kao": {"train": 1200, "test": 423},
-            "lake": {"train": 964, "test": 659}}.get(config.split, {})
-  counts = dict(counts)
-  if rotations and "train" in counts:
-    counts["train"] *= 4
-  return counts
-
-
-def _omniglot_rotations(config: Config) -> bool:
-  return config.split == "finn" if config.rotations is None else bool(config.rotations)
-
-
-DATASETS: dict[str, DatasetSpec] = {
-  "omniglot": DatasetSpec("classification", 20, _omniglot_classes,
-                          lambda c: (c.image_size, c.image_size, 1), "cross_entropy"),
-  "miniimagenet": DatasetSpec("classification", 600,
-                              lambda c: {"train": 64, "val": 16, "test": 20},
-                              lambda c: (c.image_size, c.image_size, 3), "cross_entropy"),
-  "sinusoid": DatasetSpec("regression", None, lambda c: {}, lambda c: (1,), "mse"),
-}
-
-# name -> (config, num_outputs, input_shape) -> Model
-MODELS: dict[str, Callable[[Config, int, tuple[int, ...]], models_lib.Model]] = {
-  "conv4": lambda c, n, shape: models_lib.conv4(n, filters=c.filters, input_shape=shape),
-  "kao_conv": lambda c, n, shape: models_lib.kao_conv(n, filters=c.filters, input_shape=shape),
-  "mlp": lambda c, n, shape: models_lib.mlp(n, hidden=tuple(c.hidden), input_shape=shape),
+MODELS: dict[str, ModelSpec] = {
+  "conv4": ModelSpec(lambda c, n, shape: models_lib.conv4(n, filters=c.filters, input_shape=shape),
+                     _CLASSIFICATION),
+  "kao_conv": ModelSpec(lambda c, n, shape: models_lib.kao_conv(n, filters=c.filters,
+                                                                input_shape=shape),
+                        _CLASSIFICATION),
+  "mlp": ModelSpec(lambda c, n, shape: models_lib.mlp(n, hidden=tuple(c.hidden),
+                                                      input_shape=shape),
+                   frozenset({"regression"})),
 }
 
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
@@ -281,80 +283,285 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
   "sgd": optax.sgd,
 }
 
-# Fields that may differ between a checkpoint's config and the config of a run resuming from it:
-# schedule, logging, evaluation and where the data lives. Every other field defines the run.
-RESUMABLE_FIELDS = frozenset({
-  "num_steps", "eval_every", "eval_split", "eval_num_tasks", "test_num_tasks", "eval_batch_size",
-  "eval_num_inner_steps", "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints",
-  "data_dir", "cache_dir", "task_map", "remat", "steps_per_call",
-})
 
-# --------------------------------------------------------------------------------------- config
+# ------------------------------------------------------------------------------------- datasets
 
+class TaskSource(NamedTuple):
+  """Tasks of one split as a pure function of a key.
 
-def default_config() -> ml_collections.ConfigDict:
-  """Every field a run reads, with defaults (5-way 1-shot Omniglot MAML, Finn et al.'s split).
-
-  The experiment configs in `experiments/configs/` start from this and override what differs.
+  Attributes:
+    sample: `sample(key, *arrays) -> Task` (jittable, vmappable over keys).
+    arrays: device-resident arguments of `sample` (the image pool), passed by reference.
+    num_classes: classes in the split (0 for synthetic tasks).
   """
-  c = ml_collections.ConfigDict()
-  # data
-  c.dataset = "omniglot"            # one of DATASETS: omniglot, miniimagenet, sinusoid
-  c.data_dir = ""                   # "" -> $METAJAX_OMNIGLOT_DIR / $METAJAX_MINIIMAGENET_DIR
-  c.cache_dir = ""                  # "" -> metajax.data.cache.resolve_cache_dir's default
-  c.split = "finn"                  # Omniglot class split: finn, kao, lake
-  c.rotations = ml_collections.config_dict.placeholder(bool)  # None -> the split's default
-  c.image_size = 28                 # 28 for Omniglot, 84 for mini-ImageNet
-  # model
-  c.model = "conv4"                 # one of MODELS: conv4, kao_conv, mlp
-  c.filters = 64
-  c.hidden = (40, 40)               # mlp only
-  # algorithm
-  c.algorithm = "maml"              # one of ALGORITHMS: maml, fomaml, anil, metasgd, reptile,
-                                    # protonet, umtra
-  c.reptile_serial = False          # reptile: tasks in turn, one outer update each
-  c.pretrain_eval = ""              # pretrain/simclr/supcon: finetune, linear_probe, prototypes
-                                    # ("": finetune for pretrain, prototypes for the others)
-  c.zeroing = False                 # Kao et al.'s zeroing trick
-  c.loss = ""                       # "" -> the dataset's default (cross_entropy / mse)
-  # episodes
-  c.ways = 5
-  c.train_ways = 0                  # protonet: ways of the training episodes (0: ways)
-  c.shots = 1
-  c.queries = 15
-  c.meta_batch_size = 32
-  c.num_inner_steps = 1
-  c.eval_num_inner_steps = 3
-  c.inner_lr = 0.4
-  c.meta_lr = 1e-3
-  c.optimizer = "adam"              # one of OPTIMIZERS
-  # schedule
-  c.num_steps = 60_000              # outer steps
-  c.eval_every = 1_000              # 0: only the final evaluation
-  c.eval_split = "val"              # the split evaluated during training
-  c.eval_num_tasks = 100            # tasks per evaluation during training
-  c.test_num_tasks = 600            # tasks of the final evaluation on the "test" split (0: none)
-  c.eval_batch_size = 50            # tasks evaluated at once (memory)
-  c.eval_seed = 0                   # evaluation tasks come from this seed, not from `seed`
-  c.log_every = 100
-  c.checkpoint_every = 1_000
-  c.keep_checkpoints = 3
-  c.seed = 0
-  c.task_map = "vmap"               # "vmap", "map", or an int chunk size (see metajax.map_tasks)
-  c.remat = False
-  # Outer steps per compiled call (`MetaStep.steps`, a lax.scan): at most this many, and a divisor
-  # of the log/eval/checkpoint intervals, so that every interval ends on a call boundary. Same
-  # steps, same tasks; on CPU it spares the per-call allocation of XLA's temporaries.
-  c.steps_per_call = 5
-  return c
+
+  sample: Callable[..., Task]
+  arrays: tuple[Array, ...]
+  num_classes: int
 
 
-# --------------------------------------------------------------------------------------- checks
+Problems = list[str]
+
+
+class DatasetSpec(NamedTuple):
+  """Everything `config.dataset` selects.
+
+  Attributes:
+    kind: "classification" or "regression" (one of `KINDS`).
+    images_per_class: M, or None for synthetic tasks.
+    classes: `config -> {split: number of classes}`, its splits (empty: synthetic tasks, any
+      split name works).
+    input_shape: `config -> ` the shape of one example.
+    default_loss: the loss used when `config.loss` is empty.
+    load: `(config, splits) -> {split: TaskSource}`, pools put on device once.
+    find: `config -> None`, raising FileNotFoundError (with what to do) when the files are not
+      there; cheap, run before anything is compiled. None: nothing to find.
+    checks: `(config, spec) -> problems` run by `validate_config`.
+    best: `(metric, mode)` of the evaluation that picks the best checkpoint ("max" or "min").
+    dark_background: images are light strokes on black (user images are inverted to match).
+  """
+
+  kind: str
+  images_per_class: int | None
+  classes: Callable[[Config], Mapping[str, int]]
+  input_shape: Callable[[Config], tuple[int, ...]]
+  default_loss: str
+  load: Callable[[Config, tuple[str, ...]], dict[str, TaskSource]]
+  find: Callable[[Config], None] | None = None
+  checks: tuple[Callable[[Config, DatasetSpec], Problems], ...] = ()
+  best: tuple[str, str] = ("accuracy_after", "max")
+  dark_background: bool = False
+
+
+def _episode_sources(config: Config, pools: Mapping[str, data_lib.ClassPool],
+                     splits: tuple[str, ...]) -> dict[str, TaskSource]:
+  """Labelled `ways`-way episodes of each split's pool; images stay uint8 on device (4x smaller
+  than float32), the samplers scale them to [0, 1]."""
+  sources = {}
+  for split in splits:
+    if split not in pools:
+      raise ValueError(f"{config.dataset} has no split {split!r}; it has {', '.join(pools)}")
+    sample = data_lib.make_episode_sampler(pools[split], config.ways, config.shots, config.queries)
+    sources[split] = TaskSource(sample, (jnp.asarray(pools[split].images),),
+                                pools[split].num_classes)
+  return sources
+
+
+_OMNIGLOT_CLASSES = {"finn": {"train": 1100, "val": 100, "test": 423},
+                     "kao": {"train": 1200, "test": 423},
+                     "lake": {"train": 964, "test": 659}}
+
+
+def _omniglot_rotations(config: Config) -> bool:
+  return config.split == "finn" if config.rotations is None else bool(config.rotations)
+
+
+def _omniglot_classes(config: Config) -> dict[str, int]:
+  counts = dict(_OMNIGLOT_CLASSES.get(config.split, {}))
+  if _omniglot_rotations(config) and "train" in counts:
+    counts["train"] *= 4
+  return counts
+
+
+def _load_omniglot(config: Config, splits: tuple[str, ...]) -> dict[str, TaskSource]:
+  pool = data_lib.load_omniglot(config.data_dir or None, cache_dir=config.cache_dir or None,
+                                image_size=config.image_size, dtype=np.uint8,
+                                download=bool(config.get("download", False)))
+  pools = data_lib.omniglot_split(pool, config.split, rotations=_omniglot_rotations(config))
+  return _episode_sources(config, pools, splits)
+
+
+def _find_omniglot(config: Config) -> None:
+  if not config.get("download", False):  # otherwise the loader fetches what is missing
+    data_lib.find_omniglot_dir(config.data_dir or None)
+
+
+def _load_miniimagenet(config: Config, splits: tuple[str, ...]) -> dict[str, TaskSource]:
+  pools = {split: data_lib.load_miniimagenet(config.data_dir or None, split,
+                                             image_size=config.image_size,
+                                             cache_dir=config.cache_dir or None)
+           for split in sorted(set(splits))}
+  return _episode_sources(config, pools, splits)
+
+
+def _load_sinusoid(config: Config, splits: tuple[str, ...]) -> dict[str, TaskSource]:
+  sample = data_lib.make_sinusoid_sampler(config.shots, config.queries)
+  return {split: TaskSource(sample, (), 0) for split in splits}
 
 
 def _is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
+
+def _int_at_least(config: Config, field: str, minimum: int) -> Problems:
+  value = config.get(field)
+  return [] if _is_int(value) and value >= minimum else [
+    f"{field}={value!r} must be an int >= {minimum}"]
+
+
+def _classification_checks(config: Config, spec: DatasetSpec) -> Problems:
+  """Episodes that fit the dataset: enough images per class, and classes per split."""
+  problems = _int_at_least(config, "ways", 2)
+  ways_ok = not problems
+  m = spec.images_per_class
+  counts = _is_int(config.get("shots")) and _is_int(config.get("queries")) and m is not None
+  if counts and config.shots + config.queries > m:
+    problems.append(f"shots + queries = {config.shots} + {config.queries} is more than the {m} "
+                      f"images per class of {config.dataset}")
+  classes = spec.classes(config)
+  if not classes:
+    return problems
+  if ways_ok:
+    for split in ("train", config.get("eval_split"), "test"):
+      if split in classes and config.ways > classes[split]:
+        problems.append(f"ways={config.ways} is more than the {classes[split]} classes of the "
+                        f"{config.dataset} {split!r} split")
+    train_ways_ok = "train" in classes and _is_int(config.get("train_ways"))
+    if train_ways_ok and config.train_ways > classes["train"]:
+      problems.append(f"train_ways={config.train_ways} is more than the {classes['train']} "
+                      f"classes of the {config.dataset} 'train' split")
+  if config.get("eval_split") not in classes:
+    problems.append(f"eval_split={config.get('eval_split')!r} is not a split of {config.dataset} "
+                    f"(split {config.get('split')!r}): {', '.join(classes)}")
+  return problems
+
+
+def _omniglot_checks(config: Config, spec: DatasetSpec) -> Problems:
+  del spec
+  split = config.get("split")
+  return [] if split in _OMNIGLOT_CLASSES else [
+    f"split={split!r} is not one of {', '.join(sorted(_OMNIGLOT_CLASSES))}"]
+
+
+def _no_download(config: Config, spec: DatasetSpec) -> Problems:
+  del spec
+  return [f"download=True: metajax does not download {config.dataset}; pass data_dir"] if (
+    config.get("download")) else []
+
+
+DATASETS: dict[str, DatasetSpec] = {
+  "omniglot": DatasetSpec("classification", 20, _omniglot_classes,
+                          lambda c: (c.image_size, c.image_size, 1), "cross_entropy",
+                          load=_load_omniglot, find=_find_omniglot,
+                          checks=(_omniglot_checks, _classification_checks),
+                          dark_background=True),
+  "miniimagenet": DatasetSpec("classification", 600,
+                              lambda c: {"train": 64, "val": 16, "test": 20},
+                              lambda c: (c.image_size, c.image_size, 3), "cross_entropy",
+                              load=_load_miniimagenet,
+                              find=lambda c: data_lib.find_miniimagenet_dir(c.data_dir or None),
+                              checks=(_classification_checks, _no_download)),
+  "sinusoid": DatasetSpec("regression", None, lambda c: {}, lambda c: (1,), "mse",
+                          load=_load_sinusoid, best=("loss_after", "min")),
+}
+
+
+# --------------------------------------------------------------------------------------- config
+
+# Every field a run reads; `experiments/configs/default.py` gives each its default and meaning.
+FIELDS = frozenset({
+  # data
+  "dataset", "data_dir", "cache_dir", "download", "split", "rotations", "image_size",
+  # model
+  "model", "filters", "hidden",
+  # algorithm
+  "algorithm", "reptile_serial", "pretrain_eval", "zeroing", "loss",
+  # episodes and optimisation
+  "ways", "train_ways", "shots", "queries", "meta_batch_size", "num_inner_steps",
+  "eval_num_inner_steps", "inner_lr", "meta_lr", "optimizer",
+  # schedule, evaluation, logging
+  "num_steps", "eval_every", "eval_split", "eval_num_tasks", "test_num_tasks", "eval_batch_size",
+  "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints", "seed",
+  # execution
+  "task_map", "remat", "steps_per_call",
+})
+
+# Fields that configs stored by older versions lack, with the value those runs ran with (one
+# outer step per compiled call; no download).
+ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False}
+
+# Fields that may differ between a checkpoint's config and the config of a run resuming from it:
+# schedule, logging, evaluation and where the data lives. Every other field defines the run.
+RESUMABLE_FIELDS = frozenset({
+  "num_steps", "eval_every", "eval_split", "eval_num_tasks", "test_num_tasks", "eval_batch_size",
+  "eval_num_inner_steps", "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints",
+  "data_dir", "cache_dir", "download", "task_map", "remat", "steps_per_call",
+})
+
+
+def config_to_dict(config: Config | Mapping[str, Any]) -> dict[str, Any]:
+  """A config as plain JSON values (tuples become lists), for storage and comparison."""
+  if hasattr(config, "to_json"):
+    return json.loads(config.to_json())
+  return json.loads(json.dumps(dict(config)))
+
+
+def config_from_dict(values: Config | Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A ConfigDict of every field in `FIELDS` from a config or its stored dict.
+
+  Stored lists of `hidden` become tuples again; the fields of `ABSENT` that `values` lacks take
+  their `ABSENT` value.
+
+  Raises:
+    ConfigError: fields that are not in `FIELDS` (e.g. a misspelt name), or missing ones.
+  """
+  values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+  unknown = sorted(set(values) - FIELDS)
+  if unknown:
+    raise ConfigError(f"unknown config fields {unknown}; the fields are {sorted(FIELDS)}")
+  missing = sorted(FIELDS - set(values) - set(ABSENT))
+  if missing:
+    raise ConfigError(f"the config lacks the fields {missing}: start from "
+                      "experiments/configs/default.py (or a dataset config beside it)")
+  values = {**ABSENT, **values}
+  if isinstance(values["hidden"], list):
+    values["hidden"] = tuple(values["hidden"])
+  return ml_collections.ConfigDict(values)
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
+                ignore: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
+  """Fields (other than `ignore`) whose values differ between two configs as plain dicts."""
+  keys = sorted((set(saved) | set(current)) - ignore)
+  return [f"{k}: {saved.get(k, '<missing>')!r} in the checkpoint, {current.get(k, '<missing>')!r} "
+          "now" for k in keys if saved.get(k, "<missing>") != current.get(k, "<missing>")]
+
+
+def get_variant(variants: Mapping[str, Callable[[], Config]], name: str, where: str) -> Config:
+  """`variants[name]()`, the named config of a config file.
+
+  Raises:
+    UnknownConfigError: `name` is not in `variants` (listing the valid names and the closest).
+  """
+  if name not in variants:
+    close = difflib.get_close_matches(name, list(variants), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownConfigError(f"{where} has no config {name!r}{hint}; its configs are: "
+                      + ", ".join(variants))
+  return variants[name]()
+
+
+def load_config_file(spec: str | os.PathLike[str]) -> ml_collections.ConfigDict:
+  """The config of `path` or `path:variant`, as `--config=path[:variant]` gives it (no overrides).
+
+  Config files are not a package: this loads one by its path (dataset configs load
+  `default.py` so, notebooks and tests their configs).
+  """
+  spec = str(spec)
+  path, variant = spec, None
+  if ":" in spec and not spec.endswith(".py"):
+    path, variant = spec.rsplit(":", 1)
+  path = Path(path)
+  module_spec = importlib.util.spec_from_file_location(
+    f"metajax_config_{path.stem}_{abs(hash(str(path.resolve())))}", path)
+  if module_spec is None or not path.is_file():
+    raise FileNotFoundError(f"no config file {str(path)!r}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config() if variant is None else module.get_config(variant)
+
+
+# --------------------------------------------------------------------------------------- checks
 
 def parse_task_map(value: Any) -> TaskMap:
   """"vmap", "map", or a positive int (also given as a string, e.g. "8" from the command line)."""
@@ -372,10 +579,10 @@ def validate_config(config: Config) -> None:
   """Checks a config before anything is loaded or compiled.
 
   Raises:
-    ConfigError (a ValueError): listing every problem found (unknown names, counts out of range, episodes that
-      do not fit the dataset, inconsistent evaluation settings).
+    ConfigError (a ValueError): listing every problem found (unknown names, counts out of range,
+      episodes that do not fit the dataset, inconsistent evaluation settings).
   """
-  problems = []
+  problems: Problems = []
 
   def need(ok: bool, message: str) -> None:
     if not ok:
@@ -387,12 +594,6 @@ def validate_config(config: Config) -> None:
     need(ok, f"{field}={value!r} is not one of {', '.join(sorted(options))}")
     return ok
 
-  def count(field: str, minimum: int) -> bool:
-    value = config.get(field)
-    ok = _is_int(value) and value >= minimum
-    need(ok, f"{field}={value!r} must be an int >= {minimum}")
-    return ok
-
   def positive(field: str) -> None:
     value = config.get(field)
     need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
@@ -400,12 +601,14 @@ def validate_config(config: Config) -> None:
 
   have_dataset = choice("dataset", DATASETS)
   have_algorithm = choice("algorithm", ALGORITHMS)
-  choice("model", MODELS)
+  have_model = choice("model", MODELS)
   choice("optimizer", OPTIMIZERS)
-  for field in ("zeroing", "reptile_serial"):
+  for field in ("zeroing", "reptile_serial", "download"):
     need(isinstance(config.get(field), bool), f"{field}={config.get(field)!r} must be True or "
          "False")
-  if count("train_ways", 0) and config.train_ways and have_algorithm:
+  train_ways_problems = _int_at_least(config, "train_ways", 0)
+  problems += train_ways_problems
+  if not train_ways_problems and config.train_ways and have_algorithm:
     algorithm = ALGORITHMS[config.algorithm]
     need(algorithm.higher_way or config.train_ways == config.get("ways"),
          f"train_ways={config.train_ways} differs from ways={config.get('ways')!r}, which "
@@ -419,9 +622,9 @@ def validate_config(config: Config) -> None:
   for field in ("shots", "queries", "meta_batch_size", "num_inner_steps", "eval_num_inner_steps",
                 "eval_num_tasks", "eval_batch_size", "log_every",
                 "checkpoint_every", "keep_checkpoints", "filters", "steps_per_call"):
-    count(field, 1)
+    problems += _int_at_least(config, field, 1)
   for field in ("num_steps", "eval_every", "seed", "eval_seed", "test_num_tasks"):
-    count(field, 0)
+    problems += _int_at_least(config, field, 0)
   positive("inner_lr")
   positive("meta_lr")
   try:
@@ -430,70 +633,36 @@ def validate_config(config: Config) -> None:
     problems.append(str(e))
   if have_dataset:
     spec = DATASETS[config.dataset]
-    if spec.kind == "classification":
-      ways_ok = count("ways", 2)
-      if config.dataset == "omniglot":
-        choice("split", {"finn": 0, "kao": 0, "lake": 0})
-      if config.get("model") == "mlp":
-        problems.append(f"model='mlp' is for regression; {config.dataset} needs conv4 or kao_conv")
-      m = spec.images_per_class
-      if _is_int(config.get("shots")) and _is_int(config.get("queries")):
-        need(config.shots + config.queries <= m,
-             f"shots + queries = {config.shots} + {config.queries} is more than the {m} images per "
-             f"class of {config.dataset}")
-      classes = spec.classes(config)
-      if ways_ok and classes:
-        for split in ("train", config.get("eval_split"), "test"):
-          if split in classes:
-            need(config.ways <= classes[split],
-                 f"ways={config.ways} is more than the {classes[split]} classes of the "
-                 f"{config.dataset} {split!r} split")
-        if "train" in classes and _is_int(config.get("train_ways")):
-          need(config.train_ways <= classes["train"],
-               f"train_ways={config.train_ways} is more than the {classes['train']} classes of "
-               f"the {config.dataset} 'train' split")
-      if classes:
-        need(config.get("eval_split") in classes,
-             f"eval_split={config.get('eval_split')!r} is not a split of {config.dataset} "
-             f"(split {config.get('split')!r}): {', '.join(classes)}")
-    else:
-      need(config.get("model") == "mlp", f"model={config.get('model')!r}: {config.dataset} "
-           "regression needs model='mlp'")
-      need(not (have_algorithm and ALGORITHMS[config.algorithm].classification_only),
-           f"algorithm={config.get('algorithm')!r} needs a classification dataset, not "
-           f"{config.dataset}")
+    if have_model:
+      need(spec.kind in MODELS[config.model].kinds,
+           f"model={config.model!r} is not for {spec.kind}; {config.dataset} needs "
+           + " or ".join(sorted(m for m, s in MODELS.items() if spec.kind in s.kinds)))
+    if have_algorithm:
+      kinds = ALGORITHMS[config.algorithm].kinds
+      need(spec.kind in kinds, f"algorithm={config.algorithm!r} needs a "
+           f"{' or '.join(sorted(kinds))} dataset, not {config.dataset}")
+    for check in spec.checks:
+      problems += check(config, spec)
   if problems:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def check_data(config: Config) -> None:
-  """Checks that the dataset's directory exists (cheap; before anything is compiled).
+  """Checks that the dataset's files are there (cheap; before anything is compiled).
 
   Raises:
     FileNotFoundError: naming the directory and the flag or environment variable to set.
   """
-  from metajax import data as data_lib  # local: data imports PIL and the loaders
-
-  find = {"omniglot": data_lib.find_omniglot_dir,
-          "miniimagenet": data_lib.find_miniimagenet_dir}.get(config.dataset)
+  find = DATASETS[config.dataset].find
   if find is None:
     return
   try:
-    find(config.data_dir or None)
+    find(config)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e} (binaries: --config.data_dir=...)") from None
 
 
-def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
-                ignore: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
-  """Fields (other than `ignore`) whose values differ between two configs as plain dicts."""
-  keys = sorted((set(saved) | set(current)) - ignore)
-  return [f"{k}: {saved.get(k, '<missing>')!r} in the checkpoint, {current.get(k, '<missing>')!r} "
-          "now" for k in keys if saved.get(k, "<missing>") != current.get(k, "<missing>")]
-
-
 # --------------------------------------------------------------------------------------- builders
-
 
 def num_outputs(config: Config) -> int:
   """Width of the model's head: `ways` for classification, 1 for regression."""
@@ -501,10 +670,10 @@ def num_outputs(config: Config) -> int:
 
 
 def build_model(config: Config) -> models_lib.Model:
-  """The model of `config.model` with `num_outputs(config)` outputs."""
+  """The model of `config.model` with `num_outputs(config)` outputs (or the algorithm's)."""
   shape = DATASETS[config.dataset].input_shape(config)
   outputs = ALGORITHMS[config.algorithm].outputs or num_outputs
-  return MODELS[config.model](config, outputs(config), shape)
+  return MODELS[config.model].build(config, outputs(config), shape)
 
 
 def build_loss(config: Config) -> losses_lib.Loss:
@@ -538,6 +707,11 @@ def build_meta_step(config: Config, model: models_lib.Model, learner: Learner, *
                                            task_map=parse_task_map(config.task_map), jit=jit)
 
 
+def load_task_sources(config: Config, splits: tuple[str, ...]) -> dict[str, TaskSource]:
+  """Loads the dataset and returns one `TaskSource` per split (pools put on device once)."""
+  return DATASETS[config.dataset].load(config, splits)
+
+
 def train_task_source(config: Config, source: TaskSource) -> TaskSource:
   """The training tasks of `config.algorithm`, drawn from the pool of `source` (the train split's
   labelled source from `load_task_sources`); synthetic sources are returned unchanged."""
@@ -545,51 +719,6 @@ def train_task_source(config: Config, source: TaskSource) -> TaskSource:
     return source
   return source._replace(sample=ALGORITHMS[config.algorithm].train_tasks(config,
                                                                          source.arrays[0]))
-
-
-class TaskSource(NamedTuple):
-  """Tasks of one split as a pure function of a key.
-
-  Attributes:
-    sample: `sample(key, *arrays) -> Task` (jittable, vmappable over keys).
-    arrays: device-resident arguments of `sample` (the image pool), passed by reference.
-    num_classes: classes in the split (0 for synthetic tasks).
-  """
-
-  sample: Callable[..., Task]
-  arrays: tuple[Array, ...]
-  num_classes: int
-
-
-def load_task_sources(config: Config, splits: tuple[str, ...]) -> dict[str, TaskSource]:
-  """Loads the dataset and returns one `TaskSource` per split (pools put on device once).
-
-  Images stay uint8 on device (4x smaller than float32); the samplers scale them to [0, 1].
-  """
-  from metajax import data as data_lib  # local: data imports PIL and the loaders
-
-  if config.dataset == "sinusoid":
-    sample = data_lib.make_sinusoid_sampler(config.shots, config.queries)
-    return {split: TaskSource(sample, (), 0) for split in splits}
-  if config.dataset == "omniglot":
-    pool = data_lib.load_omniglot(config.data_dir or None, cache_dir=config.cache_dir or None,
-                                  image_size=config.image_size, dtype=np.uint8)
-    pools = data_lib.omniglot_split(pool, config.split, rotations=_omniglot_rotations(config))
-  elif config.dataset == "miniimagenet":
-    pools = {split: data_lib.load_miniimagenet(config.data_dir or None, split,
-                                               image_size=config.image_size,
-                                               cache_dir=config.cache_dir or None)
-             for split in sorted(set(splits))}
-  else:
-    raise ValueError(f"unknown dataset {config.dataset!r}")
-  sources = {}
-  for split in splits:
-    if split not in pools:
-      raise ValueError(f"{config.dataset} has no split {split!r}; it has {', '.join(pools)}")
-    sample = data_lib.make_episode_sampler(pools[split], config.ways, config.shots, config.queries)
-    sources[split] = TaskSource(sample, (jnp.asarray(pools[split].images),),
-                                pools[split].num_classes)
-  return sources
 
 
 def sample_tasks(source: TaskSource, keys: PRNGKey) -> Task:

@@ -1,61 +1,398 @@
-"""Atomic, verified checkpoints of a training run: state pytree + config, one msgpack file each.
+"""A training run's checkpoints on orbax-checkpoint, verified when read back.
 
-A checkpoint is `<directory>/checkpoint_<step:08d>.msgpack`, holding a format tag, the step, the
-run's config (JSON) and the state pytree (meta-params, optimiser state, step, PRNG key data)
-serialised with `flax.serialization` (a bit-exact round trip of every array), plus a sha256 of
-the serialised state.
+A checkpoint is the step folder `<directory>/checkpoint_<step:08d>/` of an orbax
+`CheckpointManager`, with the items
 
-Writes are atomic: the bytes go to a temporary file in the same directory, are fsync'ed, and the
-file is `os.replace`d into place (then the directory is fsync'ed). A crash mid-write leaves at most
-a stray `*.tmp` file, never a broken checkpoint; `latest_step` ignores temporaries and `restore`
-falls back to the previous checkpoint (with a warning) if the newest one is unreadable all the
-same. Only the `keep` newest checkpoints are kept.
+  state    the state pytree as nested dicts of numpy arrays (`ocp.args.StandardSave`),
+  config   the run's config, as JSON beside the state,
+  digest   a sha256 over the step, the config, the metrics and every array's name, dtype, shape
+           and bytes,
+  metrics  the step's validation metrics (only when the run keeps its best checkpoint).
 
-    save(ckpt_dir, step, state, config=config.to_dict())
-    state, config = restore(ckpt_dir, target=state)      # target: a pytree of the same structure
+orbax does the writing: synchronously, into a temporary folder renamed into place once complete,
+from the primary process only in a multi-process run; it keeps the `keep` newest checkpoints plus
+the best one by a validation metric (`Best`) and deletes the others. metajax adds what orbax does
+not do: the digest, because orbax hands back whatever bytes it finds on disk, so that a flipped
+bit of an array or a flipped digit of the stored config is caught instead of silently changing
+the run; `read_latest` names a corrupt or partial newest checkpoint in one warning and falls back
+to the previous good one; `Checkpoints` removes the temporaries of writes that were killed;
+errors name the entries that do not fit the model; and a directory of metajax's earlier msgpack
+format is refused with a message saying so.
+
+    with Checkpoints(ckpt_dir, keep=3, best=Best("eval/accuracy_after", "max")) as checkpoints:
+      checkpoints.save(step, state, config=config_dict, metrics={"eval/accuracy_after": 0.93})
+    state, config, step = restore(ckpt_dir, target)    # target: a pytree of the same structure
+
+It also holds `write_atomic` and `write_json_atomic`, which write a run's small files (the config,
+the results) so that readers see the old file or the new one, never a mix.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
-from flax import serialization
-from flax import traverse_util
+import orbax.checkpoint as ocp
+from flax import serialization, traverse_util
+from orbax.checkpoint import checkpoint_managers
 
 from metajax.types import PyTree
 
-FORMAT = "metajax-checkpoint-v1"
-_NAME = re.compile(r"^checkpoint_(\d{8,})\.msgpack$")
+FORMAT = "metajax-orbax-v1"
+_PREFIX = "checkpoint"
+_DIGITS = 8
+_NAME = re.compile(rf"{_PREFIX}_(\d{{{_DIGITS},}})")
+_ITEMS = ("state", "config", "digest")
+_OLD_FORMAT = "checkpoint_*.msgpack"  # metajax's earlier format, one msgpack file per step
+# orbax's step folders are written as `<name>.orbax-checkpoint-tmp-<timestamp>` and renamed
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+_ATOMIC_TMP = re.compile(r"\..+\.[^.]+\.tmp")  # write_atomic's temporaries, `.<name>.<random>.tmp`
 
 
 class CheckpointError(ValueError):
   """A checkpoint that does not exist, cannot be read, or does not fit the run."""
 
 
+class Best(NamedTuple):
+  """Which checkpoint is the best: the highest `metric` (mode "max") or the lowest ("min")."""
+
+  metric: str
+  mode: str = "max"
+
+
+# ------------------------------------------------------------------------------------- listing
+
+
 def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
-  return Path(directory) / f"checkpoint_{int(step):08d}.msgpack"
+  """The folder of step `step`'s checkpoint."""
+  return Path(directory) / f"{_PREFIX}_{int(step):0{_DIGITS}d}"
 
 
 def all_steps(directory: str | os.PathLike[str]) -> list[int]:
-  """Steps of the checkpoints in `directory`, ascending (temporaries ignored)."""
+  """Steps of the complete checkpoints in `directory`, ascending (temporaries ignored)."""
   directory = Path(directory)
   if not directory.is_dir():
     return []
-  return sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(directory)) if m)
+  return sorted(int(m.group(1)) for m in map(_NAME.fullmatch, os.listdir(directory))
+                if m and (directory / m.group(0)).is_dir())
 
 
 def latest_step(directory: str | os.PathLike[str]) -> int | None:
   steps = all_steps(directory)
   return steps[-1] if steps else None
+
+
+def check_format(directory: str | os.PathLike[str]) -> None:
+  """Refuses a directory of metajax's earlier checkpoint format.
+
+  Raises:
+    CheckpointError: `directory` holds `checkpoint_*.msgpack` files.
+  """
+  old = sorted(p.name for p in Path(directory).glob(_OLD_FORMAT))
+  if old:
+    raise CheckpointError(
+      f"{str(directory)!r} holds checkpoints of metajax's earlier msgpack format ({old[-1]}"
+      f"{f' and {len(old) - 1} more' if len(old) > 1 else ''}), which this version does not "
+      "read (checkpoints are orbax-checkpoint folders now): train in a new --workdir, or delete "
+      "those files to train this one again from step 0")
+
+
+def _score(best: Best, metrics: Mapping[str, Any] | None) -> float:
+  """Higher is better; a checkpoint without the metric ranks below every one with it."""
+  if not metrics or best.metric not in metrics:
+    return -math.inf
+  value = float(metrics[best.metric])
+  return value if best.mode == "max" else -value
+
+
+def best_step(directory: str | os.PathLike[str], best: Best) -> int | None:
+  """The step whose stored metrics are the best by `best` (None if none has the metric)."""
+  steps = all_steps(directory)
+  if not steps:
+    return None
+  with _manager(directory, write=False) as manager:
+    scores = {step: _score(best, manager.metrics(step)) for step in steps}
+  step = max(steps, key=lambda s: (scores[s], s))
+  return step if scores[step] > -math.inf else None
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def _manager(directory: str | os.PathLike[str], *, write: bool, keep: int | None = None,
+             best: Best | None = None) -> ocp.CheckpointManager:
+  policies = [checkpoint_managers.LatestN(n=keep)]
+  tracking = {}
+  if best is not None:
+    if best.mode not in ("max", "min"):
+      raise ValueError(f"Best.mode must be 'max' or 'min', got {best.mode!r}")
+    score = functools.partial(_score, best)
+    policies.append(checkpoint_managers.BestN(get_metric_fn=score, n=1,
+                                              keep_checkpoints_without_metrics=False))
+    # orbax stores a step's metrics only when best_fn is set; the policy above decides deletion
+    tracking = {"best_fn": score, "best_mode": "max"}
+  options = ocp.CheckpointManagerOptions(
+    step_prefix=_PREFIX, step_format_fixed_length=_DIGITS, create=write,
+    enable_async_checkpointing=False,  # a returned save is on disk: resume stays simple
+    preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **tracking)
+  return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=_ITEMS)
+
+
+def remove_temporaries(directory: str | os.PathLike[str]) -> list[str]:
+  """Removes what killed writes left in `directory`: orbax's unfinished step folders and
+  `write_atomic`'s temporary files (primary process only). Returns the names removed."""
+  directory = Path(directory)
+  if jax.process_index() != 0 or not directory.is_dir():
+    return []
+  removed = []
+  for path in sorted(directory.iterdir()):
+    if _ORBAX_TMP in path.name and path.is_dir():
+      shutil.rmtree(path, ignore_errors=True)
+    elif _ATOMIC_TMP.fullmatch(path.name) and path.is_file():
+      path.unlink(missing_ok=True)
+    else:
+      continue
+    removed.append(path.name)
+  return removed
+
+
+def _to_host(tree: PyTree) -> PyTree:
+  def leaf(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      raise TypeError("typed PRNG keys cannot be saved: store jax.random.key_data(key)")
+    return np.asarray(x)
+
+  return jax.tree.map(leaf, jax.device_get(tree))
+
+
+def _plain(obj: Any) -> Any:
+  """`obj` as it reads back from JSON (tuples become lists), so the digest sees what is stored."""
+  return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def digest(step: int, state_dict: Mapping[str, Any], config: Any, metrics: Any) -> str:
+  """sha256 of everything a checkpoint holds: step, config, metrics, and each array's name,
+  dtype, shape and bytes."""
+  h = hashlib.sha256(json.dumps({"format": FORMAT, "step": int(step), "config": config,
+                                 "metrics": metrics}, sort_keys=True).encode())
+  for name, leaf in sorted(traverse_util.flatten_dict(dict(state_dict), sep="/").items()):
+    array = np.asarray(leaf)
+    h.update(json.dumps([name, array.dtype.str, array.shape]).encode())
+    h.update(array.tobytes())
+  return h.hexdigest()
+
+
+class Checkpoints:
+  """A run's checkpoint directory opened for writing: one orbax `CheckpointManager`.
+
+  Opening it refuses the earlier format and removes the temporaries of killed writes (their
+  names are in `removed`). Use it as a context manager, or call `close`.
+  """
+
+  def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3,
+               best: Best | None = None):
+    """
+    Args:
+      directory: the checkpoint directory (created if needed).
+      keep: how many of the newest checkpoints to keep (>= 1).
+      best: also keep the best checkpoint by this metric of `save`'s `metrics`.
+    """
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}")
+    self.directory = Path(directory)
+    check_format(self.directory)
+    self.removed = remove_temporaries(self.directory)
+    self.best = best
+    self._manager = _manager(self.directory, write=True, keep=keep, best=best)
+
+  def save(self, step: int, state: PyTree, *, config: Mapping[str, Any] | None = None,
+           metrics: Mapping[str, float] | None = None) -> Path:
+    """Writes step `step`'s checkpoint (then deletes those neither among the newest nor best).
+
+    Args:
+      step: the step number in the folder name.
+      state: a pytree of arrays (NamedTuples, dicts, lists; raw key data for PRNG keys).
+      config: a JSON-serialisable dict stored with the state.
+      metrics: the step's validation metrics (kept only when the directory tracks a `Best`).
+
+    Returns:
+      The folder written.
+    """
+    state_dict = serialization.to_state_dict(_to_host(state))
+    config = _plain(dict(config or {}))
+    stored = _plain({k: float(v) for k, v in (metrics or {}).items()}) if self.best else None
+    items = ocp.args.Composite(
+      state=ocp.args.StandardSave(state_dict), config=ocp.args.JsonSave(config),
+      digest=ocp.args.JsonSave({"format": FORMAT,
+                                "sha256": digest(step, state_dict, config, stored)}))
+    self._manager.save(int(step), args=items, metrics=stored, force=True)
+    return checkpoint_path(self.directory, step)
+
+  def discard(self, step: int) -> None:
+    """Deletes step `step`'s checkpoint (e.g. a corrupt one that training will write again)."""
+    try:
+      self._manager.delete(int(step))
+    except Exception:  # noqa: BLE001 - a checkpoint too broken for orbax to list
+      if jax.process_index() == 0:
+        shutil.rmtree(checkpoint_path(self.directory, step), ignore_errors=True)
+    self._manager.reload()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> Checkpoints:  # noqa: PYI034 - not subclassed
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    self.close()
+
+
+def save(directory: str | os.PathLike[str], step: int, state: PyTree, *,
+         config: Mapping[str, Any] | None = None, keep: int = 3,
+         metrics: Mapping[str, float] | None = None, best: Best | None = None) -> Path:
+  """`Checkpoints(directory, keep=keep, best=best).save(step, state, ...)`, then closes it."""
+  with Checkpoints(directory, keep=keep, best=best) as checkpoints:
+    return checkpoints.save(step, state, config=config, metrics=metrics)
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def read(directory: str | os.PathLike[str], step: int
+         ) -> tuple[dict[str, Any], dict[str, Any], int]:
+  """Reads and verifies step `step`'s checkpoint.
+
+  Returns:
+    `(state_dict, config, step)`: the raw nested state dict (numpy arrays), the stored config.
+
+  Raises:
+    CheckpointError: no such checkpoint, unreadable, not a metajax checkpoint, or its digest
+      does not match what was read (a corrupt file).
+  """
+  check_format(directory)
+  path = checkpoint_path(directory, step)
+  if not path.is_dir():
+    raise CheckpointError(f"no checkpoint at {str(path)!r}")
+  try:
+    with _manager(directory, write=False) as manager:
+      items = manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(),
+        digest=ocp.args.JsonRestore()))
+      metrics = manager.metrics(int(step))
+  except Exception as e:  # orbax and tensorstore raise many types on missing or broken files
+    raise CheckpointError(f"checkpoint {str(path)!r} is unreadable "
+                          f"({type(e).__name__}: {e})") from e
+  stamp = items["digest"]
+  if not isinstance(stamp, dict) or stamp.get("format") != FORMAT:
+    raise CheckpointError(f"{str(path)!r} is not a {FORMAT} checkpoint")
+  state_dict, config = items["state"], items["config"]
+  if digest(step, state_dict, config, metrics) != stamp.get("sha256"):
+    raise CheckpointError(f"checkpoint {str(path)!r} is corrupt (its arrays, config or metrics "
+                          "do not match the digest written with them)")
+  return state_dict, config, int(step)
+
+
+def read_latest(directory: str | os.PathLike[str]
+                ) -> tuple[dict[str, Any], dict[str, Any], int]:
+  """`read` of the newest good checkpoint in `directory`; any newer broken ones are named in one
+  warning.
+
+  Raises:
+    CheckpointError: no readable checkpoint in `directory` (naming what was wrong with each).
+  """
+  check_format(directory)
+  errors = []
+  for step in reversed(all_steps(directory)):
+    try:
+      result = read(directory, step)
+    except CheckpointError as e:
+      errors.append(str(e))
+      continue
+    if errors:
+      warnings.warn(f"skipping {len(errors)} broken checkpoint(s), restoring step {step} "
+                    "instead: " + "; ".join(errors), stacklevel=2)
+    return result
+  raise CheckpointError(f"no readable checkpoint in {str(directory)!r}"
+                        + (f" ({'; '.join(errors)})" if errors else ""))
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+  # arrays, numpy scalars and jax.ShapeDtypeStruct (a target from jax.eval_shape)
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return tuple(x.shape), np.dtype(x.dtype)
+  return np.shape(x), np.result_type(x)
+
+
+def restore_into(target: PyTree, state_dict: Mapping[str, Any]) -> PyTree:
+  """Fills `target`'s structure with the arrays of `state_dict`, checking names, shapes, dtypes.
+
+  `target` may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape(init)`).
+
+  Raises:
+    CheckpointError: naming every entry that is missing, extra, or of another shape or dtype.
+  """
+  want = traverse_util.flatten_dict(serialization.to_state_dict(target), sep="/")
+  have = traverse_util.flatten_dict(dict(state_dict), sep="/")
+  problems = [f"{k}: missing from the checkpoint" for k in sorted(set(want) - set(have))]
+  problems += [f"{k}: in the checkpoint but not in this model"
+               for k in sorted(set(have) - set(want))]
+  for k in sorted(set(want) & set(have)):
+    (w, wd), (h, hd) = _shape_dtype(want[k]), _shape_dtype(have[k])
+    if w != h or wd != hd:
+      problems.append(f"{k}: shape {h} {hd} in the checkpoint, {w} {wd} in this model")
+  if problems:
+    shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+    raise CheckpointError("the checkpoint does not fit this model/config:\n  " + "\n  ".join(shown))
+  return serialization.from_state_dict(target, dict(state_dict))
+
+
+def restore(directory: str | os.PathLike[str], target: PyTree, *,
+            step: int | None = None) -> tuple[PyTree, dict[str, Any], int]:
+  """Restores the newest good (or the given step's) checkpoint into `target`'s structure.
+
+  Returns:
+    `(state, config, step)` with numpy arrays in `target`'s structure.
+  """
+  state_dict, config, step = read_latest(directory) if step is None else read(directory, step)
+  return restore_into(target, state_dict), config, step
+
+
+def copy_checkpoint(source: str | os.PathLike[str], step: int,
+                    destination: str | os.PathLike[str]) -> Path:
+  """Copies step `step`'s checkpoint folder from the directory `source` into `destination`
+  (replacing one of the same step there), so that readers see the whole folder or none of it.
+
+  Returns:
+    The folder written.
+  """
+  src, dest = checkpoint_path(source, step), checkpoint_path(destination, step)
+  if not src.is_dir():
+    raise CheckpointError(f"no checkpoint at {str(src)!r}")
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{dest.name}{_ORBAX_TMP}-copy-"))
+  try:
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    if dest.exists():
+      shutil.rmtree(dest)
+    os.replace(tmp, dest)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return dest
+
+
+# ------------------------------------------------------------------------------- small files
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -91,134 +428,3 @@ def _fsync_dir(directory: Path) -> None:
     pass
   finally:
     os.close(fd)
-
-
-def _to_host(tree: PyTree) -> PyTree:
-  def leaf(x):
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      raise TypeError("typed PRNG keys cannot be saved: store jax.random.key_data(key)")
-    return np.asarray(x)
-
-  return jax.tree.map(leaf, jax.device_get(tree))
-
-
-def save(directory: str | os.PathLike[str], step: int, state: PyTree, *,
-         config: Mapping[str, Any] | None = None, keep: int = 3) -> Path:
-  """Writes the checkpoint of `step` atomically and deletes all but the `keep` newest.
-
-  Args:
-    directory: the checkpoint directory (created if needed).
-    step: the step number in the file name.
-    state: a pytree of arrays (NamedTuples, dicts, lists; raw key data for PRNG keys).
-    config: a JSON-serialisable dict stored with the state.
-    keep: how many checkpoints to keep (>= 1).
-
-  Returns:
-    The path written.
-  """
-  if keep < 1:
-    raise ValueError(f"keep must be >= 1, got {keep}")
-  state_bytes = serialization.msgpack_serialize(serialization.to_state_dict(_to_host(state)))
-  payload = {
-    "format": FORMAT,
-    "step": int(step),
-    "config": json.dumps(config if config is not None else {}, sort_keys=True),
-    "sha256": hashlib.sha256(state_bytes).hexdigest(),
-    "state": state_bytes,
-  }
-  path = checkpoint_path(directory, step)
-  write_atomic(path, serialization.msgpack_serialize(payload))
-  for old in all_steps(directory)[:-keep]:
-    checkpoint_path(directory, old).unlink(missing_ok=True)
-  return path
-
-
-def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any], int]:
-  """Reads and verifies one checkpoint file.
-
-  Returns:
-    `(state_dict, config, step)`: the raw nested state dict (numpy arrays), the stored config.
-
-  Raises:
-    CheckpointError: unreadable, not a metajax checkpoint, or a checksum mismatch.
-  """
-  path = Path(path)
-  try:
-    payload = serialization.msgpack_restore(path.read_bytes())
-  except FileNotFoundError:
-    raise CheckpointError(f"no checkpoint at {str(path)!r}") from None
-  except Exception as e:  # msgpack raises several types on truncated input
-    raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {e}") from e
-  if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-    raise CheckpointError(f"{str(path)!r} is not a {FORMAT} file")
-  if hashlib.sha256(payload["state"]).hexdigest() != payload["sha256"]:
-    raise CheckpointError(f"checkpoint {str(path)!r} is corrupt (checksum mismatch)")
-  state_dict = serialization.msgpack_restore(payload["state"])
-  return state_dict, json.loads(payload["config"]), int(payload["step"])
-
-
-def read_latest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any], int]:
-  """`read` of the newest readable checkpoint in `directory` (skipping broken ones, with a warning).
-
-  Raises:
-    CheckpointError: no readable checkpoint in `directory`.
-  """
-  errors = []
-  for step in reversed(all_steps(directory)):
-    try:
-      return read(checkpoint_path(directory, step))
-    except CheckpointError as e:
-      warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-      errors.append(str(e))
-  raise CheckpointError(f"no readable checkpoint in {str(directory)!r}"
-                        + (f" ({'; '.join(errors)})" if errors else ""))
-
-
-def read_config(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-  """The config stored in the newest readable checkpoint, or None if there is none."""
-  if latest_step(directory) is None:
-    return None
-  return read_latest(directory)[1]
-
-
-def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
-  # arrays, numpy scalars and jax.ShapeDtypeStruct (a target from jax.eval_shape)
-  if hasattr(x, "shape") and hasattr(x, "dtype"):
-    return tuple(x.shape), np.dtype(x.dtype)
-  return np.shape(x), np.result_type(x)
-
-
-def restore_into(target: PyTree, state_dict: Mapping[str, Any]) -> PyTree:
-  """Fills `target`'s structure with the arrays of `state_dict`, checking names, shapes, dtypes.
-
-  `target` may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape(init)`).
-
-  Raises:
-    CheckpointError: naming every entry that is missing, extra, or of another shape or dtype.
-  """
-  want = traverse_util.flatten_dict(serialization.to_state_dict(target), sep="/")
-  have = traverse_util.flatten_dict(dict(state_dict), sep="/")
-  problems = [f"{k}: missing from the checkpoint" for k in sorted(set(want) - set(have))]
-  problems += [f"{k}: in the checkpoint but not in this model" for k in sorted(set(have) - set(want))]
-  for k in sorted(set(want) & set(have)):
-    (w, wd), (h, hd) = _shape_dtype(want[k]), _shape_dtype(have[k])
-    if w != h or wd != hd:
-      problems.append(f"{k}: shape {h} {hd} in the checkpoint, {w} {wd} in this model")
-  if problems:
-    shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-    raise CheckpointError("the checkpoint does not fit this model/config:\n  " + "\n  ".join(shown))
-  return serialization.from_state_dict(target, dict(state_dict))
-
-
-def restore(directory: str | os.PathLike[str], target: PyTree, *,
-            step: int | None = None) -> tuple[PyTree, dict[str, Any], int]:
-  """Restores the newest (or the given step's) checkpoint into `target`'s structure.
-
-  Returns:
-    `(state, config, step)` with numpy arrays in `target`'s structure.
-  """
-  if step is None:
-    state_dict, config, step = read_latest(directory)
-  else:
-    state_dict, config, step = read(checkpoint_path(directory, step))
-  return restore_into(target, state_dict), config, step

@@ -1,10 +1,15 @@
 """The training loop: `train_and_evaluate(config, workdir)`, imported by binaries and notebooks.
 
-It follows flax's `examples/imagenet/train.py`: validate the config, create the state, restore
-the newest checkpoint of `workdir` if any (`step_offset = int(state.step)`), loop; up to
-`config.steps_per_call` outer steps run in one compiled call (`MetaStep.steps`); metrics are
-fetched to the host only every `log_every` steps; evaluation and checkpoints run on their own
-intervals; the state is donated to the jitted meta-step.
+It reads top-down as five steps, the shape of flax's `examples/imagenet/train.py`:
+
+  setup     validate the config, check the data and the workdir, build model, learner, meta-step;
+  restore   the newest good checkpoint of `workdir` (`step_offset = int(state.step)`), or a fresh
+            state; a checkpoint of another config is refused;
+  train     up to `config.steps_per_call` outer steps per compiled call (`MetaStep.steps`), the
+            state donated to the jitted meta-step; metrics fetched to the host only every
+            `log_every` steps; evaluation and checkpoints on their own intervals;
+  evaluate  the final evaluation, on `test_num_tasks` tasks of the test split;
+  finish    `results.json`, and where the run's files are.
 
 PRNG: one root key `jax.random.key(config.seed)` is split into an init key and a train key; the
 meta-batch of step s is sampled (in its own jitted function, from device-resident pools) from
@@ -15,18 +20,24 @@ checkpoints, are evaluated on the very same tasks.
 
 A non-finite meta-loss or meta-gradient stops the run with a `NonFiniteError` naming the step;
 checkpoints are only written after checking every step since the last one, so the newest
-checkpoint is always a good one.
+checkpoint is always a good one. Besides the `keep_checkpoints` newest, the run keeps its best
+checkpoint by the dataset's validation metric (`DatasetSpec.best`, e.g. `eval/accuracy_after`).
 
-Workdir layout: `checkpoints/checkpoint_<step>.msgpack`, `metrics.jsonl`, `tensorboard/`,
-`config.json`, `results.json` (the final metrics).
+Workdir layout: `checkpoints/checkpoint_<step>/` (orbax folders, `metajax.experiment.checkpoint`),
+`metrics.jsonl`, `tensorboard/`, `config.json`, `versions.json` (per invocation: the versions of
+jax, jaxlib, flax, optax, numpy, orbax-checkpoint, metajax, and metajax's git revision), and
+`results.json` (the final metrics). Files are written by the primary process only.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -36,20 +47,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from metajax import data as data_lib
+from metajax.eval import evaluate_tasks, summarize
 from metajax.experiment import build
 from metajax.experiment import checkpoint as ckpt_lib
 from metajax.experiment import metrics as metrics_lib
+from metajax.meta import MetaState, MetaStep, TaskMap
 from metajax.platform import xla
-from metajax.data.omniglot import CorruptDataError
-from metajax.eval import evaluate_tasks, summarize
-from metajax.meta import MetaState, TaskMap
-from metajax.types import Array, PRNGKey
+from metajax.types import Array, PRNGKey, Task
 
 PrintFn = Callable[[str], None]
+Evaluator = Callable[[Any], dict[str, np.ndarray]]
 CHECKPOINT_DIR = "checkpoints"
 RESULTS_FILE = "results.json"
+VERSIONS_FILE = "versions.json"
 # outer metrics that must stay finite
 WATCHED = ("outer/loss", "outer/grad_norm")
+# what versions.json records, besides python and the git revision
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "metajax")
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,7 +73,8 @@ class NonFiniteError(FloatingPointError):
 
 # Errors that are the user's to fix (binaries print them without a traceback).
 USER_ERRORS = (build.ConfigError, ckpt_lib.CheckpointError, NonFiniteError, PermissionError,
-               NotADirectoryError, FileNotFoundError, CorruptDataError)
+               NotADirectoryError, FileNotFoundError, data_lib.CorruptDataError,
+               data_lib.DownloadError)
 
 
 class TrainState(NamedTuple):
@@ -70,6 +86,13 @@ class TrainState(NamedTuple):
 
 def _print(line: str) -> None:
   print(line, flush=True)
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+# ------------------------------------------------------------------------------ small helpers
 
 
 def prepare_workdir(workdir: str | os.PathLike[str]) -> Path:
@@ -92,21 +115,47 @@ def prepare_workdir(workdir: str | os.PathLike[str]) -> Path:
   return path
 
 
-def config_to_dict(config: build.Config) -> dict[str, Any]:
-  """A config as plain JSON values (tuples become lists), for storage and comparison."""
-  return json.loads(config.to_json())
+def _git_revision(root: Path) -> dict[str, Any]:
+  """The commit of the checkout metajax runs from, and whether it has uncommitted changes (None
+  when metajax is not run from a git checkout, or git is not there)."""
+  if not (root / ".git").exists():
+    return {"git_revision": None, "git_dirty": None}
+
+  def git(*args: str) -> str | None:
+    try:  # --no-optional-locks: never take the index lock of a checkout others work in
+      result = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args],
+                              capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return result.stdout.strip()
+
+  revision = git("rev-parse", "HEAD")
+  status = git("status", "--porcelain", "--untracked-files=no") if revision else None
+  return {"git_revision": revision, "git_dirty": None if status is None else bool(status)}
 
 
-def _check_finite(records: list[tuple[int, Mapping[str, Any]]], ckpt_dir: Path) -> None:
-  for step, scalars in records:
-    for name in WATCHED:
-      if name in scalars and not math.isfinite(float(scalars[name])):
-        last = ckpt_lib.latest_step(ckpt_dir)
-        where = (f"the last good checkpoint is step {last} in {str(ckpt_dir)!r}" if last is not None
-                 else "no checkpoint was written")
-        raise NonFiniteError(
-          f"{name} = {float(scalars[name])} at step {step}: training stopped; {where}. Lower "
-          "meta_lr or inner_lr (or check the data) and rerun the command to resume from it.")
+def software_versions() -> dict[str, Any]:
+  """The versions a run's numbers depend on: python, each of `PACKAGES` (None if not installed)
+  and the git revision of metajax's source checkout (`git_revision`, `git_dirty`)."""
+  versions: dict[str, Any] = {"python": platform.python_version()}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return {**versions, **_git_revision(Path(__file__).resolve().parents[2])}
+
+
+def record_versions(workdir: Path, step: int) -> None:
+  """Appends `{"step": step, **software_versions()}` to `workdir/versions.json` (one entry per
+  invocation: a resumed run says which versions trained which steps)."""
+  path = workdir / VERSIONS_FILE
+  try:
+    entries = json.loads(path.read_text())
+  except (OSError, ValueError):
+    entries = []
+  entries = entries if isinstance(entries, list) else []
+  ckpt_lib.write_json_atomic(path, [*entries, {"step": int(step), **software_versions()}])
 
 
 def _intervals(config: build.Config) -> list[int]:
@@ -128,6 +177,11 @@ def _to_next_boundary(config: build.Config, step: int) -> int:
   return min((step // e + 1) * e - step for e in _intervals(config))
 
 
+def _final_eval_due(config: build.Config) -> bool:
+  """An `eval_split` evaluation at the last step (a "test" one is the final test evaluation)."""
+  return bool(config.eval_every) and config.eval_split != "test"
+
+
 def _unstack_metrics(records: list[tuple[int, int, Any]]) -> list[tuple[int, Mapping[str, Any]]]:
   """Host records `(last step, n, metrics)` -> one `(step, metrics)` per step; n == 0 marks a
   single step's unstacked metrics."""
@@ -140,16 +194,27 @@ def _unstack_metrics(records: list[tuple[int, int, Any]]) -> list[tuple[int, Map
   return out
 
 
+def _check_finite(records: list[tuple[int, Mapping[str, Any]]], ckpt_dir: Path) -> None:
+  for step, scalars in records:
+    for name in WATCHED:
+      if name in scalars and not math.isfinite(float(scalars[name])):
+        last = ckpt_lib.latest_step(ckpt_dir)
+        where = (f"the last good checkpoint is step {last} in {str(ckpt_dir)!r}" if last is not None
+                 else "no checkpoint was written")
+        raise NonFiniteError(
+          f"{name} = {float(scalars[name])} at step {step}: training stopped; {where}. Lower "
+          "meta_lr or inner_lr (or check the data) and rerun the command to resume from it.")
+
+
 def _check_params_finite(params: Any, step: int) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     if not np.all(np.isfinite(leaf)):
-      raise NonFiniteError(f"non-finite meta-parameter {jax.tree_util.keystr(path)} at step {step}; "
-                           "not saving a checkpoint")
+      raise NonFiniteError(f"non-finite meta-parameter {jax.tree_util.keystr(path)} at step "
+                           f"{step}; not saving a checkpoint")
 
 
 def make_evaluator(learner: build.Learner, source: build.TaskSource, *, num_tasks: int,
-                   batch_size: int, key: PRNGKey, task_map: TaskMap = "vmap"
-                   ) -> Callable[[Any], dict[str, np.ndarray]]:
+                   batch_size: int, key: PRNGKey, task_map: TaskMap = "vmap") -> Evaluator:
   """`evaluate(meta_params) -> {metric: [num_tasks] numpy}` on a fixed set of tasks.
 
   Task i is sampled from `fold_in(key, i)`: the set does not depend on `batch_size`, and is the
@@ -194,26 +259,284 @@ def format_summary(summary: Mapping[str, Mapping[str, float]], *, percent: bool 
   return "\n".join(lines)
 
 
-def check_resumable(config: build.Config, ckpt_dir: Path) -> None:
-  """Raises a ConfigError if `ckpt_dir` holds a checkpoint of another run's config."""
-  saved = ckpt_lib.read_config(ckpt_dir)
-  if saved is None:
-    return
-  # fields added since the checkpoint was written take their defaults
-  diff = build.config_diff({**config_to_dict(build.default_config()), **saved},
-                           config_to_dict(config))
+def best_of(config: build.Config) -> ckpt_lib.Best:
+  """The metric that picks a run's best checkpoint: its dataset's `best`, on `eval/`."""
+  metric, mode = build.DATASETS[config.dataset].best
+  return ckpt_lib.Best(f"eval/{metric}", mode)
+
+
+def check_resumable(config: build.Config, saved: Mapping[str, Any], ckpt_dir: Path) -> None:
+  """Raises a ConfigError if `saved` (a checkpoint's config) is another run's config."""
+  saved = build.config_to_dict(build.config_from_dict(saved))
+  diff = build.config_diff(saved, build.config_to_dict(config))
   if diff:
-    raise build.ConfigError(f"{str(ckpt_dir)!r} holds a checkpoint of a different run; use another "
-                     "--workdir, or the same config. Differences:\n  " + "\n  ".join(diff))
+    raise build.ConfigError(f"{str(ckpt_dir)!r} holds a checkpoint of a different run; use "
+                            "another --workdir, or the same config. Differences:\n  "
+                            + "\n  ".join(diff))
 
 
-def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
+# ---------------------------------------------------------------------------------------- setup
+
+
+class Run(NamedTuple):
+  """What `setup` builds: everything fixed for the whole run."""
+
+  config: ml_collections.ConfigDict
+  workdir: Path
+  model: Any
+  learner: build.Learner
+  eval_learner: build.Learner
+  meta_step: MetaStep
+  init_key: PRNGKey
+  train_key: PRNGKey
+
+  @property
+  def ckpt_dir(self) -> Path:
+    return self.workdir / CHECKPOINT_DIR
+
+
+def setup(config: build.Config | Mapping[str, Any], workdir: str | os.PathLike[str]) -> Run:
+  """Validates the config, checks the data and the workdir (before anything is written or
+  compiled), and builds the model, the learners and the meta-step."""
+  config = build.config_from_dict(config)
+  build.validate_config(config)
+  build.check_data(config)
+  workdir = prepare_workdir(workdir)
+  model = build.build_model(config)
+  learner = build.build_learner(config, model)
+  eval_learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  return Run(config, workdir, model, learner, eval_learner,
+             build.build_meta_step(config, model, learner), init_key, train_key)
+
+
+def _fresh_state(run: Run) -> TrainState:
+  return TrainState(run.meta_step.init(run.model.init(run.init_key)),
+                    jax.random.key_data(run.train_key))
+
+
+def restore(run: Run, checkpoints: ckpt_lib.Checkpoints, print_fn: PrintFn) -> TrainState:
+  """The state of the newest good checkpoint (broken newer ones are removed, as training writes
+  those steps again), or a fresh state when there is none. What killed writes left is removed
+  first.
+
+  Raises:
+    ConfigError: the checkpoint is another config's.
+    CheckpointError: no readable checkpoint, or one that does not fit the model.
+  """
+  removed = [*checkpoints.removed, *ckpt_lib.remove_temporaries(run.workdir)]
+  if removed:
+    print_fn(f"removed what killed writes left in {str(run.workdir)!r}: " + ", ".join(removed))
+  if ckpt_lib.latest_step(run.ckpt_dir) is None:
+    return jax.jit(lambda: _fresh_state(run))()
+  state_dict, saved, step = ckpt_lib.read_latest(run.ckpt_dir)
+  check_resumable(run.config, saved, run.ckpt_dir)
+  state = ckpt_lib.restore_into(jax.eval_shape(lambda: _fresh_state(run)), state_dict)
+  for broken in [s for s in ckpt_lib.all_steps(run.ckpt_dir) if s > step]:
+    checkpoints.discard(broken)
+  print_fn(f"resuming from checkpoint step {step} in {str(run.ckpt_dir)!r}")
+  return jax.tree.map(jnp.asarray, state)
+
+
+def load_data(run: Run, print_fn: PrintFn) -> tuple[build.TaskSource, dict[str, Evaluator]]:
+  """The training task source and the evaluators (`eval`, and `test` when `test_num_tasks`), on
+  device-resident pools; tasks are sampled by jitted functions of a key."""
+  config = run.config
+  start = time.time()
+  splits = tuple(dict.fromkeys(("train", config.eval_split, "test")))
+  sources = build.load_task_sources(config, splits)
+  print_fn(f"data: {config.dataset} loaded in {time.time() - start:.1f} s; classes per split: "
+           + ", ".join(f"{s} {src.num_classes}" for s, src in sources.items()))
+  evaluator = functools.partial(make_evaluator, run.eval_learner,
+                                batch_size=config.eval_batch_size,
+                                key=jax.random.key(config.eval_seed),
+                                task_map=build.parse_task_map(config.task_map))
+  evaluators = {"eval": evaluator(sources[config.eval_split], num_tasks=config.eval_num_tasks)}
+  if config.test_num_tasks:
+    evaluators["test"] = evaluator(sources["test"], num_tasks=config.test_num_tasks)
+  return build.train_task_source(config, sources["train"]), evaluators
+
+
+def make_sampler(config: build.Config, source: build.TaskSource, train_key: PRNGKey
+                 ) -> Callable[[int, int], Task]:
+  """`sample(first, n)`: the meta-batches of steps `first .. first + n - 1`, from
+  `fold_in(train_key, step)` (stacked on a leading axis when n > 1), each one jitted call."""
+
+  def sample_at(step, arrays):
+    keys = jax.random.split(jax.random.fold_in(train_key, step), config.meta_batch_size)
+    return build.sample_tasks(build.TaskSource(source.sample, arrays, 0), keys)
+
+  one = jax.jit(lambda step, *arrays: sample_at(step, arrays))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def stack(n, first, *arrays):
+    return jax.vmap(lambda s: sample_at(s, arrays))(first + jnp.arange(n, dtype=jnp.int32))
+
+  def sample(first: int, n: int) -> Task:
+    if n > 1:
+      return stack(n, np.int32(first), *source.arrays)
+    return one(np.int32(first), *source.arrays)
+
+  return sample
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+class _Log:
+  """The host side of a run's metrics: device metrics not yet fetched, their finite check, the
+  averages of each log interval, the writers (primary process only) and the progress line."""
+
+  def __init__(self, run: Run, step_offset: int, print_fn: PrintFn):
+    self.ckpt_dir = run.ckpt_dir
+    writers = []
+    if _is_primary():
+      jsonl = metrics_lib.JsonlWriter(run.workdir / metrics_lib.METRICS_FILE)
+      jsonl.truncate_after(step_offset, also_at_step=("test/",))
+      tensorboard = metrics_lib.TensorBoardWriter(run.workdir / "tensorboard")
+      metric = build.DATASETS[run.config.dataset].best[0]
+      tensorboard.write_config(build.config_to_dict(run.config),
+                               metrics=[f"eval/{metric}", f"test/{metric}"])
+      writers = [jsonl, tensorboard]
+    self.files = metrics_lib.MultiWriter(writers)
+    self.progress = metrics_lib.ProgressLine(run.config.num_steps, step_offset, print_fn)
+    self.final: dict[str, float] = {}
+    self.eval_step: int | None = None  # the step of the latest `eval` evaluation
+    # (last step, steps, metrics) not yet checked; metrics of a multi-step call are stacked
+    self._pending: list[tuple[int, int, Any]] = []
+    self._checked: list[tuple[int, Mapping[str, float]]] = []  # since the last log line
+
+  def add(self, done: int, n: int, metrics: Any) -> None:
+    self._pending.append((done, n if n > 1 else 0, metrics))
+
+  def check(self) -> None:
+    """Fetches the pending metrics; stops the run on a non-finite one."""
+    host = _unstack_metrics(jax.device_get(self._pending))
+    self._pending.clear()
+    _check_finite(host, self.ckpt_dir)
+    self._checked.extend(host)
+
+  def log(self, step: int) -> None:
+    """Writes the averages of the metrics since the last log line."""
+    self.check()
+    if not self._checked:
+      return
+    means = {k: float(np.mean([m[k] for _, m in self._checked])) for k in self._checked[-1][1]}
+    self._checked.clear()
+    self.write(step, means)
+    self.progress.write(step, means)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    self.files.write(step, scalars)
+    self.final.update(scalars)
+
+  def close(self) -> None:
+    self.progress.close()
+    self.files.close()
+
+
+def _evaluate(log: _Log, evaluators: Mapping[str, Evaluator], prefix: str, step: int,
+              params: Any) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+  summary = summarize(evaluators[prefix](params))
+  scalars = flatten_summary(summary, prefix)
+  log.write(step, scalars)
+  if prefix == "eval":
+    log.eval_step = step
+  return summary, scalars
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def train(run: Run, state: TrainState, checkpoints: ckpt_lib.Checkpoints,
+          sample: Callable[[int, int], Task], evaluators: Mapping[str, Evaluator],
+          log: _Log) -> TrainState:
+  """Trains from `state`'s step to `num_steps`, logging, evaluating and saving on the way."""
+  config, meta_step = run.config, run.meta_step
+  step_offset = done = int(state.meta.step)
+  if done >= config.num_steps:
+    return state
+  episodes = (f"{build.train_ways(config)}-way {config.shots}-shot"
+              if build.DATASETS[config.dataset].kind == "classification" else
+              f"{config.shots}-shot")
+  zeroing = " + zeroing" if config.zeroing else ""
+  log.progress.message(f"training {config.algorithm}{zeroing} {episodes} {config.dataset}, steps "
+                       f"{done} -> {config.num_steps}, workdir {str(run.workdir)!r}")
+  per_call = steps_per_call(config) if meta_step.steps is not None else 1
+  config_dict = build.config_to_dict(config)
+  start = time.time()
+  while done < config.num_steps:
+    step = done
+    n = min(per_call, config.num_steps - step, _to_next_boundary(config, step))
+    tasks = sample(step, n)
+    meta, metrics = (meta_step.steps if n > 1 else meta_step.step)(state.meta, tasks)
+    state = TrainState(meta, state.train_key)
+    done = step + n
+    log.add(done, n, metrics)
+    last = done == config.num_steps
+    if step == step_offset:  # do not count compilation in the rate
+      jax.block_until_ready(metrics)
+      what = "step" if n == 1 else f"{n} steps (one call)"
+      log.progress.message(f"first {what} (compilation included) took "
+                           f"{time.time() - start:.1f} s")
+      log.progress.reset(done)
+    if done % config.log_every == 0 or last:
+      log.log(done)
+    scalars = None
+    # The last step's evaluation comes before its checkpoint, which it may make the best.
+    if config.eval_every and (done % config.eval_every == 0 and not last
+                              or last and _final_eval_due(config)):
+      log.check()
+      summary, scalars = _evaluate(log, evaluators, "eval", done, state.meta.params)
+      if not last:
+        log.progress.message(f"eval at step {done} ({config.eval_split}): "
+                             + format_summary(summary).replace("\n", "; "))
+        log.progress.reset(done)
+    if done % config.checkpoint_every == 0 or last:
+      log.check()
+      host_state = jax.device_get(state)
+      _check_params_finite(host_state.meta.params, done)
+      checkpoints.save(done, host_state, config=config_dict, metrics=scalars)
+  log.log(config.num_steps)
+  return state
+
+
+def evaluate(run: Run, state: TrainState, evaluators: Mapping[str, Evaluator],
+             log: _Log) -> None:
+  """The final evaluations: `eval_split` (unless training just did it), then the test split."""
+  config = run.config
+  step = int(state.meta.step)
+  if _final_eval_due(config) and log.eval_step != step:
+    _evaluate(log, evaluators, "eval", step, state.meta.params)
+  if config.test_num_tasks:
+    start = time.time()
+    summary, _ = _evaluate(log, evaluators, "test", step, state.meta.params)
+    log.progress.message(f"test at step {step} ({config.test_num_tasks} tasks, "
+                         f"{config.eval_num_inner_steps} inner steps, "
+                         f"{time.time() - start:.1f} s):\n" + format_summary(summary))
+
+
+def finish(run: Run, state: TrainState, final: Mapping[str, float],
+           print_fn: PrintFn) -> dict[str, float]:
+  """Writes `results.json` and says where the run's files are; returns the final metrics."""
+  results = {"step": int(state.meta.step), **final}
+  if _is_primary():
+    ckpt_lib.write_json_atomic(run.workdir / RESULTS_FILE, results)
+  print_fn(f"results: {str(run.workdir / RESULTS_FILE)!r}; metrics: "
+           f"{str(run.workdir / metrics_lib.METRICS_FILE)!r} (plots: python experiments/plot.py "
+           f"--workdir={run.workdir}); TensorBoard: tensorboard --logdir="
+           f"{run.workdir / 'tensorboard'}")
+  return results
+
+
+def train_and_evaluate(config: build.Config | Mapping[str, Any],
+                       workdir: str | os.PathLike[str], *,
                        print_fn: PrintFn = _print) -> dict[str, float]:
   """Meta-trains as `config` says, in `workdir` (resuming from its newest checkpoint), then
   evaluates on `test_num_tasks` tasks of the test split.
 
   Args:
-    config: see `metajax.experiment.build.default_config` for the fields.
+    config: every field of `build.FIELDS` (`experiments/configs/` has the defaults).
     workdir: where checkpoints, metrics and results go; rerunning in it resumes.
     print_fn: where progress lines go.
 
@@ -223,208 +546,35 @@ def train_and_evaluate(config: build.Config, workdir: str | os.PathLike[str], *,
 
   Raises:
     ConfigError: an invalid config, or a workdir with a checkpoint of another config.
-    CheckpointError: a checkpoint that does not fit the model.
+    CheckpointError: a checkpoint that does not fit the model, or of the earlier format.
     PermissionError: a non-writable workdir.
     NonFiniteError: a NaN/Inf meta-loss; the newest checkpoint is the last good state.
   """
-  config = config_from_dict(config.to_dict() if hasattr(config, "to_dict") else config)
-  build.validate_config(config)
-  build.check_data(config)
-  workdir = prepare_workdir(workdir)
-  ckpt_dir = workdir / CHECKPOINT_DIR
-  check_resumable(config, ckpt_dir)
-  task_map = build.parse_task_map(config.task_map)
-
-  # Model, learner, optimiser, state.
-  model = build.build_model(config)
-  learner = build.build_learner(config, model)
-  eval_learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
-  meta_step = build.build_meta_step(config, model, learner)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-
-  def fresh_state() -> TrainState:
-    return TrainState(meta_step.init(model.init(init_key)), jax.random.key_data(train_key))
-
-  target = jax.eval_shape(fresh_state)
-  if ckpt_lib.latest_step(ckpt_dir) is None:
-    state = jax.jit(fresh_state)()
-  else:
-    restored, _, restored_step = ckpt_lib.restore(ckpt_dir, target)
-    state = jax.tree.map(jnp.asarray, restored)
-    print_fn(f"resuming from checkpoint step {restored_step} in {str(ckpt_dir)!r}")
-  step_offset = int(state.meta.step)
-  train_key = jax.random.wrap_key_data(state.train_key)
-  ckpt_lib.write_json_atomic(workdir / "config.json", config_to_dict(config))
-
-  # Data: device-resident pools; tasks sampled by jitted functions of a key.
-  start = time.time()
-  splits = tuple(dict.fromkeys(("train", config.eval_split, "test")))
-  sources = build.load_task_sources(config, splits)
-  print_fn(f"data: {config.dataset} loaded in {time.time() - start:.1f} s; classes per split: "
-           + ", ".join(f"{s} {src.num_classes}" for s, src in sources.items()))
-  train_source = build.train_task_source(config, sources["train"])
-
-  def sample_at(step, arrays):
-    keys = jax.random.split(jax.random.fold_in(train_key, step), config.meta_batch_size)
-    return build.sample_tasks(build.TaskSource(train_source.sample, arrays, 0), keys)
-
-  sample_train = jax.jit(lambda step, *arrays: sample_at(step, arrays))
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def sample_train_stack(n, first, *arrays):  # the meta-batches of steps first .. first + n - 1
-    return jax.vmap(lambda s: sample_at(s, arrays))(first + jnp.arange(n, dtype=jnp.int32))
-
-  per_call = steps_per_call(config) if meta_step.steps is not None else 1
-
-  eval_key = jax.random.key(config.eval_seed)
-  evaluators = {
-    "eval": make_evaluator(eval_learner, sources[config.eval_split],
-                           num_tasks=config.eval_num_tasks, batch_size=config.eval_batch_size,
-                           key=eval_key, task_map=task_map),
-  }
-  if config.test_num_tasks:
-    evaluators["test"] = make_evaluator(eval_learner, sources["test"],
-                                        num_tasks=config.test_num_tasks,
-                                        batch_size=config.eval_batch_size, key=eval_key,
-                                        task_map=task_map)
-
-  jsonl = metrics_lib.JsonlWriter(workdir / metrics_lib.METRICS_FILE)
-  jsonl.truncate_after(step_offset, also_at_step=("test/",))
-  tensorboard = metrics_lib.TensorBoardWriter(workdir / "tensorboard")
-  progress = metrics_lib.ProgressLine(config.num_steps, step_offset, print_fn)
-  files = metrics_lib.MultiWriter([jsonl, tensorboard])
-  final: dict[str, float] = {}
-  # (last step, steps, metrics) not yet checked; metrics of a multi-step call are stacked
-  pending: list[tuple[int, int, Any]] = []
-  checked: list[tuple[int, Mapping[str, float]]] = []  # host metrics since the last log line
-
-  def check_pending() -> None:
-    host = _unstack_metrics(jax.device_get(pending))
-    pending.clear()
-    _check_finite(host, ckpt_dir)
-    checked.extend(host)
-
-  def log(step: int) -> None:
-    check_pending()
-    if not checked:
-      return
-    means = {k: float(np.mean([m[k] for _, m in checked])) for k in checked[-1][1]}
-    checked.clear()
-    files.write(step, means)
-    progress.write(step, means)
-    final.update(means)
-
-  def run_eval(prefix: str, step: int) -> dict[str, dict[str, float]]:
-    summary = summarize(evaluators[prefix](state.meta.params))
-    scalars = flatten_summary(summary, prefix)
-    files.write(step, scalars)
-    final.update(scalars)
-    return summary
-
-  def save(step: int) -> None:
-    check_pending()
-    host_state = jax.device_get(state)
-    _check_params_finite(host_state.meta.params, step)
-    ckpt_lib.save(ckpt_dir, step, host_state, config=config_to_dict(config),
-                  keep=config.keep_checkpoints)
-
-  start = time.time()
-  if step_offset < config.num_steps:
-    episodes = (f"{build.train_ways(config)}-way {config.shots}-shot"
-                if build.DATASETS[config.dataset].kind == "classification" else
-                f"{config.shots}-shot")
-    print_fn(f"training {config.algorithm}{' + zeroing' if config.zeroing else ''} {episodes} "
-             f"{config.dataset}, steps {step_offset} -> {config.num_steps}, workdir "
-             f"{str(workdir)!r}")
-  try:
-    done = step_offset
-    while done < config.num_steps:
-      step = done
-      n = min(per_call, config.num_steps - step, _to_next_boundary(config, step))
-      if n > 1:
-        tasks = sample_train_stack(n, np.int32(step), *train_source.arrays)
-        meta, metrics = meta_step.steps(state.meta, tasks)
-      else:
-        tasks = sample_train(np.int32(step), *train_source.arrays)
-        meta, metrics = meta_step.step(state.meta, tasks)
-      state = TrainState(meta, state.train_key)
-      done = step + n
-      pending.append((done, n if n > 1 else 0, metrics))
-      if step == step_offset:  # do not count compilation in the rate
-        jax.block_until_ready(metrics)
-        what = "step" if n == 1 else f"{n} steps (one call)"
-        print_fn(f"first {what} (compilation included) took {time.time() - start:.1f} s")
-        progress.reset(done)
-      if done % config.log_every == 0 or done == config.num_steps:
-        log(done)
-      if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
-        check_pending()
-        summary = run_eval("eval", done)
-        print_fn(f"eval at step {done} ({config.eval_split}): "
-                 + format_summary(summary).replace("\n", "; "))
-        progress.reset(done)
-      if done % config.checkpoint_every == 0 or done == config.num_steps:
-        save(done)
-    log(config.num_steps)
-
-    # Final evaluation on the test split.
-    step = int(state.meta.step)
-    if config.eval_every and config.eval_split != "test":
-      run_eval("eval", step)
-    if config.test_num_tasks:
-      start = time.time()
-      summary = run_eval("test", step)
-      print_fn(f"test at step {step} ({config.test_num_tasks} tasks, "
-               f"{config.eval_num_inner_steps} inner steps, {time.time() - start:.1f} s):\n"
-               + format_summary(summary))
-  finally:
-    files.close()
-  final = {"step": step, **final}
-  ckpt_lib.write_json_atomic(workdir / RESULTS_FILE, final)
-  return final
+  run = setup(config, workdir)
+  with ckpt_lib.Checkpoints(run.ckpt_dir, keep=run.config.keep_checkpoints,
+                            best=best_of(run.config)) as checkpoints:
+    state = restore(run, checkpoints, print_fn)
+    step_offset = int(state.meta.step)
+    if _is_primary():
+      ckpt_lib.write_json_atomic(run.workdir / "config.json", build.config_to_dict(run.config))
+      record_versions(run.workdir, step_offset)
+    train_source, evaluators = load_data(run, print_fn)
+    log = _Log(run, step_offset, print_fn)
+    try:
+      state = train(run, state, checkpoints,
+                    make_sampler(run.config, train_source, jax.random.wrap_key_data(
+                      state.train_key)), evaluators, log)
+      evaluate(run, state, evaluators, log)
+    finally:
+      log.close()
+  return finish(run, state, log.final, print_fn)
 
 
-def evaluate_checkpoint(workdir: str | os.PathLike[str], *, split: str = "test",
-                        num_tasks: int = 600, num_inner_steps: int | None = None,
-                        eval_seed: int = 0, batch_size: int = 50, step: int | None = None,
-                        data_dir: str | None = None, cache_dir: str | None = None,
-                        print_fn: PrintFn = _print) -> dict[str, Any]:
-  """Accuracy/loss before and after adaptation of a workdir's checkpoint on fixed tasks.
-
-  Args:
-    workdir: a training workdir (its `checkpoints/` are read; the config comes from the
-      checkpoint).
-    split: the class split the tasks are drawn from ("test", "val", "train").
-    num_tasks: how many tasks (600 as in the literature).
-    num_inner_steps: inner steps at test time; default the config's `eval_num_inner_steps`.
-    eval_seed: the tasks come from `jax.random.key(eval_seed)` (task i from `fold_in(key, i)`),
-      independent of training: two checkpoints are compared on the same tasks.
-    batch_size: tasks evaluated at once.
-    step: which checkpoint (default the newest).
-    data_dir, cache_dir: override the config's data location.
-
-  Returns:
-    `{"step", "split", "num_tasks", "num_inner_steps", "eval_seed", "config", "metrics":
-    {name: {"mean", "ci95", "num_tasks"}}}`.
-  """
-  config, _, learner, meta_params, ckpt_step = restore_learner(
-    workdir, num_inner_steps=num_inner_steps, step=step, data_dir=data_dir, cache_dir=cache_dir)
-  num_inner_steps = config.eval_num_inner_steps
-  source = build.load_task_sources(config, (split,))[split]
-  evaluator = make_evaluator(learner, source, num_tasks=num_tasks, batch_size=batch_size,
-                             key=jax.random.key(eval_seed),
-                             task_map=build.parse_task_map(config.task_map))
-  start = time.time()
-  summary = summarize(evaluator(meta_params))
-  print_fn(f"checkpoint step {ckpt_step}, {split} split, {num_tasks} tasks, {num_inner_steps} "
-           f"inner steps ({time.time() - start:.1f} s):\n" + format_summary(summary))
-  return {"step": ckpt_step, "split": split, "num_tasks": num_tasks,
-          "num_inner_steps": num_inner_steps, "eval_seed": eval_seed,
-          "config": config_to_dict(config), "metrics": summary}
+# ------------------------------------------------------------------------------ from checkpoints
 
 
 def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | None = None,
-                    step: int | None = None, data_dir: str | None = None,
+                    step: int | None = None, best: bool = False, data_dir: str | None = None,
                     cache_dir: str | None = None) -> tuple[build.Config, Any, Any, Any, int]:
   """`(config, model, learner, meta_params, step)` of a workdir's checkpoint.
 
@@ -432,16 +582,33 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
   `cache_dir` overridden when given); the learner adapts with `num_inner_steps` (default the
   config's `eval_num_inner_steps`).
 
+  Args:
+    workdir: a training workdir.
+    num_inner_steps, data_dir, cache_dir: overrides of the stored config.
+    step: which checkpoint (default the newest good one).
+    best: the checkpoint with the best validation metric instead (`best_of(config)`).
+
   Raises:
     CheckpointError: no (readable) checkpoint, or one that does not fit its own config's model.
   """
   ckpt_dir = Path(workdir) / CHECKPOINT_DIR
+  ckpt_lib.check_format(ckpt_dir)
   if ckpt_lib.latest_step(ckpt_dir) is None:
     raise ckpt_lib.CheckpointError(f"no checkpoint in {str(ckpt_dir)!r}: is {str(workdir)!r} a "
                                    "training workdir?")
+  if step is not None and best:
+    raise ValueError("pass step or best, not both")
   state_dict, saved, ckpt_step = (ckpt_lib.read_latest(ckpt_dir) if step is None else
-                                  ckpt_lib.read(ckpt_lib.checkpoint_path(ckpt_dir, step)))
-  config = config_from_dict(saved)
+                                  ckpt_lib.read(ckpt_dir, step))
+  config = build.config_from_dict(saved)
+  if best:
+    criterion = best_of(config)
+    best_step = ckpt_lib.best_step(ckpt_dir, criterion)
+    if best_step is None:
+      raise ckpt_lib.CheckpointError(f"no checkpoint in {str(ckpt_dir)!r} has a "
+                                     f"{criterion.metric} to pick the best by")
+    if best_step != ckpt_step:
+      state_dict, saved, ckpt_step = ckpt_lib.read(ckpt_dir, best_step)
   if num_inner_steps is not None:
     config.eval_num_inner_steps = int(num_inner_steps)
   if data_dir:
@@ -458,18 +625,44 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
   return config, model, learner, jax.tree.map(jnp.asarray, state.meta.params), ckpt_step
 
 
-def config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """`default_config()` updated with `values` (JSON lists back to tuples).
+def evaluate_checkpoint(workdir: str | os.PathLike[str], *, split: str = "test",
+                        num_tasks: int = 600, num_inner_steps: int | None = None,
+                        eval_seed: int = 0, batch_size: int = 50, step: int | None = None,
+                        best: bool = False, data_dir: str | None = None,
+                        cache_dir: str | None = None,
+                        print_fn: PrintFn = _print) -> dict[str, Any]:
+  """Accuracy/loss before and after adaptation of a workdir's checkpoint on fixed tasks.
 
-  Raises:
-    ConfigError: a field that `default_config` does not have (e.g. a misspelt name).
+  Args:
+    workdir: a training workdir (its `checkpoints/` are read; the config comes from the
+      checkpoint).
+    split: the class split the tasks are drawn from ("test", "val", "train").
+    num_tasks: how many tasks (600 as in the literature).
+    num_inner_steps: inner steps at test time; default the config's `eval_num_inner_steps`.
+    eval_seed: the tasks come from `jax.random.key(eval_seed)` (task i from `fold_in(key, i)`),
+      independent of training: two checkpoints are compared on the same tasks.
+    batch_size: tasks evaluated at once.
+    step: which checkpoint (default the newest).
+    best: the checkpoint with the best validation metric instead.
+    data_dir, cache_dir: override the config's data location.
+
+  Returns:
+    `{"step", "split", "num_tasks", "num_inner_steps", "eval_seed", "config", "metrics":
+    {name: {"mean", "ci95", "num_tasks"}}}`.
   """
-  config = build.default_config()
-  unknown = sorted(set(values) - set(config))
-  if unknown:
-    raise build.ConfigError(f"unknown config fields {unknown}; the fields are {sorted(config)}")
-  for key, value in values.items():
-    if isinstance(config.get(key), tuple) and isinstance(value, list):
-      value = tuple(value)
-    config[key] = value
-  return config
+  config, _, learner, meta_params, ckpt_step = restore_learner(
+    workdir, num_inner_steps=num_inner_steps, step=step, best=best, data_dir=data_dir,
+    cache_dir=cache_dir)
+  num_inner_steps = config.eval_num_inner_steps
+  source = build.load_task_sources(config, (split,))[split]
+  evaluator = make_evaluator(learner, source, num_tasks=num_tasks, batch_size=batch_size,
+                             key=jax.random.key(eval_seed),
+                             task_map=build.parse_task_map(config.task_map))
+  start = time.time()
+  summary = summarize(evaluator(meta_params))
+  print_fn(f"checkpoint step {ckpt_step}, {split} split, {num_tasks} tasks, {num_inner_steps} "
+           f"inner steps ({time.time() - start:.1f} s):\n" + format_summary(summary))
+  return {"step": ckpt_step, "split": split, "num_tasks": num_tasks,
+          "num_inner_steps": num_inner_steps, "eval_seed": eval_seed,
+          "config": build.config_to_dict(config), "metrics": summary}
+

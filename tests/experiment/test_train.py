@@ -1,4 +1,5 @@
-"""Tests of the training loop (`metajax.experiment.train`) and of config building (`metajax.experiment.build`).
+"""Tests of the training loop (`metajax.experiment.train`), of config building and the
+registries (`metajax.experiment.build`), and of the config files in `experiments/configs/`.
 
 Mechanics are tested in-process on the sinusoid smoke config (a tiny MLP compiles in a second);
 the binaries on real Omniglot are in test_experiments.py.
@@ -17,20 +18,16 @@ import numpy as np
 import optax
 import pytest
 
-from metajax.experiment import build, checkpoint, metrics, train
-from metajax.meta import MAML
 from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.reptile import Reptile
+from metajax.experiment import build, checkpoint, metrics, train
+from metajax.meta import MAML
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def load_config(name: str, variant: str):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "experiments/configs" /
-                                                f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return build.load_config_file(f"{REPO / 'experiments/configs' / name}.py:{variant}")
 
 
 def sinusoid_config(**overrides):
@@ -78,6 +75,56 @@ def test_kao_config_matches_the_paper():
     "kao_conv", "kao", False, 32, 1e-3, 0.4)
   assert (c.num_inner_steps, c.eval_num_inner_steps, c.num_steps) == (2, 3, 3000)
   assert (c.algorithm, c.zeroing) == ("fomaml", True)
+
+
+CONFIG_FILES = ("default", "omniglot", "miniimagenet", "sinusoid")
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_files_give_every_field(name):
+  """Every config is complete (the loop takes no partial config) and builds on default.py."""
+  variants = [None] if name == "default" else list(_variants(name))
+  for variant in variants:
+    spec = f"{REPO / 'experiments/configs' / name}.py" + (f":{variant}" if variant else "")
+    config = build.load_config_file(spec)
+    assert set(config) == build.FIELDS, (name, variant)
+    assert build.config_from_dict(config).to_dict() == config.to_dict()
+
+
+def _variants(name):
+  spec = importlib.util.spec_from_file_location(f"variants_{name}",
+                                                REPO / "experiments/configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.VARIANTS
+
+
+def test_an_unknown_variant_lists_the_valid_names():
+  with pytest.raises(build.UnknownConfigError) as info:
+    load_config("omniglot", "readne")
+  message = str(info.value)
+  assert "has no config 'readne' (did you mean 'readme'?)" in message
+  assert all(name in message for name in _variants("omniglot"))
+
+
+def test_archived_run_configs_are_accepted():
+  """The reproduction archive's configs (written by earlier versions) still load and validate;
+  fields they lack take the value those runs ran with."""
+  paths = sorted((REPO / "docs/results/runs").glob("*/config.json"))
+  assert paths
+  for path in paths:
+    config = build.config_from_dict(json.loads(path.read_text()))
+    build.validate_config(config)
+    assert set(config) == build.FIELDS
+  assert build.config_from_dict({k: v for k, v in sinusoid_config().to_dict().items()
+                                 if k != "steps_per_call"}).steps_per_call == 1
+
+
+def test_a_config_missing_fields_is_an_error():
+  values = sinusoid_config().to_dict()
+  del values["meta_lr"]
+  with pytest.raises(build.ConfigError, match="lacks the fields \\['meta_lr'\\].*default.py"):
+    build.config_from_dict(values)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -253,7 +300,9 @@ def test_loop_writes_metrics_checkpoints_and_results(tmp_path):
   assert np.isfinite(result["test/loss_after"]) and "test/loss_after_ci95" in result
   assert result["test/loss_after"] < result["test/loss_before"]
   assert json.loads((tmp_path / train.RESULTS_FILE).read_text())["step"] == 4
-  assert checkpoint.all_steps(tmp_path / train.CHECKPOINT_DIR) == [3, 4]
+  # the 2 newest, and step 2, the one evaluation (the best by the validation loss)
+  assert checkpoint.all_steps(tmp_path / train.CHECKPOINT_DIR) == [2, 3, 4]
+  assert checkpoint.best_step(tmp_path / train.CHECKPOINT_DIR, train.best_of(config)) == 2
   records = metrics.read_metrics(tmp_path)
   names = set().union(*records)
   assert {"outer/loss", "outer/grad_norm", "inner/support_loss", "eval/loss_after",
@@ -314,6 +363,70 @@ def test_several_steps_per_call_train_the_same_steps(tmp_path):
   assert_trees_bitwise_equal(final_state(tmp_path / "k3"), final_state(resumed))
 
 
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
+  uninterrupted = tmp_path / "uninterrupted"
+  train.train_and_evaluate(sinusoid_config(num_steps=4), uninterrupted, print_fn=lambda _: None)
+  resumed = tmp_path / "resumed"
+  train.train_and_evaluate(sinusoid_config(num_steps=3), resumed, print_fn=lambda _: None)
+  stored = checkpoint.checkpoint_path(resumed / train.CHECKPOINT_DIR, 3) / "config" / "metadata"
+  stored.write_text(stored.read_text().replace('"seed": 0', '"seed": 1'))  # a flipped digit
+  lines = []
+  with pytest.warns(UserWarning, match="checkpoint_00000003.* is corrupt") as caught:
+    train.train_and_evaluate(sinusoid_config(num_steps=4), resumed, print_fn=lines.append)
+  assert len([w for w in caught if "broken checkpoint" in str(w.message)]) == 1
+  assert any("resuming from checkpoint step 2" in line for line in lines)
+  assert_trees_bitwise_equal(final_state(uninterrupted), final_state(resumed))
+  assert checkpoint.all_steps(resumed / train.CHECKPOINT_DIR) == [2, 3, 4]  # step 3 rewritten
+  checkpoint.read(resumed / train.CHECKPOINT_DIR, 3)  # and good again
+
+
+def test_a_workdir_of_the_earlier_checkpoint_format_is_refused(tmp_path):
+  (tmp_path / train.CHECKPOINT_DIR).mkdir()
+  (tmp_path / train.CHECKPOINT_DIR / "checkpoint_00000250.msgpack").write_bytes(b"\x85")
+  with pytest.raises(checkpoint.CheckpointError, match="earlier msgpack format"):
+    train.train_and_evaluate(sinusoid_config(), tmp_path, print_fn=lambda _: None)
+  with pytest.raises(checkpoint.CheckpointError, match="earlier msgpack format"):
+    train.restore_learner(tmp_path)
+
+
+def test_the_run_records_its_versions(tmp_path):
+  train.train_and_evaluate(sinusoid_config(num_steps=1), tmp_path, print_fn=lambda _: None)
+  train.train_and_evaluate(sinusoid_config(num_steps=2), tmp_path, print_fn=lambda _: None)
+  entries = json.loads((tmp_path / train.VERSIONS_FILE).read_text())
+  assert [e["step"] for e in entries] == [0, 1]  # one entry per invocation, from its start step
+  assert entries[0]["jax"] == jax.__version__ and entries[0]["numpy"] == np.__version__
+  assert {"python", "jaxlib", "flax", "optax", "orbax-checkpoint", "metajax", "git_revision",
+          "git_dirty"} <= set(entries[0])
+  if (REPO / ".git").exists():  # a checkout: the revision is a commit hash
+    assert len(entries[0]["git_revision"]) == 40
+
+
+def test_restore_learner_picks_the_best_checkpoint(tmp_path):
+  config = sinusoid_config(num_steps=4, eval_every=1, eval_num_tasks=2, eval_batch_size=2,
+                           keep_checkpoints=1)
+  train.train_and_evaluate(config, tmp_path, print_fn=lambda _: None)
+  losses = {r["step"]: r["eval/loss_after"] for r in metrics.read_metrics(tmp_path)
+            if "eval/loss_after" in r}
+  best = min(losses, key=losses.get)
+  assert losses.keys() == {1, 2, 3}  # the last step's eval split is "test": no validation there
+  assert checkpoint.all_steps(tmp_path / train.CHECKPOINT_DIR) == sorted({best, 4})
+  assert train.restore_learner(tmp_path, best=True)[-1] == best
+  assert train.restore_learner(tmp_path)[-1] == 4
+
+
+def test_a_dataset_is_one_registry_entry(tmp_path, monkeypatch):
+  """Nothing in the loop, the checks or the data loading names a dataset: a new entry trains."""
+  spec = build.DATASETS["sinusoid"]
+  monkeypatch.setitem(build.DATASETS, "wave", spec._replace(
+    checks=(lambda config, spec: [] if config.shots <= 10 else ["wave: shots > 10"],)))
+  build.validate_config(sinusoid_config(dataset="wave"))
+  with pytest.raises(build.ConfigError, match="wave: shots > 10"):
+    build.validate_config(sinusoid_config(dataset="wave", shots=11))
+  result = train.train_and_evaluate(sinusoid_config(dataset="wave", num_steps=2), tmp_path,
+                                    print_fn=lambda _: None)
+  assert result["step"] == 2 and np.isfinite(result["outer/loss"])
+
+
 def test_resume_with_another_config_is_an_error(tmp_path):
   train.train_and_evaluate(sinusoid_config(num_steps=1), tmp_path, print_fn=lambda _: None)
   with pytest.raises(build.ConfigError, match="hidden: \\[8, 8\\] in the checkpoint, \\[4, 4\\]"):
@@ -328,7 +441,7 @@ def test_checkpoint_of_another_model_shape_is_an_error(tmp_path):
   del other
   state_dict, _, _ = checkpoint.read_latest(tmp_path / "o" / train.CHECKPOINT_DIR)
   checkpoint.save(tmp_path / "run" / train.CHECKPOINT_DIR, 1, state_dict,
-                  config=train.config_to_dict(config))
+                  config=build.config_to_dict(config))
   with pytest.raises(checkpoint.CheckpointError, match="shape \\(4,\\) float32 in the checkpoint, "
                      "\\(8,\\) float32 in this model"):
     train.train_and_evaluate(config, tmp_path / "run", print_fn=lambda _: None)

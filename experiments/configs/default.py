@@ -1,0 +1,65 @@
+"""Every field a run reads, with its default: 5-way 1-shot Omniglot MAML on Finn et al.'s split.
+
+The dataset configs beside this file start from `get_config()` and override what differs; any
+field can be overridden on the command line with `--config.<field>=<value>`. The training loop
+(`metajax.experiment.train`) takes a complete config: `metajax.experiment.build.FIELDS` names the
+fields, and this file is where their values and meaning are.
+
+    python experiments/train.py --config=experiments/configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # data
+  c.dataset = "omniglot"            # one of build.DATASETS: omniglot, miniimagenet, sinusoid
+  c.data_dir = ""                   # "" -> $METAJAX_OMNIGLOT_DIR / $METAJAX_MINIIMAGENET_DIR
+  c.cache_dir = ""                  # "" -> metajax.data.cache.resolve_cache_dir's default
+  c.download = False                # Omniglot: fetch missing archives (sha256-verified)
+  c.split = "finn"                  # Omniglot class split: finn, kao, lake
+  c.rotations = ml_collections.config_dict.placeholder(bool)  # None -> the split's default
+  c.image_size = 28                 # 28 for Omniglot, 84 for mini-ImageNet
+  # model
+  c.model = "conv4"                 # one of build.MODELS: conv4, kao_conv, mlp
+  c.filters = 64
+  c.hidden = (40, 40)               # mlp only
+  # algorithm
+  c.algorithm = "maml"              # one of build.ALGORITHMS: maml, fomaml, anil, metasgd,
+                                    # reptile, protonet, umtra, pretrain, simclr, supcon
+  c.reptile_serial = False          # reptile: tasks in turn, one outer update each
+  c.pretrain_eval = ""              # pretrain/simclr/supcon: finetune, linear_probe, prototypes
+                                    # ("": finetune for pretrain, prototypes for the others)
+  c.zeroing = False                 # Kao et al.'s zeroing trick
+  c.loss = ""                       # "" -> the dataset's default (cross_entropy / mse)
+  # episodes
+  c.ways = 5
+  c.train_ways = 0                  # protonet: ways of the training episodes (0: ways)
+  c.shots = 1
+  c.queries = 15
+  c.meta_batch_size = 32
+  c.num_inner_steps = 1
+  c.eval_num_inner_steps = 3
+  c.inner_lr = 0.4
+  c.meta_lr = 1e-3
+  c.optimizer = "adam"              # one of build.OPTIMIZERS: adam, sgd
+  # schedule
+  c.num_steps = 60_000              # outer steps
+  c.eval_every = 1_000              # 0: only the final evaluation
+  c.eval_split = "val"              # the split evaluated during training
+  c.eval_num_tasks = 100            # tasks per evaluation during training
+  c.test_num_tasks = 600            # tasks of the final evaluation on the "test" split (0: none)
+  c.eval_batch_size = 50            # tasks evaluated at once (memory)
+  c.eval_seed = 0                   # evaluation tasks come from this seed, not from `seed`
+  c.log_every = 100
+  c.checkpoint_every = 1_000
+  c.keep_checkpoints = 3            # the newest kept, besides the best by validation metric
+  c.seed = 0
+  c.task_map = "vmap"               # "vmap", "map", or an int chunk size (see metajax.map_tasks)
+  c.remat = False
+  # Outer steps per compiled call (`MetaStep.steps`, a lax.scan): at most this many, and a divisor
+  # of the log/eval/checkpoint intervals, so that every interval ends on a call boundary. Same
+  # steps, same tasks; on CPU it spares the per-call allocation of XLA's temporaries.
+  c.steps_per_call = 5
+  return c
