@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax.experiment import classify, train
+from metajax.experiment import build, classify, train
 from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
@@ -25,17 +25,21 @@ _INVERT = flags.DEFINE_enum("invert", "auto", ["auto", "true", "false"], "Invert
 _STEPS = flags.DEFINE_integer("num_inner_steps", None, "Inner steps (default: the config's "
                               "eval_num_inner_steps).", lower_bound=1)
 _OUTPUT = flags.DEFINE_string("output", None, "CSV output (default: <workdir>/predictions.csv).")
+_HUGEPAGES = flags.DEFINE_enum("hugepages", None, ["auto", "on", "off"], "glibc's huge-page "
+                                "malloc for XLA:CPU (the process re-executes itself once); default "
+                                "$METAJAX_HUGEPAGES, else auto (on where it was measured to help).")
 flags.mark_flags_as_required(["workdir", "support_dir", "query_dir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
   try:
     config, model, learner, params, _ = train.restore_learner(_WORKDIR.value,
                                                               num_inner_steps=_STEPS.value)
-    invert = {"auto": "auto" if config.dataset == "omniglot" else False, "true": True,
-              "false": False}[_INVERT.value]
+    dark = build.DATASETS[config.dataset].dark_background
+    invert = {"auto": "auto" if dark else False, "true": True, "false": False}[_INVERT.value]
     rows = classify.classify_folders(learner, params, model.input_shape, config.ways,
                                      _SUPPORT.value, _QUERY.value, invert=invert)
   except (*train.USER_ERRORS, OSError) as e:
@@ -51,5 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
   app.run(main)

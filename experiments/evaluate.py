@@ -4,6 +4,7 @@ The tasks come from --eval_seed alone (not the training seed), so any two checkp
 compared on the same tasks. Prints mean +- 95% CI and writes them as JSON (atomically).
 
   python experiments/evaluate.py --workdir=/tmp/metajax_readme --num_tasks=600
+  python experiments/evaluate.py --workdir=runs/kao_5w1s_zero --best   # best validation metric
 """
 
 import sys
@@ -22,20 +23,29 @@ _STEPS = flags.DEFINE_integer("num_inner_steps", None, "Inner steps at test time
 _EVAL_SEED = flags.DEFINE_integer("eval_seed", 0, "Seed of the evaluation tasks.")
 _BATCH = flags.DEFINE_integer("batch_size", 50, "Tasks evaluated at once.", lower_bound=1)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_BEST = flags.DEFINE_bool("best", False, "The checkpoint with the best validation metric "
+                          "(kept besides the newest) instead of the newest.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Overrides the config's data_dir.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output (default: "
                               "<workdir>/eval_<split>_step<step>.json).")
+_HUGEPAGES = flags.DEFINE_enum("hugepages", None, ["auto", "on", "off"], "glibc's huge-page "
+                                "malloc for XLA:CPU (the process re-executes itself once); default "
+                                "$METAJAX_HUGEPAGES, else auto (on where it was measured to help).")
 flags.mark_flags_as_required(["workdir"])
+flags.register_multi_flags_validator(["step", "best"],
+                                    lambda f: not (f["best"] and f["step"] is not None),
+                                    "give --step or --best, not both")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
   try:
     result = train.evaluate_checkpoint(
       _WORKDIR.value, split=_SPLIT.value, num_tasks=_NUM_TASKS.value,
       num_inner_steps=_STEPS.value, eval_seed=_EVAL_SEED.value, batch_size=_BATCH.value,
-      step=_STEP.value, data_dir=_DATA_DIR.value)
+      step=_STEP.value, best=_BEST.value, data_dir=_DATA_DIR.value)
   except train.USER_ERRORS as e:
     sys.exit(f"error: {e}")
   output = _OUTPUT.value or Path(_WORKDIR.value) / f"eval_{_SPLIT.value}_step{result['step']}.json"
@@ -44,5 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
   app.run(main)

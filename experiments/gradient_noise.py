@@ -24,8 +24,8 @@ The second-order cosine dipped to -0.35 at step 75; same-class feature similarit
 0.03 to ~0.51 and different-class fell from -0.02 to ~-0.12 for every variant.
 """
 
+import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,8 +35,9 @@ from absl import app, flags
 
 import metajax as mj
 from metajax import data
-from metajax.platform import runtime
 from metajax.analysis import gradient_noise as gn
+from metajax.experiment.checkpoint import write_atomic
+from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the JSON and the PNG go.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Omniglot archives (default: "
@@ -58,6 +59,9 @@ flags.DEFINE_integer("num_measure_tasks", 32, "Tasks of the gradient and feature
                      lower_bound=1)
 flags.DEFINE_integer("num_eval_tasks", 100, "Held-out tasks of the accuracy.", lower_bound=1)
 flags.DEFINE_bool("smoke", False, "Tiny sizes (overriding the flags in SMOKE), for tests.")
+_HUGEPAGES = flags.DEFINE_enum("hugepages", None, ["auto", "on", "off"], "glibc's huge-page "
+                                "malloc for XLA:CPU (the process re-executes itself once); default "
+                                "$METAJAX_HUGEPAGES, else auto (on where it was measured to help).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 CONFIG = ("num_steps", "measure_every", "meta_batch_size", "ways", "shots", "queries", "inner_lr",
@@ -67,15 +71,16 @@ SMOKE = {"num_steps": 2, "measure_every": 1, "meta_batch_size": 2, "queries": 2,
          "num_measure_tasks": 2, "num_eval_tasks": 2}
 
 
-def _write_atomic(path: Path, write) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  write(tmp)
-  os.replace(tmp, path)
+def _png(fig) -> bytes:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
+  return buffer.getvalue()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
   c = {name: FLAGS[name].value for name in CONFIG} | (SMOKE if FLAGS.smoke else {})
   variants = gn.get_variants(c["variants"])
   split = data.omniglot_split(data.load_omniglot(_DATA_DIR.value), "kao")
@@ -107,17 +112,16 @@ def main(argv):
       records.append({**record, "seconds": time.time() - start})
       results["series"][name] = gn.to_series(records)
       results["seconds"][name] = records[-1]["seconds"]
-      _write_atomic(workdir / "gradient_noise.json",
-                    lambda p: p.write_text(json.dumps(results, indent=1, allow_nan=False)))
+      write_atomic(workdir / "gradient_noise.json",
+                   json.dumps(results, indent=1, allow_nan=False).encode())
       print(f"{name} step {record['step']:5d} ({records[-1]['seconds']:6.0f} s): " + ", ".join(
         f"{k}={record[k]:.4g}" for k in gn.SUMMARY_KEYS), flush=True)
     fig = gn.plot_series(results["series"], title=f"ANIL MAML on Omniglot, {c['ways']}-way "
                          f"{c['shots']}-shot, {c['model']}, {c['loss']}, seed {c['seed']}")
-    _write_atomic(workdir / "gradient_noise.png", lambda p: fig.savefig(p, format="png", dpi=110))
+    write_atomic(workdir / "gradient_noise.png", _png(fig))
   print(gn.format_summary(results["series"]))
   print(f"wrote {workdir / 'gradient_noise.json'} and {workdir / 'gradient_noise.png'}")
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
   app.run(main)

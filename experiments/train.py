@@ -1,6 +1,6 @@
 r"""Meta-trains a learner as the config says, then evaluates it on held-out test tasks.
 
-Rerunning the same command in the same --workdir resumes from its newest checkpoint.
+Rerunning the same command in the same --workdir resumes from its newest good checkpoint.
 
   python experiments/train.py --config=experiments/configs/omniglot.py:readme \
     --workdir=/tmp/metajax_readme
@@ -29,12 +29,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and result
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. "
                                           "experiments/configs/omniglot.py:5way1shot.",
                                           lock_config=True)
+_HUGEPAGES = flags.DEFINE_enum("hugepages", None, ["auto", "on", "off"], "glibc's huge-page "
+                                "malloc for XLA:CPU (the process re-executes itself once); default "
+                                "$METAJAX_HUGEPAGES, else auto (on where it was measured to help).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.USER_ERRORS as e:
@@ -42,5 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
   app.run(main)
