@@ -52,11 +52,12 @@ def smoke_workdir(env, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("smoke")
   result = run("train.py", "--config=experiments/configs/omniglot.py:smoke",
                f"--workdir={workdir}", env=env)
-  return workdir, result.stdout
+  return workdir, result.stdout, result.stderr
 
 
 def test_train(smoke_workdir):
-  workdir, stdout = smoke_workdir
+  workdir, stdout, stderr = smoke_workdir
+  assert "orbax" not in stderr  # orbax's INFO records (a dozen per checkpoint) are dropped
   assert "step 2/2 (100%)" in stdout and "steps/s" in stdout
   assert "test at step 2 (4 tasks, 3 inner steps" in stdout
   assert "accuracy after:" in stdout and "+-" in stdout
@@ -71,7 +72,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_train_again_resumes_and_does_not_retrain(smoke_workdir, env):
-  workdir, _ = smoke_workdir
+  workdir, _, _ = smoke_workdir
   before = _files(checkpoint.checkpoint_path(workdir / "checkpoints", 2))
   stdout = run("train.py", "--config=experiments/configs/omniglot.py:smoke",
                f"--workdir={workdir}", env=env).stdout
@@ -80,7 +81,7 @@ def test_train_again_resumes_and_does_not_retrain(smoke_workdir, env):
 
 
 def test_evaluate(smoke_workdir, env, tmp_path):
-  workdir, _ = smoke_workdir
+  workdir, _, _ = smoke_workdir
   output = tmp_path / "eval.json"
   stdout = run("evaluate.py", f"--workdir={workdir}", "--num_tasks=4", "--batch_size=4",
                f"--output={output}", env=env).stdout
@@ -109,7 +110,7 @@ def _write_user_images(root: Path, pool, classes: list[int]) -> tuple[Path, Path
 
 
 def test_classify(smoke_workdir, env, tmp_path, omniglot_pool):
-  workdir, _ = smoke_workdir
+  workdir, _, _ = smoke_workdir
   support, query = _write_user_images(tmp_path, omniglot_pool, [1300, 1301, 1302, 1400, 1500])
   output = tmp_path / "pred.csv"
   stdout = run("classify.py", f"--workdir={workdir}", f"--support_dir={support}",
@@ -124,7 +125,7 @@ def test_classify(smoke_workdir, env, tmp_path, omniglot_pool):
 
 
 def test_classify_too_many_classes(smoke_workdir, env, tmp_path, omniglot_pool):
-  workdir, _ = smoke_workdir
+  workdir, _, _ = smoke_workdir
   support, query = _write_user_images(tmp_path, omniglot_pool, list(range(1300, 1306)))
   result = run("classify.py", f"--workdir={workdir}", f"--support_dir={support}",
                f"--query_dir={query}", env=env, check=False)
@@ -133,7 +134,7 @@ def test_classify_too_many_classes(smoke_workdir, env, tmp_path, omniglot_pool):
 
 
 def test_plot(smoke_workdir, env, tmp_path):
-  workdir, _ = smoke_workdir
+  workdir, _, _ = smoke_workdir
   stdout = run("plot.py", f"--workdir={workdir}", f"--out_dir={tmp_path}", env=env).stdout
   names = {p.name for p in tmp_path.glob("*.png")}
   assert {"outer.png", "inner.png", "test.png", "learning_curves.png"} <= names

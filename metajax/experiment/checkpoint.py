@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -130,8 +131,23 @@ def best_step(directory: str | os.PathLike[str], best: Best) -> int | None:
 # ------------------------------------------------------------------------------------- writing
 
 
+class _QuietOrbax(logging.Filter):
+  """Drops orbax-checkpoint's INFO records (a dozen per save, which absl binaries print); its
+  warnings and errors pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _quiet_orbax() -> None:
+  logger = logging.getLogger("absl")  # orbax logs through absl.logging
+  if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+    logger.addFilter(_QuietOrbax())
+
+
 def _manager(directory: str | os.PathLike[str], *, write: bool, keep: int | None = None,
              best: Best | None = None) -> ocp.CheckpointManager:
+  _quiet_orbax()
   policies = [checkpoint_managers.LatestN(n=keep)]
   tracking = {}
   if best is not None:
