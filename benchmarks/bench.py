@@ -194,7 +194,7 @@ def _remat(value):
   return policy
 
 
-def _build(w: Workload, spec: dict):
+def build_workload(w: Workload, spec: dict):
   """-> (the library's MetaStep, init state, tasks, a vmap/unrolled twin for FLOP counting)."""
 
   import jax
@@ -326,7 +326,7 @@ def run_step_worker(spec: dict) -> dict:
     spec = {**TINY, **spec}
   out: dict = {"workload": spec["workload"], "spec": spec, "load_before": os.getloadavg(),
                "devices": jax.device_count(), "backend": jax.default_backend()}
-  meta_step, state, tasks, twin, extra = _build(w, spec)
+  meta_step, state, tasks, twin, extra = build_workload(w, spec)
   jax.block_until_ready((state, tasks))
   rss_before_compile = _proc_status().get("VmRSS", 0) / 1024.0
 

@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.workload not in bench.WORKLOADS:
       p.error(f"--workload={args.workload!r}: choose from {', '.join(bench.WORKLOADS)}")
-    jitted, state, tasks, _, _ = bench._build(bench.WORKLOADS[args.workload], {"conv": "default"})
+    meta_step, state, tasks, _, _ = bench.build_workload(bench.WORKLOADS[args.workload],
+                                                         {"conv": "default"})
     carry = [state]
 
     def call():  # the state is threaded through, as in training (the step may donate it)
-      carry[0], metrics = jitted(carry[0], tasks)
+      carry[0], metrics = meta_step.step(carry[0], tasks)
       return metrics
   else:
     x = jax.random.normal(jax.random.key(0), (args.batch, 14, 14, 64))

@@ -66,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.workload not in bench.WORKLOADS:
     p.error(f"--workload={args.workload!r}: choose from {', '.join(bench.WORKLOADS)}")
-  jitted, state, tasks, _, _ = bench._build(bench.WORKLOADS[args.workload], {"conv": args.conv})
+  meta_step, state, tasks, _, _ = bench.build_workload(bench.WORKLOADS[args.workload],
+                                                       {"conv": args.conv})
   for _ in range(2):
-    state, metrics = jitted(state, tasks)
+    state, metrics = meta_step.step(state, tasks)
     jax.block_until_ready(metrics)
   with tempfile.TemporaryDirectory() as trace_dir:
     start = time.perf_counter()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      state, metrics = jitted(state, tasks)
+      state, metrics = meta_step.step(state, tasks)
       jax.block_until_ready(metrics)
     wall = time.perf_counter() - start
     total, count = op_kind_times(trace_dir)

@@ -41,7 +41,12 @@ from metajax.nn.models import Model, conv4, kao_conv, mlp, model_from_encoder
 from metajax.types import Task
 from metajax.variants import encoder_mask, head_mask, zero_head
 
-from metajax._version import __version__  # pyproject.toml is its one source
+from importlib import metadata as _metadata
+
+try:  # pyproject.toml is the version's one source
+  __version__: str = _metadata.version("metajax")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+  __version__ = "0+unknown"
 
 __all__ = [
   "MAML",

@@ -64,7 +64,7 @@ def test_flop_count_unrolls_the_inner_loop(bench):
   flops = []
   for steps in (1, 2, 3):
     spec = {"conv": "default", **bench.TINY, "inner_steps": steps}
-    _, state, tasks, twin, _ = bench._build(bench.WORKLOADS["W5"], spec)
+    _, state, tasks, twin, _ = bench.build_workload(bench.WORKLOADS["W5"], spec)
     flops.append(bench._count_flops_unrolled(twin, state, tasks))
   # Each step adds about one step's FLOPs (with the bug: nothing). Not exactly the same amount:
   # the HLO of the steps' second-order terms differs by a few kFLOP out of ~77 MFLOP here.
