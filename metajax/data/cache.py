@@ -20,6 +20,7 @@ user, or the next test run, finds in it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,9 +28,9 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -153,14 +154,28 @@ def save_arrays(
   payload = {name: np.asarray(array) for name, array in arrays.items()}
   payload[_KEY_FIELD] = np.asarray(key)
   payload[_CHECKSUM_FIELD] = np.asarray(array_checksum(_without_meta(payload)))
+  with atomic_write(path) as f:
+    np.savez_compressed(f, **payload)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[BinaryIO]:
+  """Writes `path` all at once or not at all: a binary file to write into, renamed into place.
+
+  The file is a temporary one in `path`'s directory (created if missing); when the block ends it
+  is flushed, fsync-ed, made readable by all (a cache or data folder may be shared) and renamed
+  to `path`. An exception inside the block (e.g. a failed check of what was written) removes it:
+  a reader never sees a partial file, and nothing is left behind.
+  """
+  path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
   try:
     with os.fdopen(fd, "wb") as f:
-      np.savez_compressed(f, **payload)
+      yield f
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache dir may be shared
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
     os.replace(tmp, path)
   except BaseException:
     try:

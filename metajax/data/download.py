@@ -18,7 +18,6 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -114,33 +113,28 @@ def download_file(url: str, path: str | os.PathLike[str], *, sha256: str,
     OSError: the destination directory cannot be created or written (e.g. PermissionError).
   """
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-  try:
+  with cache_lib.atomic_write(path, suffix=".part") as out:  # checks fail inside: nothing kept
     digest, received, announced = hashlib.sha256(), 0, None
-    with os.fdopen(fd, "wb") as out:
-      try:
-        request = urllib.request.Request(url, headers={"User-Agent": "metajax"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-          length = response.headers.get("Content-Length")
-          announced = int(length) if length and length.isdigit() else None
-          for chunk in iter(lambda: response.read(_CHUNK), b""):
-            digest.update(chunk)
-            out.write(chunk)
-            received += len(chunk)
-      except urllib.error.HTTPError as e:
-        raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from e
-      except urllib.error.URLError as e:
-        raise DownloadError(f"cannot download {url}: {e.reason}") from e
-      except http.client.IncompleteRead as e:  # what newer Pythons raise on an early close
-        got = received + len(e.partial)
-        whole = got + e.expected if e.expected is not None else announced
-        raise DownloadError(f"download of {url} was cut short: {got} of {whole} bytes; "
-                            "nothing was kept, try again") from e
-      except (OSError, http.client.HTTPException) as e:  # resets, timeouts, bad responses
-        raise DownloadError(f"download of {url} failed after {received} bytes: {e!r}") from e
-      out.flush()
-      os.fsync(out.fileno())
+    try:
+      request = urllib.request.Request(url, headers={"User-Agent": "metajax"})
+      with urllib.request.urlopen(request, timeout=timeout) as response:
+        length = response.headers.get("Content-Length")
+        announced = int(length) if length and length.isdigit() else None
+        for chunk in iter(lambda: response.read(_CHUNK), b""):
+          digest.update(chunk)
+          out.write(chunk)
+          received += len(chunk)
+    except urllib.error.HTTPError as e:
+      raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+      raise DownloadError(f"cannot download {url}: {e.reason}") from e
+    except http.client.IncompleteRead as e:  # what newer Pythons raise on an early close
+      got = received + len(e.partial)
+      whole = got + e.expected if e.expected is not None else announced
+      raise DownloadError(f"download of {url} was cut short: {got} of {whole} bytes; "
+                          "nothing was kept, try again") from e
+    except (OSError, http.client.HTTPException) as e:  # resets, timeouts, bad responses
+      raise DownloadError(f"download of {url} failed after {received} bytes: {e!r}") from e
     # urllib does not raise on a connection closed early: count the bytes.
     whole = announced if announced is not None else size
     if whole is not None and received < whole:
@@ -154,14 +148,6 @@ def download_file(url: str, path: str | os.PathLike[str], *, sha256: str,
       raise DownloadError(f"sha256 of {url} is {got}, expected {sha256.lower()} (the published "
                           "file's): the transfer was corrupted or the file changed; nothing was "
                           "kept")
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; data is read by others too
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
   return path
 
 
