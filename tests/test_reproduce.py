@@ -210,7 +210,7 @@ def test_sigterm_stops_the_queue_and_logs_the_running_command(tmp_path, monkeypa
 
   runs = [suite.Run(n, "kao", "omniglot.py:kao5way1shot", eval_steps=(1,)) for n in "ab"]
   monkeypatch.setattr(suite.Run, "train_command",
-                      lambda self, root, data_dir: [sys.executable, "-c",
+                      lambda self, *args: [sys.executable, "-c",
                                                     "import time; time.sleep(120)"])
   previous = signal.getsignal(signal.SIGTERM)
   timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))

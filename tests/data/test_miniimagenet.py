@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import pickle
+import zipfile
 from pathlib import Path
 
 import jax
@@ -107,7 +109,7 @@ def test_env_var_and_auto_format(tmp_path, monkeypatch):
 
 
 def test_bad_input(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(FileNotFoundError, match="is neither a directory nor a .zip archive"):
     load_miniimagenet(tmp_path / "nowhere")
   with pytest.raises(
     FileNotFoundError, match="expected mini-imagenet-cache-train.pkl or train.csv"
@@ -146,7 +148,8 @@ def test_corrupt_files(tmp_path):
   victim.unlink()
   with pytest.raises(FileNotFoundError, match=f"{victim.name}"):
     load_miniimagenet(csv_root, use_cache=False)
-  with pytest.raises(FileNotFoundError, match="1 images listed in train.csv are missing"):
+  with pytest.raises(FileNotFoundError,
+                     match="1 images listed in .*train.csv. are missing, e.g. .*n0153282900000002"):
     load_miniimagenet(csv_root, cache_dir=tmp_path / "cache")
 
 
@@ -158,3 +161,104 @@ def test_unequal_class_sizes(tmp_path):
     csv.writer(f).writerow([name, LABELS[0]])
   with pytest.raises(CorruptDataError, match=r"classes of different sizes \(n01532829: 3"):
     load_miniimagenet(tmp_path, use_cache=False)
+
+
+def _zip_folder(folder: Path, archive: Path, prefix: str = "mini-imagenet/",
+                compression: int = zipfile.ZIP_STORED) -> Path:
+  """Zips `folder`'s files under `prefix`, as the distributed archive is laid out."""
+  with zipfile.ZipFile(archive, "w", compression) as zf:
+    for path in sorted(folder.rglob("*")):
+      if path.is_file():
+        zf.write(path, prefix + path.relative_to(folder).as_posix())
+  return archive
+
+
+@pytest.mark.parametrize("prefix", ["mini-imagenet/", ""])
+def test_zip_archive_read_in_place(tmp_path, prefix):
+  folder = tmp_path / "extracted"
+  for split in ("train", "test"):
+    write_csv_format(folder, split)
+  holder = tmp_path / "holder"
+  holder.mkdir()
+  archive = _zip_folder(folder, holder / "mini-imagenet-84.zip", prefix)
+  before = archive.read_bytes()
+  expected = load_miniimagenet(folder, "test", use_cache=False)
+  cache_dir = tmp_path / "cache"
+  for source in (archive, holder):  # the archive itself, or the folder that holds it
+    pool = load_miniimagenet(source, "test", cache_dir=cache_dir)
+    np.testing.assert_array_equal(pool.images, expected.images)
+    np.testing.assert_array_equal(pool.class_names, expected.class_names)
+  assert len(list(cache_dir.glob("metajax-miniimagenet-test-84px-*.npz"))) == 1
+  assert load_miniimagenet(archive, "train", use_cache=False).images.shape == (3, 4, 84, 84, 3)
+  assert archive.read_bytes() == before and sorted(p.name for p in holder.iterdir()) == [
+    "mini-imagenet-84.zip"]  # nothing written beside the archive
+
+
+def test_zip_archive_errors_name_the_file(tmp_path):
+  folder = tmp_path / "extracted"
+  write_csv_format(folder, "train", per_class=2)
+  archive = _zip_folder(folder, tmp_path / "a.zip")
+  # Truncated: the central directory at the end is gone.
+  truncated = tmp_path / "truncated.zip"
+  truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+  with pytest.raises(CorruptDataError, match="corrupt or truncated mini-ImageNet archive "
+                     ".*truncated.zip"):
+    load_miniimagenet(truncated, use_cache=False)
+  # One flipped byte inside a stored image: its CRC-32 fails, and the member is named.
+  with zipfile.ZipFile(archive) as zf:
+    info = zf.getinfo("mini-imagenet/images/n0155899300000001.jpg")
+  data = bytearray(archive.read_bytes())
+  data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF
+  flipped = tmp_path / "flipped.zip"
+  flipped.write_bytes(bytes(data))
+  with pytest.raises(CorruptDataError, match="n0155899300000001.jpg' in archive .*flipped.zip"):
+    load_miniimagenet(flipped, use_cache=False)
+  # A damaged deflate stream (the failure that surfaced as a bare zlib.error elsewhere).
+  deflated = _zip_folder(folder, tmp_path / "deflated.zip", compression=zipfile.ZIP_DEFLATED)
+  with zipfile.ZipFile(deflated) as zf:
+    info = zf.getinfo("mini-imagenet/images/n0155899300000001.jpg")
+  data = bytearray(deflated.read_bytes())
+  start = info.header_offset + 30 + len(info.filename)
+  data[start:start + 40] = bytes(40)
+  broken = tmp_path / "broken.zip"
+  broken.write_bytes(bytes(data))
+  with pytest.raises(CorruptDataError, match="n0155899300000001.jpg' in archive .*broken.zip"):
+    load_miniimagenet(broken, use_cache=False)
+  # A CSV row that names no file of the archive.
+  text = (folder / "train.csv").read_text()
+  (folder / "train.csv").write_text(text.replace("n0155899300000002.jpg", "n0155899399999999.jpg"))
+  rows = _zip_folder(folder, tmp_path / "rows.zip")
+  with pytest.raises(FileNotFoundError, match="1 images listed in 'mini-imagenet/train.csv' in "
+                     "archive .*rows.zip' are missing, e.g. 'mini-imagenet/images/"
+                     "n0155899399999999.jpg'"):
+    load_miniimagenet(rows, use_cache=False)
+  # A folder of several archives is ambiguous.
+  many = tmp_path / "many"
+  many.mkdir()
+  for name in ("x.zip", "y.zip"):
+    (many / name).write_bytes(archive.read_bytes())
+  with pytest.raises(FileNotFoundError, match="several archives \\['x.zip', 'y.zip'\\]"):
+    load_miniimagenet(many, use_cache=False)
+
+
+REAL_ARCHIVE = Path(__file__).resolve().parents[3] / "shared/data/miniimagenet/mini-imagenet-84.zip"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_ARCHIVE.is_file(), reason=f"no {REAL_ARCHIVE}")
+def test_real_archive():
+  """The distributed archive: the Ravi & Larochelle split, and pixels as PIL decodes them."""
+  pools = {split: load_miniimagenet(REAL_ARCHIVE, split) for split in ("train", "val", "test")}
+  assert {s: p.images.shape for s, p in pools.items()} == {
+    "train": (64, 600, 84, 84, 3), "val": (16, 600, 84, 84, 3), "test": (20, 600, 84, 84, 3)}
+  assert all(p.images.dtype == np.uint8 for p in pools.values())
+  names = [set(p.class_names) for p in pools.values()]
+  assert sum(map(len, names)) == len(set.union(*names)) == 100  # disjoint splits
+  with zipfile.ZipFile(REAL_ARCHIVE) as zf:
+    rows = list(csv.reader(zf.read("mini-imagenet/test.csv").decode().splitlines()))[1:]
+    test = pools["test"]
+    for filename, label in (rows[0], rows[599], rows[6000], rows[-1]):
+      c = list(test.class_names).index(label)
+      i = [r[0] for r in rows if r[1] == label].index(filename)
+      with Image.open(io.BytesIO(zf.read(f"mini-imagenet/images/{filename}"))) as image:
+        np.testing.assert_array_equal(test.images[c, i], np.asarray(image.convert("RGB")))

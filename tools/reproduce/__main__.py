@@ -19,6 +19,8 @@ _ROOT = flags.DEFINE_string("root", "workdirs/reproduce", "Parent of the runs' w
 _RUNS = flags.DEFINE_list("runs", [], "Runs or groups to work on (default: all, in order).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Omniglot archives (default: the configs' "
                                 "data_dir, i.e. $METAJAX_OMNIGLOT_DIR).")
+_MINI_DIR = flags.DEFINE_string("miniimagenet_dir", None, "The mini-ImageNet archive or folder "
+                                "(default: the configs' data_dir, i.e. $METAJAX_MINIIMAGENET_DIR).")
 _EVAL_TASKS = flags.DEFINE_integer("eval_tasks", 600, "Test tasks of the final evaluations.",
                                    lower_bound=1)
 _LIST = flags.DEFINE_bool("list", False, "Print each run's status and exit.")
@@ -51,7 +53,8 @@ def main(argv: list[str]) -> int:
     dest = _from_root(_ARCHIVE.value)
     print(f"archived into {dest}: {', '.join(archive.archive(runs, root, dest)) or 'nothing'}")
     return 0
-  return 1 if queue.work(runs, root, _DATA_DIR.value, _EVAL_TASKS.value, _DRY_RUN.value) else 0
+  return 1 if queue.work(runs, root, _DATA_DIR.value, _EVAL_TASKS.value, _DRY_RUN.value,
+                         _MINI_DIR.value) else 0
 
 
 if __name__ == "__main__":

@@ -91,13 +91,14 @@ def _run_logged(cmd: list[str], workdir: Path, kind: str, machine: dict[str, Any
 
 
 def work(runs: Sequence[suite.Run], root: Path, data_dir: str | None, eval_tasks: int,
-         dry_run: bool) -> int:
+         dry_run: bool, miniimagenet_dir: str | None = None) -> int:
   """Trains and evaluates every unfinished run of `runs`; returns the number of runs that failed.
 
   Args:
     runs: the runs to work on, in order.
     root: the parent of the runs' workdirs (relative to the project root, or absolute).
     data_dir: the Omniglot archives (None: the configs' own `data_dir`).
+    miniimagenet_dir: the mini-ImageNet archive or folder (None: the configs' own).
     eval_tasks: test tasks of each final evaluation.
     dry_run: print the commands still to run instead of running them.
 
@@ -116,7 +117,7 @@ def work(runs: Sequence[suite.Run], root: Path, data_dir: str | None, eval_tasks
         continue
       todo = []
       if st["results"] is None:
-        todo.append(("train", run.train_command(root, data_dir)))
+        todo.append(("train", run.train_command(root, data_dir, miniimagenet_dir)))
       todo += [("eval", run.eval_command(root, k, eval_tasks))
                for k, v in st["evals"].items() if v is None]
       for kind, cmd in todo:

@@ -17,11 +17,15 @@ from typing import Any, Sequence
 from absl import app
 
 from metajax.experiment import checkpoint
+from tools.reproduce import kao_reference
 
 # The project root: the commands run there, and relative roots are read from there.
 ROOT = Path(__file__).resolve().parents[2]
 LOG_FILE = "reproduce_log.jsonl"
 KAO_PAPER = "Kao et al. 2022, official code's Omniglot curves"
+KAO_MINI = "Kao et al. 2022, official code's mini-ImageNet test curves at the same step"
+KAO_MINI_REFERENCE = Path(__file__).with_name("references") / "kao_miniimagenet.json"
+KAO_MINI_STEPS = 5_000  # the budget of the mini-ImageNet runs (their runs: 30,000 steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +51,23 @@ class Run:
   eval_steps: tuple[int, ...] = (1, 3)
   paper: tuple[float | None, str, int] = (None, "", 1)
 
-  def train_command(self, root: Path, data_dir: str | None) -> list[str]:
-    """The `experiments/train.py` command of this run, to run from the project root."""
+  @property
+  def dataset(self) -> str:
+    """The config file's stem: `omniglot`, `miniimagenet` or `sinusoid`."""
+    return self.config.split(".py:", 1)[0]
+
+  def train_command(self, root: Path, data_dir: str | None,
+                    miniimagenet_dir: str | None = None) -> list[str]:
+    """The `experiments/train.py` command of this run, to run from the project root.
+
+    `data_dir` is given to the Omniglot runs, `miniimagenet_dir` to the mini-ImageNet ones (None:
+    the configs' own default, the dataset's environment variable).
+    """
     cmd = [sys.executable, "experiments/train.py", f"--config=experiments/configs/{self.config}",
            f"--workdir={root / self.name}", *self.overrides]
-    if data_dir and not self.config.startswith("sinusoid"):
-      cmd.append(f"--config.data_dir={data_dir}")
+    source = {"omniglot": data_dir, "miniimagenet": miniimagenet_dir}.get(self.dataset)
+    if source:
+      cmd.append(f"--config.data_dir={source}")
     return cmd
 
   def eval_command(self, root: Path, steps: int, num_tasks: int) -> list[str]:
@@ -76,6 +91,18 @@ def _kao(name: str, group: str, shots: int, order: str, zeroing: bool, *extra: s
                     + (f" seed {seed}" if seed else ""))
   return Run(name, group, f"omniglot.py:{variant}", overrides, label,
              paper=(paper, KAO_PAPER if paper is not None else "", 1))
+
+
+def _kao_mini(shots: int, order: str, zeroing: bool) -> Run:
+  name = f"mini{shots}s_{order}" + ("_zero" if zeroing else "")
+  variant = f"kao5way{shots}shot" + ("_zeroing" if zeroing else "")
+  algo = {"fo": "fomaml", "so": "maml"}[order]
+  paper = kao_reference.reference(KAO_MINI_REFERENCE, shots, order, zeroing, KAO_MINI_STEPS)
+  return Run(name, "kao_mini", f"miniimagenet.py:{variant}",
+             (f"--config.algorithm={algo}", "--config.seed=0",
+              f"--config.num_steps={KAO_MINI_STEPS}"),
+             f"5w{shots}s {order.upper()} " + ("zeroing" if zeroing else "random head"),
+             eval_steps=(10,), paper=(paper, KAO_MINI, 10))
 
 
 def _sinusoid(algorithm: str, shots: int) -> Run:
@@ -115,6 +142,7 @@ def _suite() -> list[Run]:
                   ("--config.num_steps=2000", "--config.eval_every=500", "--config.seed=0"),
                   "MAML 5w1s, Conv-4, rotations, 2,000 of the paper's 60,000 steps",
                   eval_steps=(3,), paper=(98.7, "Finn et al. 2017, table 1 (60,000 steps)", 3)))
+  runs += [_kao_mini(s, o, z) for o in ("so", "fo") for s in (1, 5) for z in (False, True)]
   return runs
 
 
@@ -127,6 +155,8 @@ GROUPS = {
   "kao_other": "Kao et al.'s setting, the other orders",
   "reference": "Reference points at the same budget (Kao et al.'s setting, 3,000 steps)",
   "finn": "The classic MAML setting (Finn et al. 2017), as far as the budget goes",
+  "kao_mini": "Kao et al.'s mini-ImageNet setting: random head vs the zeroing trick "
+              f"({KAO_MINI_STEPS:,} of their 30,000 steps)",
 }
 
 
