@@ -13,7 +13,11 @@ Workloads (Omniglot 28x28x1, Conv-4 with 64 filters unless said; outer optimiser
   W20    20-way 1-shot, 5 queries/class, meta-batch 16, 5 inner steps, lr 0.1
   WP     Kao et al.'s net (metajax.kao_conv), 5-way 1-shot, 15 queries, meta-batch 32, 2 inner
          steps, lr 0.4, second order;  WPFO: the same first order
-  FB5 / FB20 / FBP  the baselines: a plain forward+backward (+ Adam) of the same network over
+  M1     mini-ImageNet (84x84x3, Conv-4 with 32 filters): second-order 5-way 1-shot, 15
+         queries, meta-batch 4, 5 inner steps, lr 0.01 (Finn et al.'s and Kao et al.'s setting);
+  M5     the same 5-shot, meta-batch 2;  M1FO / M5FO: first order.  `--workloads=mini`: all four
+         (not in the default set: run them with `--workloads=mini`)
+  FB5 / FB20 / FBP / FBM1 / FBM5  the baselines: a plain forward+backward (+ Adam) of the same network over
          the same images (every task's support+query images, BatchNorm per task as in MAML)
 
 What is measured, per workload, each in its own fresh subprocess:
@@ -85,6 +89,7 @@ from metajax.platform import runtime, xla
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
+_MINI = (84, 84, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,8 @@ class Workload:
   mode: str  # "second" | "first" | "anil" | "fwdbwd"
   baseline: str | None = None
   description: str = ""
+  image: tuple[int, int, int] = (28, 28, 1)  # (H, W, C) of one image
+  filters: int = 64
 
 
 WORKLOADS = {
@@ -112,8 +119,17 @@ WORKLOADS = {
   "FB5": Workload("conv4", 5, 1, 15, 32, 0, 0.0, "fwdbwd", None, "fwd+bwd Conv-4, 32x80 images"),
   "FB20": Workload("conv4", 20, 1, 5, 16, 0, 0.0, "fwdbwd", None, "fwd+bwd Conv-4, 16x120 images"),
   "FBP": Workload("kao", 5, 1, 15, 32, 0, 0.0, "fwdbwd", None, "fwd+bwd Kao net, 32x80 images"),
+  **{name: Workload("conv4", 5, shots, 15, batch, steps, 0.01, mode, base, text, _MINI, 32)
+     for name, shots, batch, steps, mode, base, text in [
+       ("M1", 1, 4, 5, "second", "FBM1", "mini-ImageNet 2nd-order 5w1s, 5 steps"),
+       ("M1FO", 1, 4, 5, "first", "FBM1", "mini-ImageNet first-order 5w1s, 5 steps"),
+       ("M5", 5, 2, 5, "second", "FBM5", "mini-ImageNet 2nd-order 5w5s, 5 steps"),
+       ("M5FO", 5, 2, 5, "first", "FBM5", "mini-ImageNet first-order 5w5s, 5 steps"),
+       ("FBM1", 1, 4, 0, "fwdbwd", None, "fwd+bwd Conv-4/32, 4x80 84x84x3 images"),
+       ("FBM5", 5, 2, 0, "fwdbwd", None, "fwd+bwd Conv-4/32, 2x100 84x84x3 images")]},
 }
 DEFAULT_WORKLOADS = ["W1", "W5", "WFO", "WANIL", "W20", "WP", "WPFO"]
+MINI_WORKLOADS = ["M1", "M1FO", "M5", "M5FO"]  # --workloads=mini
 # --quick without --workloads: one second-order, one first-order and Kao et al.'s workload (with
 # their baselines and peers) fit in 5 minutes on a 2-core CPU; all seven take ~20.
 QUICK_WORKLOADS = ["W1", "WFO", "WP"]
@@ -155,9 +171,9 @@ def _synthetic_tasks(w: Workload, meta_batch: int, queries: int, seed: int = 0):
   ns, nq = w.ways * w.shots, w.ways * queries
   labels = jnp.arange(w.ways, dtype=jnp.int32)
   return metajax.Task(
-    support_x=jax.random.uniform(kx, (meta_batch, ns, 28, 28, 1), jnp.float32),
+    support_x=jax.random.uniform(kx, (meta_batch, ns, *w.image), jnp.float32),
     support_y=jnp.tile(jnp.repeat(labels, w.shots), (meta_batch, 1)),
-    query_x=jax.random.uniform(kq, (meta_batch, nq, 28, 28, 1), jnp.float32),
+    query_x=jax.random.uniform(kq, (meta_batch, nq, *w.image), jnp.float32),
     query_y=jnp.tile(jnp.repeat(labels, queries), (meta_batch, 1)),
   )
 
@@ -204,14 +220,14 @@ def build_workload(w: Workload, spec: dict):
   import metajax
   import metajax.platform.sharding  # not re-exported by metajax/__init__
 
-  filters = spec.get("filters", 64)
+  filters = spec.get("filters", w.filters)
   meta_batch = spec.get("meta_batch") or w.meta_batch
   queries = spec.get("queries") or w.queries
   inner_steps = spec.get("inner_steps") or w.inner_steps
   task_map = _parse_task_map(spec.get("task_map", "vmap"))
   net = metajax.conv4 if w.net == "conv4" else metajax.kao_conv
   model = net(w.ways, filters=filters, conv_fn=_conv_fn(spec.get("conv", "default")),
-              fused_norm=spec.get("norm", "fused") == "fused")
+              fused_norm=spec.get("norm", "fused") == "fused", input_shape=w.image)
   params = model.init(jax.random.key(0))
   tasks = _synthetic_tasks(w, meta_batch, queries)
   optimizer = optax.adam(1e-3)
@@ -726,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--data", action="store_true", help="run the data-path benchmark")
   p.add_argument("--torch_python", default=None,
                  help="interpreter with torch for the peers ('' disables; default: auto)")
-  p.add_argument("--torch_workloads", default="W1,W5,WFO,WANIL,W20,WP,WPFO")
+  p.add_argument("--torch_workloads", default="W1,W5,WFO,WANIL,W20,WP,WPFO,M1,M1FO,M5,M5FO")
   p.add_argument("--memory", action="store_true", help="the inner-steps x remat memory sweep")
   p.add_argument("--memory_steps", default="1,5,10,20")
   p.add_argument("--memory_meta_batch", type=int, default=32)
@@ -764,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.workloads is None:
     names = [] if extra_mode else list(QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
   else:
-    names = [n for n in args.workloads.split(",") if n]
+    names = [m for n in args.workloads.split(",") if n
+             for m in (MINI_WORKLOADS if n == "mini" else [n])]
   unknown = [n for n in names if n not in WORKLOADS]
   if unknown:
     p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")

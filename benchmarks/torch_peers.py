@@ -18,7 +18,8 @@ Three idiomatic PyTorch MAML implementations of the same workloads, CPU, `torch.
 The network is the same Conv-4 as `metajax.conv4` (3x3 conv SAME -> `nn.BatchNorm2d` with batch
 statistics, no running averages -> ReLU -> 2x2 max-pool, x4, then a linear head) and the same
 inputs (synthetic, NCHW), so both sides do the same arithmetic. Workloads W1, W5, WFO, WANIL,
-W20 (Conv-4) and WP, WPFO (Kao et al.'s network); see bench.py for their shapes.
+W20 (Conv-4), WP, WPFO (Kao et al.'s network) and M1, M1FO, M5, M5FO (mini-ImageNet: Conv-4 with
+32 filters on 84x84x3); see bench.py for their shapes.
 
 Usage (torch is not a metajax dependency; use a separate venv; learn2learn is optional, see
 benchmarks/README.md for installing it on Python 3.11):
@@ -55,8 +56,16 @@ WORKLOADS = {
   "W20": (20, 1, 5, 16, 5, 0.1, "second"),
   "WP": (5, 1, 15, 32, 2, 0.4, "second"),
   "WPFO": (5, 1, 15, 32, 2, 0.4, "first"),
+  "M1": (5, 1, 15, 4, 5, 0.01, "second"),
+  "M1FO": (5, 1, 15, 4, 5, 0.01, "first"),
+  "M5": (5, 5, 15, 2, 5, 0.01, "second"),
+  "M5FO": (5, 5, 15, 2, 5, 0.01, "first"),
 }
 KAO_NET = ("WP", "WPFO")  # Kao et al.'s network instead of Conv-4
+# (channels, side, filters) of the images and the network; Omniglot's 28x28x1 and 64 filters
+# unless listed (the mini-ImageNet workloads: 84x84x3, Conv-4 with 32 filters).
+SHAPES = {name: (3, 84, 32) for name in ("M1", "M1FO", "M5", "M5FO")}
+OMNIGLOT_SHAPE = (1, 28, 64)
 TINY = dict(filters=8, meta_batch=4, queries=2)
 
 
@@ -67,14 +76,15 @@ def batch_norm(features: int) -> nn.BatchNorm2d:
 
 
 class Conv4(nn.Module):
-  def __init__(self, num_classes: int, filters: int = 64, in_channels: int = 1):
+  def __init__(self, num_classes: int, filters: int = 64, in_channels: int = 1, side: int = 28):
     super().__init__()
     layers = []
     for i in range(4):
       layers += [nn.Conv2d(in_channels if i == 0 else filters, filters, 3, padding=1),
                  batch_norm(filters), nn.ReLU(), nn.MaxPool2d(2)]
+      side //= 2  # 28 -> 1, 84 -> 5
     self.encoder = nn.Sequential(*layers)
-    self.head = nn.Linear(filters, num_classes)
+    self.head = nn.Linear(filters * side * side, num_classes)
 
   def forward(self, x):
     return self.head(self.encoder(x).flatten(1))
@@ -97,12 +107,22 @@ class KaoConv(nn.Module):
     return self.head(self.encoder(x).flatten(1))
 
 
-def synthetic_tasks(ways, shots, queries, meta_batch, seed=0, dtype=torch.float32):
+def make_model(name: str, ways: int, filters: int | None = None) -> nn.Module:
+  """The workload's network (`filters` overrides its width, e.g. for the tiny checks)."""
+  channels, side, default_filters = SHAPES.get(name, OMNIGLOT_SHAPE)
+  filters = filters or default_filters
+  if name in KAO_NET:
+    return KaoConv(ways, filters, channels)
+  return Conv4(ways, filters, channels, side)
+
+
+def synthetic_tasks(ways, shots, queries, meta_batch, seed=0, dtype=torch.float32, name="W1"):
+  channels, side, _ = SHAPES.get(name, OMNIGLOT_SHAPE)
   g = torch.Generator().manual_seed(seed)
   labels = torch.arange(ways)
-  return (torch.rand(meta_batch, ways * shots, 1, 28, 28, generator=g, dtype=dtype),
+  return (torch.rand(meta_batch, ways * shots, channels, side, side, generator=g, dtype=dtype),
           labels.repeat_interleave(shots).repeat(meta_batch, 1),
-          torch.rand(meta_batch, ways * queries, 1, 28, 28, generator=g, dtype=dtype),
+          torch.rand(meta_batch, ways * queries, channels, side, side, generator=g, dtype=dtype),
           labels.repeat_interleave(queries).repeat(meta_batch, 1))
 
 
@@ -271,10 +291,11 @@ def check_peers(names: list[str]) -> dict:
     updates = {}
     for impl, make in {"autograd": make_autograd_step, **IMPLS}.items():
       torch.manual_seed(0)
-      model = (KaoConv if name in KAO_NET else Conv4)(ways, TINY["filters"])
+      model = make_model(name, ways, TINY["filters"])
       before = [p.detach().clone() for p in model.parameters()]
       make(model, torch.optim.SGD(model.parameters(), lr=1.0), steps, lr, mode)(
-        *synthetic_tasks(ways, shots, TINY["queries"], TINY["meta_batch"], dtype=torch.float64))
+        *synthetic_tasks(ways, shots, TINY["queries"], TINY["meta_batch"], dtype=torch.float64,
+                         name=name))
       updates[impl] = torch.cat([(b - p.detach()).flatten()
                                  for b, p in zip(before, model.parameters())])
     ref = updates.pop("autograd")
@@ -343,14 +364,14 @@ def _peak_rss_mb() -> float | None:
 
 def bench_one(name, impl, reps, warmup, tiny=False, seed=0):
   ways, shots, queries, meta_batch, steps, lr, mode = WORKLOADS[name]
-  filters = 64
+  filters = None
   if tiny:
     filters, meta_batch, queries = TINY["filters"], TINY["meta_batch"], TINY["queries"]
   torch.manual_seed(seed)
-  model = (KaoConv if name in KAO_NET else Conv4)(ways, filters)
+  model = make_model(name, ways, filters)
   meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   step = IMPLS[impl](model, meta_opt, steps, lr, mode)
-  batch = synthetic_tasks(ways, shots, queries, meta_batch, seed)
+  batch = synthetic_tasks(ways, shots, queries, meta_batch, seed, name=name)
   reset = _reset_peak_rss()
   load_before = os.getloadavg()
   t = time.perf_counter()

@@ -86,8 +86,13 @@ def build(repo: Path) -> dict:
 
 def reference(path: Path, shots: int, order: str, zeroing: bool, step: int) -> float:
   """Their mean test accuracy (%) of a setting at the last row written at or before `step`."""
+  return reference_at(path, setting_key(shots, order, zeroing), step)
+
+
+def reference_at(path: Path, key: str, step: int) -> float:
+  """Their mean test accuracy (%) of setting `key` at the last row written at or before `step`."""
   data = json.loads(path.read_text())
-  steps, acc = data["steps"], data["settings"][setting_key(shots, order, zeroing)]["accuracy"]
+  steps, acc = data["steps"], data["settings"][key]["accuracy"]
   row = max(i for i, s in enumerate(steps) if s <= step)
   return acc[row]
 

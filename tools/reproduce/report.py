@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from metajax.experiment import checkpoint, metrics
-from tools.reproduce import suite
+from tools.reproduce import kao_reference, suite
 from tools.reproduce.suite import Run
 
 # How the section says it was made; the BEGIN marker names it too (a file's markers must match).
@@ -86,6 +86,25 @@ def group_table(group: str, runs: Sequence[Run], statuses: dict[str, dict[str, A
   if len(lines) == 2:
     return []
   return lines
+
+
+def curve_table(runs: Sequence[Run], root: Path) -> list[str]:
+  """Finished runs with a published curve: their in-training test evaluations (`eval/*` of
+  `metrics.jsonl`) beside the curve's value at the same outer step ([] if there are none)."""
+  rows = []
+  for run in runs:
+    if not run.curve:
+      continue
+    records = metrics.read_metrics(suite.ROOT / root / run.name)
+    steps, values = metrics.series(records, "eval/accuracy_after")
+    for step, value in zip(steps, values):
+      ref = kao_reference.reference_at(suite.KAO_MINI_REFERENCE, run.curve, int(step))
+      rows.append(f"| {run.label or run.name} | {int(step):,} | {100 * value:.2f} | {ref:.2f} | "
+                  f"{100 * value - ref:+.2f} |")
+  if not rows:
+    return []
+  return ["| run | outer step | ours, accuracy % | theirs | difference |", "|---|---|---|---|---|",
+          *rows]
 
 
 _SEED_SUFFIX = re.compile(r"_seed\d+$")
@@ -229,6 +248,15 @@ def report(path: Path, root: Path, eval_tasks: int = 600,
             out.append(e["command"])
             machines.add((e["cpu"], e["cores"], e["backend"], e["device"], e["jax"]))
       out += ["```", ""]
+      curves_by_step = curve_table(finished, root)
+      if curves_by_step:
+        config = statuses[finished[0].name]["config"]
+        out += ["During training, on the test split (ours: "
+                f"{config.get('eval_num_tasks', '?')} tasks per evaluation, "
+                f"{config.get('eval_num_inner_steps', '?')} inner steps; theirs: the mean of their "
+                "runs' test curves, 400 tasks, 10 inner steps, at the last evaluation at or before "
+                f"the step; `{suite.KAO_MINI_REFERENCE.relative_to(suite.ROOT)}`):", "",
+                *curves_by_step, ""]
       seeds = seed_table(members, statuses) if group != "sinusoid" else []  # accuracies only
       if seeds:
         out += [f"Over seeds (accuracy % on the same {eval_tasks} test tasks; sd is the sample "

@@ -41,6 +41,8 @@ class Run:
     eval_steps: test-time inner steps of the final evaluations.
     paper: the published figure (accuracy %, or None), where it comes from, and the test-time
       inner steps it is compared at (one of `eval_steps`).
+    curve: the key of a published learning curve in `KAO_MINI_REFERENCE` ("" if none), which
+      the report sets beside the run's in-training evaluations, step by step.
   """
 
   name: str
@@ -50,6 +52,7 @@ class Run:
   label: str = ""
   eval_steps: tuple[int, ...] = (1, 3)
   paper: tuple[float | None, str, int] = (None, "", 1)
+  curve: str = ""
 
   @property
   def dataset(self) -> str:
@@ -102,7 +105,8 @@ def _kao_mini(shots: int, order: str, zeroing: bool) -> Run:
              (f"--config.algorithm={algo}", "--config.seed=0",
               f"--config.num_steps={KAO_MINI_STEPS}"),
              f"5w{shots}s {order.upper()} " + ("zeroing" if zeroing else "random head"),
-             eval_steps=(10,), paper=(paper, KAO_MINI, 10))
+             eval_steps=(10,), paper=(paper, KAO_MINI, 10),
+             curve=kao_reference.setting_key(shots, order, zeroing))
 
 
 def _sinusoid(algorithm: str, shots: int) -> Run:
