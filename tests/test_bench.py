@@ -57,6 +57,7 @@ def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
   assert "WPFO" in table and "load average" in table
 
 
+@pytest.mark.slow  # 50 s: two lowerings of a 5-step second-order workload
 def test_flop_count_unrolls_the_inner_loop(bench):
   """XLA counts a while loop's body once: the FLOP count lowers a twin with every scan unrolled,
   so it must grow by the same amount with each inner step (it did not while metajax passed its
@@ -72,6 +73,7 @@ def test_flop_count_unrolls_the_inner_loop(bench):
   assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0], rel=1e-3)
 
 
+@pytest.mark.slow  # 50 s: a tiny benchmark run through the workers
 def test_preload_goes_to_every_worker(bench, tmp_path, monkeypatch):
   envs = []
 
@@ -176,6 +178,7 @@ def _reproducer():
   return module
 
 
+@pytest.mark.slow  # 45 s: four compilations and the op-by-op references
 def test_miscompile_reproducer_runs(capsys):
   """benchmarks/xla_cpu/miscompile.py prints eager / jax.jit / metajax.platform.xla.jit rows; on the MLP
   (which XLA compiles correctly either way) they all agree with the eager gradient."""

@@ -66,6 +66,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # about 2 min: four forced devices in a subprocess, float64 MAML twice
 def test_sharded_meta_gradient_equals_single_device():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}

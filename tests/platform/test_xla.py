@@ -152,6 +152,7 @@ class ConvMetaGradientTest(chex.TestCase):
   def test_unrolled_inner_loop(self):
     self._check(True)
 
+  @pytest.mark.slow  # 85 s; the library's rolled and unrolled paths are checked fast below
   def test_one_smooth_inner_step(self):
     self._check(False, activation=jax.nn.softplus, num_tasks=2, steps=1)
 
@@ -231,6 +232,7 @@ class Conv4LibraryPathTest(parameterized.TestCase):
     primitives = {e.primitive.name for e in jax.make_jaxpr(encoder.apply)(params, x).eqns}
     self.assertEqual("conv_general_dilated" in primitives, jax.default_backend() != "cpu")
 
+  @pytest.mark.slow  # 50 s: 64 channels in float64, compiled and op by op
   def test_float64_full_width_second_order(self):
     """At 48 channels and more XLA:CPU's float64 second-order products through BatchNorm ->
     max-pool were NaN or 1e-1 off under plain `jax.jit` (`xla_cpu/f64_width.py`)."""
