@@ -36,6 +36,10 @@ from metajax.types import ApplyFn, Array, ArrayLike, Params, PRNGKey, Task
 
 MatchingParams = dict[str, Any]  # {"params": model params[, "fce": FCE params]}
 
+# The initial FCE weights come from `fold_in(key(seed), INIT_STREAM)`: a stream of their own,
+# never the root key itself (which the training loop splits into its init and train keys).
+INIT_STREAM = 2
+
 # Squared norms below this count as this: the cosine of a zero vector is 0, with finite gradients.
 _MIN_SQUARED_NORM = 1e-16
 
@@ -175,7 +179,8 @@ class MatchingNet:
     num_classes: N, the most ways of any task it sees (outputs are `[Q, N]`).
     temperature: of the softmax over cosine similarities (> 0; the paper's is 1).
     fce: full-context embeddings, or None for the plain embedding (f = g = `features`).
-    seed: seeds the initial FCE weights (the embedding's come with the model params).
+    seed: seeds the initial FCE weights (see `INIT_STREAM`; the embedding's come with the
+      model params).
     loss: `(log_probs, labels) -> scalar` on the query set (cross-entropy, as in the paper).
     params_transforms: functions applied, in order, to the model params before embedding (as in
       `MAML`, so that `metajax.with_zeroing` composes; zeroing the unused head changes nothing).
@@ -200,8 +205,9 @@ class MatchingNet:
     if self.fce is None:
       return {"params": params}
     dtype = jnp.result_type(*jax.tree.leaves(params))
+    key = jax.random.fold_in(jax.random.key(self.seed), INIT_STREAM)
     # Jitted: run eagerly, the initialisers compile one small XLA program per op.
-    fce = jax.jit(self.fce.init, static_argnums=1)(jax.random.key(self.seed), dtype)
+    fce = jax.jit(self.fce.init, static_argnums=1)(key, dtype)
     return {"params": params, "fce": fce}
 
   def model_params(self, meta_params: MatchingParams) -> MatchingParams:

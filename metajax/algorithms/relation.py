@@ -43,6 +43,10 @@ from metajax.types import ApplyFn, Array, ArrayLike, Params, PRNGKey, Task
 
 RelationParams = dict[str, Any]  # {"params": model params, "relation": relation module params}
 CLASS_POOLS = ("sum", "mean")
+# The relation module's initial weights come from `fold_in(key(seed), INIT_STREAM)`: a stream of
+# their own, never the root key itself (which the training loop splits into its init and train
+# keys).
+INIT_STREAM = 2
 
 
 def relation_mse(logits: ArrayLike, labels: ArrayLike) -> Array:
@@ -182,7 +186,8 @@ class RelationNet:
     num_classes: N, the most ways of any task it sees (logits are `[Q, N]`).
     relation: the relation module, e.g. `relation_module(feature_shape)`.
     class_pool: "sum" (the paper's) or "mean" of a class's support maps.
-    seed: seeds the relation module's initial weights (the embedding's come with the params).
+    seed: seeds the relation module's initial weights (see `INIT_STREAM`; the embedding's come
+      with the model params).
     loss: `(logits, labels) -> scalar` on the query set (`relation_mse`, as in the paper).
     params_transforms: functions applied, in order, to the model params before embedding (as in
       `MAML`, so that `metajax.with_zeroing` composes; zeroing the unused head changes nothing).
@@ -203,9 +208,10 @@ class RelationNet:
       raise ValueError(f"class_pool must be one of {CLASS_POOLS}, got {self.class_pool!r}")
 
   def init(self, params: Params) -> RelationParams:
-    """Model params -> meta-params, the relation module's drawn from `seed`."""
+    """Model params -> meta-params, the relation module's weights drawn from `seed`."""
     dtype = jnp.result_type(*jax.tree.leaves(params))
-    return {"params": params, "relation": self.relation.init(jax.random.key(self.seed), dtype)}
+    key = jax.random.fold_in(jax.random.key(self.seed), INIT_STREAM)
+    return {"params": params, "relation": self.relation.init(key, dtype)}
 
   def model_params(self, meta_params: RelationParams) -> RelationParams:
     """The "unadapted" predictor: every class map 0 and every class present.
@@ -235,6 +241,9 @@ class RelationNet:
               present: Array) -> Array:
     """`[Q, D], [N, D], [N] -> [Q, N]` logits: the relation module on every (class, query) pair."""
     h, w, c = self.relation.feature_shape
+    if embeddings.shape[-1] != h * w * c:
+      raise ValueError(f"the embedding gives {embeddings.shape[-1]} features, which cannot be "
+                       f"read as the relation module's {h}x{w}x{c} feature maps")
     q, n = embeddings.shape[0], maps.shape[0]
     queries = jnp.broadcast_to(embeddings.reshape(q, 1, h, w, c), (q, n, h, w, c))
     classes = jnp.broadcast_to(maps.reshape(1, n, h, w, c), (q, n, h, w, c))

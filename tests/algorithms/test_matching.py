@@ -168,18 +168,23 @@ class MatchingNetTest(chex.TestCase):
     fce = matching.FullContextEmbeddings(WIDTH) if with_fce else None
     learner = matching.MatchingNet(_features, num_classes=WAYS, fce=fce)
     meta_params = learner.init(params)
-    run = jax.jit(lambda p, t: (_predict(learner, p, t), learner.task_loss(p, t)[0]))
-    (log_probs, loss), (log_probs_perm, loss_perm) = run(meta_params, task), run(meta_params,
-                                                                                 relabelled)
+    @jax.jit
+    def run(p, t):
+      loss, grads = jax.value_and_grad(lambda q: learner.task_loss(q, t)[0])(p)
+      return _predict(learner, p, t), loss, grads
+
+    (log_probs, loss, grads), (log_probs_perm, loss_perm, _) = (run(meta_params, task),
+                                                                run(meta_params, relabelled))
     np.testing.assert_allclose(log_probs_perm[:, perm], log_probs, rtol=F32_TOL, atol=F32_TOL)
     np.testing.assert_allclose(loss_perm, loss, rtol=F32_TOL)
+    self.assertTrue(all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)))
 
   def test_higher_way_learner_equals_exact_way_learner_on_fewer_ways(self):
     params, tasks = _problem(7)
     task = _first(tasks)
-    fce = matching.FullContextEmbeddings(WIDTH)
-    exact = matching.MatchingNet(_features, num_classes=WAYS, fce=fce)
-    wide = matching.MatchingNet(_features, num_classes=WAYS + 4, fce=fce)
+    # (the FCE LSTMs do not see the labels: the number of classes only widens the read-out)
+    exact = matching.MatchingNet(_features, num_classes=WAYS)
+    wide = matching.MatchingNet(_features, num_classes=WAYS + 4)
     meta_params = wide.init(params)
 
     @jax.jit

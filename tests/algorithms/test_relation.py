@@ -4,6 +4,8 @@ fewer ways, the episodic meta-step and evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -173,6 +175,18 @@ class RelationNetTest(chex.TestCase):
     # Before: one pair compared N times, every score equal, so always class 0.
     np.testing.assert_allclose(per_task["accuracy_before"], 1.0 / WAYS)
     self.assertGreater(float(per_task["accuracy_after"].mean()), 1.0 / WAYS)
+
+  def test_init_is_a_function_of_the_seed_and_shapes_are_checked(self):
+    params, tasks = _problem(5)
+    learner = _learner()
+    first, again = learner.init(params), learner.init(params)
+    other = dataclasses.replace(learner, seed=1).init(params)
+    chex.assert_trees_all_equal(first, again)
+    self.assertFalse(np.allclose(first["relation"]["fc0"]["kernel"],
+                                 other["relation"]["fc0"]["kernel"]))
+    wrong = _learner(feature_shape=(WIDTH + 1,))
+    with self.assertRaisesRegex(ValueError, "feature maps"):
+      jax.eval_shape(wrong.task_loss, first, _first(tasks))
 
   def test_relation_mse_closed_form(self):
     logits = np.array([[0.0, np.log(3.0), -np.inf]])  # scores 1/2, 3/4, 0
