@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
                                     # ("": finetune for pretrain, prototypes for the others)
   c.zeroing = False                 # Kao et al.'s zeroing trick
   c.loss = ""                       # "" -> the dataset's default (cross_entropy / mse)
+  c.matching_temperature = 1.0      # matching: softmax temperature over cosine similarities
+  c.fce_steps = 1                   # matching_fce: processing steps of the attention LSTM
   # episodes
   c.ways = 5
   c.train_ways = 0                  # protonet: ways of the training episodes (0: ways)

@@ -3,6 +3,12 @@
 - `reptile`: Reptile (Nichol et al. 2018), the first-order method that moves the initialisation
   towards the adapted weights; `make_reptile_step`.
 - `protonet`: Prototypical Networks (Snell et al. 2017), classification by the nearest class mean.
+- `matching`: Matching Networks (Vinyals et al. 2016), attention over cosine similarities to the
+  support set; full-context embeddings optional.
+- `relation`: Relation Networks (Sung et al. 2018), a learned relation module on (class map,
+  query map) pairs, squared error to one-hot.
+- `siamese`: Siamese networks (Koch et al. 2015), weighted-L1 verification training, one-shot
+  classification by the most similar support image.
 - `pretrain`: plain (joint) pre-training on the pooled classes or regression tasks, then
   fine-tuning or a linear probe: the baseline MAML is compared with.
 - `contrastive_pretrain`: SimCLR- and SupCon-style encoder pre-training, then the same
@@ -11,6 +17,15 @@
 MAML itself, its first-order variant, ANIL and Meta-SGD are `metajax.MAML` (`metajax.meta`).
 """
 
-from metajax.algorithms import contrastive_pretrain, pretrain, protonet, reptile
+from metajax.algorithms import (
+  contrastive_pretrain,
+  matching,
+  pretrain,
+  protonet,
+  relation,
+  reptile,
+  siamese,
+)
 
-__all__ = ["contrastive_pretrain", "pretrain", "protonet", "reptile"]
+__all__ = ["contrastive_pretrain", "matching", "pretrain", "protonet", "relation", "reptile",
+           "siamese"]

@@ -48,8 +48,11 @@ from metajax import data as data_lib
 from metajax import losses as losses_lib
 from metajax.algorithms import contrastive_pretrain as contrastive_lib
 from metajax.algorithms import pretrain as pretrain_lib
+from metajax.algorithms.matching import FullContextEmbeddings, MatchingNet
 from metajax.algorithms.protonet import ProtoNet
+from metajax.algorithms.relation import RelationNet, relation_mse, relation_module
 from metajax.algorithms.reptile import Reptile, make_reptile_step
+from metajax.algorithms.siamese import SiameseNet
 from metajax.data.augment import make_affine_augment
 from metajax.data.umtra import make_umtra_sampler
 from metajax.meta import MAML, MetaStep, TaskMap, make_meta_step, with_zeroing
@@ -80,6 +83,31 @@ def _maml_kwargs(config: Config, num_inner_steps: int) -> dict[str, Any]:
 def train_ways(config: Config) -> int:
   """Ways of the training episodes: `config.train_ways`, or `config.ways` when it is 0."""
   return config.get("train_ways") or config.ways
+
+
+def _feature_map_shape(model: models_lib.Model, config: Config) -> tuple[int, int, int]:
+  """The relation module's view of `model.features`: conv4 flattens `(H/16, W/16, filters)` maps
+  row-major; other encoders' features are read as 1x1 maps."""
+  h, w = (d // 16 for d in model.input_shape[:2]) if config.model == "conv4" else (1, 1)
+  return (h, w, model.feature_dim // (h * w))
+
+
+def _matching(model: models_lib.Model, loss: losses_lib.Loss, config: Config, k: int, *,
+              fce: bool) -> MatchingNet:
+  del k
+  return MatchingNet(model.features, train_ways(config),
+                     temperature=config.matching_temperature,
+                     fce=FullContextEmbeddings(model.feature_dim, config.fce_steps) if fce else None,
+                     seed=config.seed, loss=loss)
+
+
+def _relation(model: models_lib.Model, loss: losses_lib.Loss, config: Config,
+              k: int) -> RelationNet:
+  del loss, k  # the paper's squared error to one-hot, unless `config.loss` names another
+  return RelationNet(model.features, train_ways(config),
+                     relation=relation_module(_feature_map_shape(model, config)),
+                     seed=config.seed,
+                     loss=losses_lib.get_loss(config.loss) if config.loss else relation_mse)
 
 
 def _meta_step(model: models_lib.Model, learner: Learner, optimizer: optax.GradientTransformation,
@@ -234,6 +262,20 @@ ALGORITHMS: dict[str, Algorithm] = {
   # `train_ways`-way episodes ("higher way"), evaluated on `ways`-way ones.
   "protonet": Algorithm(lambda model, loss, c, k: ProtoNet(model.features, train_ways(c), loss),
                         kinds=_CLASSIFICATION, higher_way=True),
+  # Vinyals et al. 2016: attention over the support set's cosine similarities (`model.features`;
+  # the head is unused); `matching_fce` adds the full-context embeddings. Higher way.
+  "matching": Algorithm(functools.partial(_matching, fce=False), kinds=_CLASSIFICATION,
+                        higher_way=True),
+  "matching_fce": Algorithm(functools.partial(_matching, fce=True), kinds=_CLASSIFICATION,
+                            higher_way=True),
+  # Sung et al. 2018: a learned relation module on (class map, query map) pairs, MSE to one-hot.
+  "relation": Algorithm(_relation, kinds=_CLASSIFICATION, higher_way=True),
+  # Koch et al. 2015: weighted-L1 verification on the episode's pairs; one-shot by the most
+  # similar support image.
+  "siamese": Algorithm(lambda model, loss, c, k: SiameseNet(model.features, train_ways(c),
+                                                            feature_dim=model.feature_dim,
+                                                            loss=loss),
+                       kinds=_CLASSIFICATION, higher_way=True),
   # Khodadadeh et al. 2019: MAML meta-trained on unlabelled tasks of the training pool.
   "umtra": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, **_maml_kwargs(c, k)),
                      train_tasks=_umtra_tasks, kinds=_CLASSIFICATION),
@@ -465,7 +507,8 @@ FIELDS = frozenset({
   # model
   "model", "filters", "hidden",
   # algorithm
-  "algorithm", "reptile_serial", "pretrain_eval", "zeroing", "loss",
+  "algorithm", "reptile_serial", "pretrain_eval", "zeroing", "loss", "matching_temperature",
+  "fce_steps",
   # episodes and optimisation
   "ways", "train_ways", "shots", "queries", "meta_batch_size", "num_inner_steps",
   "eval_num_inner_steps", "inner_lr", "meta_lr", "optimizer",
@@ -477,8 +520,9 @@ FIELDS = frozenset({
 })
 
 # Fields that configs stored by older versions lack, with the value those runs ran with (one
-# outer step per compiled call; no download).
-ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False}
+# outer step per compiled call; no download; the metric learners' defaults, unused before them).
+ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False,
+                             "matching_temperature": 1.0, "fce_steps": 1}
 
 # Fields that may differ between a checkpoint's config and the config of a run resuming from it:
 # schedule, logging, evaluation and where the data lives. Every other field defines the run.
@@ -612,7 +656,8 @@ def validate_config(config: Config) -> None:
     algorithm = ALGORITHMS[config.algorithm]
     need(algorithm.higher_way or config.train_ways == config.get("ways"),
          f"train_ways={config.train_ways} differs from ways={config.get('ways')!r}, which "
-         f"algorithm={config.algorithm!r} does not support (protonet does; 0 means ways)")
+         f"algorithm={config.algorithm!r} does not support ("
+         f"{', '.join(n for n, a in ALGORITHMS.items() if a.higher_way)} do; 0 means ways)")
     need(not _is_int(config.get("ways")) or config.train_ways >= config.ways,
          f"train_ways={config.train_ways} is less than ways={config.ways}")
   if config.get("loss"):
@@ -621,12 +666,13 @@ def validate_config(config: Config) -> None:
     choice("pretrain_eval", dict.fromkeys(PRETRAIN_EVALS))
   for field in ("shots", "queries", "meta_batch_size", "num_inner_steps", "eval_num_inner_steps",
                 "eval_num_tasks", "eval_batch_size", "log_every",
-                "checkpoint_every", "keep_checkpoints", "filters", "steps_per_call"):
+                "checkpoint_every", "keep_checkpoints", "filters", "steps_per_call", "fce_steps"):
     problems += _int_at_least(config, field, 1)
   for field in ("num_steps", "eval_every", "seed", "eval_seed", "test_num_tasks"):
     problems += _int_at_least(config, field, 0)
   positive("inner_lr")
   positive("meta_lr")
+  positive("matching_temperature")
   try:
     parse_task_map(config.get("task_map"))
   except ValueError as e:
