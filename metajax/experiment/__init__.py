@@ -8,11 +8,12 @@
 - `checkpoint`: orbax-checkpoint checkpoints (keep-N plus the best) verified by a digest on
   restore, with a fall-back past a broken newest one; atomic writes of a run's small files.
 - `metrics`: metric writers (JSON lines, TensorBoard), progress lines, reading and plotting runs.
+- `lock`: one writer per workdir, an flock the kernel releases when its holder dies.
 - `classify`: few-shot classification of a folder of your own images with a trained model.
 
 Library code outside this package never reads flags, files or clocks.
 """
 
-from metajax.experiment import build, checkpoint, classify, metrics, train
+from metajax.experiment import build, checkpoint, classify, lock, metrics, train
 
-__all__ = ["build", "checkpoint", "classify", "metrics", "train"]
+__all__ = ["build", "checkpoint", "classify", "lock", "metrics", "train"]

@@ -26,11 +26,14 @@ checkpoint by the dataset's validation metric (`DatasetSpec.best`, e.g. `eval/ac
 Workdir layout: `checkpoints/checkpoint_<step>/` (orbax folders, `metajax.experiment.checkpoint`),
 `metrics.jsonl`, `tensorboard/`, `config.json`, `versions.json` (per invocation: the versions of
 jax, jaxlib, flax, optax, numpy, orbax-checkpoint, metajax, and metajax's git revision), and
-`results.json` (the final metrics). Files are written by the primary process only.
+`results.json` (the final metrics), and `.lock` (`metajax.experiment.lock`: one training process
+per workdir; a second one is refused with the holder named). Files are written by the primary
+process only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -51,6 +54,7 @@ from metajax import data as data_lib
 from metajax.eval import evaluate_tasks, summarize
 from metajax.experiment import build
 from metajax.experiment import checkpoint as ckpt_lib
+from metajax.experiment import lock as lock_lib
 from metajax.experiment import metrics as metrics_lib
 from metajax.meta import MetaState, MetaStep, TaskMap
 from metajax.platform import xla
@@ -74,7 +78,7 @@ class NonFiniteError(FloatingPointError):
 # Errors that are the user's to fix (binaries print them without a traceback).
 USER_ERRORS = (build.ConfigError, ckpt_lib.CheckpointError, NonFiniteError, PermissionError,
                NotADirectoryError, FileNotFoundError, data_lib.CorruptDataError,
-               data_lib.DownloadError)
+               data_lib.DownloadError, lock_lib.WorkdirBusyError)
 
 
 class TrainState(NamedTuple):
@@ -546,13 +550,17 @@ def train_and_evaluate(config: build.Config | Mapping[str, Any],
 
   Raises:
     ConfigError: an invalid config, or a workdir with a checkpoint of another config.
+    WorkdirBusyError: another live process trains in `workdir` (the message names it).
     CheckpointError: a checkpoint that does not fit the model, or of the earlier format.
     PermissionError: a non-writable workdir.
     NonFiniteError: a NaN/Inf meta-loss; the newest checkpoint is the last good state.
   """
   run = setup(config, workdir)
-  with ckpt_lib.Checkpoints(run.ckpt_dir, keep=run.config.keep_checkpoints,
-                            best=best_of(run.config)) as checkpoints:
+  # one writer per workdir: taken before anything is written there, released on any exit
+  workdir_lock = (lock_lib.WorkdirLock(run.workdir, purpose="train") if _is_primary()
+                  else contextlib.nullcontext())
+  with workdir_lock, ckpt_lib.Checkpoints(run.ckpt_dir, keep=run.config.keep_checkpoints,
+                                          best=best_of(run.config)) as checkpoints:
     state = restore(run, checkpoints, print_fn)
     step_offset = int(state.meta.step)
     if _is_primary():
