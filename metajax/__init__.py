@@ -5,7 +5,8 @@ The public API, re-exported from its modules:
 - models: `conv4`, `kao_conv`, `mlp`, `model_from_encoder`, `Model`
 - inner loop: `adapt`
 - outer loop: `MAML`, `with_zeroing`, `meta_loss`, `make_meta_step`, `compile_step`, `MetaState`, `map_tasks`
-- variants: `zero_head`, `head_mask`, `encoder_mask`
+- variants: `zero_head`, `head_mask`, `encoder_mask` (and `..._for(head)` for any params layout)
+- adapters: `linen_model`, `nnx_model` (your own Flax model)
 - losses: `cross_entropy`, `mse_onehot`, `mse`, `accuracy`, `make_loss_fn`
 - evaluation: `evaluate`, `evaluate_tasks`, `mean_confidence_interval`
 - contrastive losses: `info_nce`, `supcon`, `triplet`, `batch_hard_triplet`
@@ -37,9 +38,10 @@ from metajax.meta import (MAML, MetaState, MetaStep, compile_step, make_meta_ste
                           meta_loss, with_zeroing)
 from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.reptile import Reptile, make_reptile_step
+from metajax.nn.adapters import linen_model, nnx_model
 from metajax.nn.models import Model, conv4, kao_conv, mlp, model_from_encoder
 from metajax.types import Task
-from metajax.variants import encoder_mask, head_mask, zero_head
+from metajax.variants import encoder_mask, head_mask, head_mask_for, zero_head, zero_head_for
 
 from importlib import metadata as _metadata
 
@@ -69,8 +71,10 @@ __all__ = [
   "evaluate",
   "evaluate_tasks",
   "head_mask",
+  "head_mask_for",
   "info_nce",
   "kao_conv",
+  "linen_model",
   "make_loss_fn",
   "make_meta_step",
   "make_reptile_step",
@@ -82,10 +86,12 @@ __all__ = [
   "mse",
   "mse_onehot",
   "nn",
+  "nnx_model",
   "platform",
   "summarize",
   "supcon",
   "triplet",
   "with_zeroing",
   "zero_head",
+  "zero_head_for",
 ]

@@ -56,6 +56,7 @@ class MAML:
       parameter entry, Meta-SGD); the learned lrs start at `inner_lr`.
     params_transforms: functions applied, in order, to the model params before the inner loop and
       before any prediction (e.g. `zero_head`; see `with_zeroing`).
+    allow_nonpositive_inner_lr: accept an `inner_lr` <= 0 (refused by default).
   """
 
   apply_fn: ApplyFn
@@ -69,6 +70,7 @@ class MAML:
   unroll: int | bool | None = None
   learn_inner_lr: Literal["tensor", "element"] | None = None
   params_transforms: tuple[Callable[[Params], Params], ...] = ()
+  allow_nonpositive_inner_lr: bool = False
 
   def __post_init__(self):
     if not isinstance(self.num_inner_steps, int) or self.num_inner_steps < 1:
@@ -76,6 +78,8 @@ class MAML:
     if (self.inner_lr is None) == (self.optimizer is None):
       raise ValueError("give exactly one of inner_lr or optimizer, got "
                        f"inner_lr={self.inner_lr!r}, optimizer={self.optimizer!r}")
+    if self.inner_lr is not None:
+      inner_lib.check_inner_lr(self.inner_lr, allow_nonpositive=self.allow_nonpositive_inner_lr)
     if self.learn_inner_lr not in (None, "tensor", "element"):
       raise ValueError(f"learn_inner_lr must be None, 'tensor' or 'element', got "
                        f"{self.learn_inner_lr!r}")
@@ -92,21 +96,33 @@ class MAML:
 
   def model_params(self, meta_params: MetaParams) -> Params:
     """The model params that the inner loop starts from (transforms such as zeroing applied)."""
+    if self.learn_inner_lr:
+      self._check_meta_params(meta_params)
     params = meta_params["params"] if self.learn_inner_lr else meta_params
     for transform in self.params_transforms:
       params = transform(params)
     return params
 
+  def _check_meta_params(self, meta_params: MetaParams) -> None:
+    if not (isinstance(meta_params, dict) and set(meta_params) == {"params", "inner_lr"}):
+      got = sorted(meta_params) if isinstance(meta_params, dict) else type(meta_params).__name__
+      raise ValueError(f"a learner with learn_inner_lr={self.learn_inner_lr!r} (Meta-SGD) takes "
+                       f"meta-params {{'params', 'inner_lr'}} from learner.init(params), got "
+                       f"{got}: pass learner.init(model_params), not the model params")
+
   def adapt(self, meta_params: MetaParams, x: Array, y: Array, *,
             return_losses: bool = False) -> Params | tuple[Params, Array]:
     """Adapts to one task's support set `(x, y)`; see `metajax.adapt`."""
+    if self.learn_inner_lr:
+      self._check_meta_params(meta_params)
     inner_lr = meta_params["inner_lr"] if self.learn_inner_lr else self.inner_lr
     return inner_lib.adapt(
       self.model_params(meta_params), x, y,
       loss_fn=losses_lib.make_loss_fn(self.apply_fn, self.loss),
       num_inner_steps=self.num_inner_steps, inner_lr=inner_lr, optimizer=self.optimizer,
       first_order=self.first_order, adapt_mask=self.adapt_mask, remat=self.remat,
-      unroll=1 if self.unroll is None else self.unroll, return_losses=return_losses)
+      unroll=1 if self.unroll is None else self.unroll, return_losses=return_losses,
+      allow_nonpositive_inner_lr=self.allow_nonpositive_inner_lr)
 
   def task_loss(self, meta_params: MetaParams, task: Task) -> tuple[Array, dict[str, Array]]:
     """Query loss of one task at the adapted params, and per-task metrics."""
@@ -120,15 +136,21 @@ class MAML:
     return loss, metrics
 
 
-def with_zeroing(learner: L) -> L:
+def with_zeroing(learner: L, head: Any = None) -> L:
   """Kao et al.'s zeroing trick: the head is 0 at the start of every inner loop and at test time.
 
   Because the head is zeroed inside the differentiated function, its outer gradient is 0 and the
   stored head never matters; the encoder gradient is that of MAML evaluated at w = 0.
-  """
-  from metajax.variants import zero_head  # local: variants is a leaf module
 
-  return dataclasses.replace(learner, params_transforms=(*learner.params_transforms, zero_head))
+  Args:
+    learner: any learner with a `params_transforms` field (`MAML`, ...).
+    head: which leaves are the head (`metajax.variants.HeadSpec`); None: those below a key
+      named "head" (metajax's models, Flax's `{"params": ...}` tree, NNX states).
+  """
+  from metajax.variants import zero_head, zero_head_for  # local: variants is a leaf module
+
+  zero = zero_head if head is None else zero_head_for(head)
+  return dataclasses.replace(learner, params_transforms=(*learner.params_transforms, zero))
 
 
 def is_classification(y: Array) -> bool:

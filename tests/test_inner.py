@@ -307,11 +307,15 @@ class BadInputTest(parameterized.TestCase):
       mj.adapt({"a": jnp.zeros(2)}, None, None, loss_fn=lambda p, x, y: p["a"].sum(),
                inner_lr=0.1, adapt_mask={"a": False})
 
-  def test_head_transforms_need_split_params(self):
-    with self.assertRaisesRegex(ValueError, "'head' entry"):
+  def test_head_transforms_need_a_head(self):
+    with self.assertRaisesRegex(ValueError, r"no leaf of params matches a key named 'head'.*\['w'\]"):
       mj.zero_head({"w": jnp.zeros(2)})
-    with self.assertRaisesRegex(ValueError, "'head' entry"):
+    with self.assertRaisesRegex(ValueError, r"no leaf of params matches a key named 'head'.*\['0'\]"):
       mj.head_mask([jnp.zeros(2)])
+    with self.assertRaisesRegex(ValueError, "no encoder left"):
+      mj.head_mask({"head": jnp.zeros(2)})
+    with self.assertRaisesRegex(TypeError, "head must be None, a path"):
+      mj.head_mask({"head": jnp.zeros(2), "w": jnp.zeros(1)}, head=3)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,21 @@ def test_readme_main_config_exists():
 
 @pytest.mark.slow
 def test_readme_api_example_runs(tmp_path):
-  (code,) = _blocks("python")
+  code = _blocks("python")[0]
   script = tmp_path / "example.py"
   script.write_text(code)
   out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
                        timeout=600).stdout
   accuracy = float(re.search(r"held-out classes: ([0-9.]+)", out).group(1))
   assert accuracy > 0.5, out  # chance is 0.2
+
+
+@pytest.mark.slow
+def test_readme_own_model_example_runs(tmp_path):
+  code = _blocks("python")[1]
+  assert "linen_model" in code
+  script = tmp_path / "own_model.py"
+  script.write_text(code)
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                       timeout=600).stdout
+  assert "'head'" in out, out

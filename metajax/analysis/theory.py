@@ -94,7 +94,7 @@ import jax.numpy as jnp
 
 from metajax import losses as losses_lib
 from metajax.types import ApplyFn, Array, ArrayLike, Params, Task
-from metajax.variants import HEAD, zero_head
+from metajax.variants import HEAD, HeadSpec, head_flags, head_subtree, zero_head
 
 LossName = Literal["mse_onehot", "cross_entropy"]
 LossSpec = LossName | Callable[[Array, Array], Array]
@@ -217,10 +217,6 @@ def encoder_loss_terms(
   return terms
 
 
-def _head_params(params: Params) -> Params:
-  if not isinstance(params, dict) or HEAD not in params:
-    raise ValueError(f"params must be a dict with a {HEAD!r} entry (the linear head)")
-  return params[HEAD]
 
 
 def encoder_loss_decomposition(
@@ -233,6 +229,7 @@ def encoder_loss_decomposition(
   num_inner_steps: int = 1,
   first_order: bool = False,
   zeroing: bool = False,
+  head: HeadSpec = None,
 ) -> dict[str, Array]:
   """The explicit encoder loss for a batch of tasks, averaged over tasks, term by term.
 
@@ -242,6 +239,8 @@ def encoder_loss_decomposition(
     tasks: a `Task` with a leading task axis and integer labels.
     inner_lr, loss, num_inner_steps, first_order: as in `encoder_loss_terms` (and `metajax.MAML`).
     zeroing: the zeroing trick (`metajax.with_zeroing`): the head is 0 before the inner loop.
+    head: which subtree of params is the linear head (`metajax.variants.HeadSpec`); None: the
+      one below a key named "head", e.g. `{"params": {..., "head": ...}}` or an NNX `State`.
 
   Returns:
     Scalars: the terms of `encoder_loss_terms`, plus "noise" (their sum but "contrastive") and
@@ -249,13 +248,13 @@ def encoder_loss_decomposition(
     `metajax.meta_loss` for the matching ANIL learner.
   """
   if zeroing:
-    params = zero_head(params)
-  head = _head_params(params)
+    params = zero_head(params, head)
+  head_params = head_subtree(params, head)
 
   def one_task(task: Task) -> dict[str, Array]:
     return encoder_loss_terms(
       features_fn(params, task.support_x), task.support_y,
-      features_fn(params, task.query_x), task.query_y, head,
+      features_fn(params, task.query_x), task.query_y, head_params,
       inner_lr=inner_lr, loss=loss, num_inner_steps=num_inner_steps, first_order=first_order)
 
   terms = jax.tree.map(jnp.mean, jax.vmap(one_task)(tasks))
@@ -274,6 +273,7 @@ def contrastive_encoder_loss(
   num_inner_steps: int = 1,
   first_order: bool = False,
   zeroing: bool = False,
+  head: HeadSpec = None,
 ) -> Array:
   """The paper's explicit (noisy) contrastive loss of the encoder, averaged over tasks.
 
@@ -285,15 +285,21 @@ def contrastive_encoder_loss(
   """
   return encoder_loss_decomposition(
     features_fn, params, tasks, inner_lr=inner_lr, loss=loss, num_inner_steps=num_inner_steps,
-    first_order=first_order, zeroing=zeroing)["total"]
+    first_order=first_order, zeroing=zeroing, head=head)["total"]
 
 
 def _tree_dot(a: Any, b: Any) -> Array:
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _without_head(tree: Params) -> Params:
-  return {k: v for k, v in tree.items() if k != HEAD}
+def _without_head(tree: Params, head: HeadSpec) -> Params:
+  """The encoder part of a gradient: metajax's layout drops its "head" entry; any other
+  layout keeps its structure, with the head's leaves set to 0."""
+  if head is None and isinstance(tree, dict) and HEAD in tree:
+    return {k: v for k, v in tree.items() if k != HEAD}
+  flags = head_flags(tree, head)
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten([w * 0 if f else w for w, f in zip(leaves, flags)])
 
 
 def decompose_encoder_gradient(
@@ -306,6 +312,7 @@ def decompose_encoder_gradient(
   num_inner_steps: int = 1,
   first_order: bool = False,
   zeroing: bool = False,
+  head: HeadSpec = None,
 ) -> dict[str, Any]:
   """The MAML encoder gradient split into its contrastive part and its noise.
 
@@ -314,7 +321,8 @@ def decompose_encoder_gradient(
   Returns:
     A dict with
     - "total", "contrastive", "noise": gradients wrt the non-head params (the dict `params`
-      without its "head" entry); total = contrastive + noise, and "total" equals ANIL MAML's
+      without its "head" entry; for any other layout, params' structure with the head's leaves
+      0); total = contrastive + noise, and "total" equals ANIL MAML's
       encoder meta-gradient.
     - "cosine": cosine similarity of total and contrastive (1 when the noise vanishes; 0 if
       either is 0).
@@ -324,10 +332,10 @@ def decompose_encoder_gradient(
   def parts(p: Params) -> Array:
     terms = encoder_loss_decomposition(
       features_fn, p, tasks, inner_lr=inner_lr, loss=loss, num_inner_steps=num_inner_steps,
-      first_order=first_order, zeroing=zeroing)
+      first_order=first_order, zeroing=zeroing, head=head)
     return jnp.stack([terms["contrastive"], terms["noise"]])
 
-  jac = _without_head(jax.jacrev(parts)(params))  # one forward pass, two backward passes
+  jac = _without_head(jax.jacrev(parts)(params), head)  # one forward pass, two backward passes
   contrastive = jax.tree.map(lambda j: j[0], jac)
   noise = jax.tree.map(lambda j: j[1], jac)
   total = jax.tree.map(jnp.add, contrastive, noise)

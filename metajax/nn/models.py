@@ -26,19 +26,20 @@ class Model(NamedTuple):
   """A model as a bundle of pure functions.
 
   Attributes:
-    init: `key -> params`, params being `{"encoder": ..., "head": ...}`.
+    init: `key -> params`, params being `{"encoder": ..., "head": ...}` for metajax's models
+      (the adapters of `metajax.nn.adapters` give their framework's own tree).
     apply: `(params, x) -> outputs`, i.e. `head(params["head"], features(params, x))`.
-    features: `(params, x) -> phi(x)`, the encoder output `[N, D]`.
-    head: `(head_params, phi) -> outputs`, the linear head alone.
-    feature_dim: D, the width of phi(x).
+    features: `(params, x) -> phi(x)`, the encoder output `[N, D]` (None if unknown).
+    head: `(head_params, phi) -> outputs`, the linear head alone (None if unknown).
+    feature_dim: D, the width of phi(x) (None if unknown).
     input_shape: shape of one input example, e.g. `(28, 28, 1)`.
   """
 
   init: Callable[[PRNGKey], Params]
   apply: ApplyFn
-  features: ApplyFn
-  head: ApplyFn
-  feature_dim: int
+  features: ApplyFn | None
+  head: ApplyFn | None
+  feature_dim: int | None
   input_shape: tuple[int, ...]
 
 
@@ -74,11 +75,13 @@ class Conv4Encoder(nn.Module):
   conv_fn: ConvFn | None = None
   activation: Callable[[Array], Array] = nn.relu
   fused_norm: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for i in range(self.num_blocks):
-      x = nn.Conv(self.filters, (3, 3), padding="SAME",
+      x = nn.Conv(self.filters, (3, 3), padding="SAME", dtype=self.dtype,
+                  param_dtype=_param_dtype(self.dtype),
                   conv_general_dilated=_resolve_conv(self.conv_fn), name=f"conv{i}")(x)
       x = BatchStatNorm(fused=self.fused_norm, name=f"norm{i}")(x)
       x = self.activation(x)
@@ -98,12 +101,14 @@ class KaoConvEncoder(nn.Module):
   conv_fn: ConvFn | None = None
   activation: Callable[[Array], Array] = nn.relu
   fused_norm: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     specs = [((3, 3), (2, 2))] * 3 + [((2, 2), (1, 1))]
     for i, (kernel, strides) in enumerate(specs):
-      x = nn.Conv(self.filters, kernel, strides=strides, padding="VALID",
+      x = nn.Conv(self.filters, kernel, strides=strides, padding="VALID", dtype=self.dtype,
+                  param_dtype=_param_dtype(self.dtype),
                   conv_general_dilated=_resolve_conv(self.conv_fn), name=f"conv{i}")(x)
       x = self.activation(x)
       x = BatchStatNorm(fused=self.fused_norm, name=f"norm{i}")(x)
@@ -115,21 +120,26 @@ class MLPEncoder(nn.Module):
 
   hidden: Sequence[int] = (40, 40)
   activation: Callable[[Array], Array] = nn.relu
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
-      x = self.activation(nn.Dense(width, name=f"dense{i}")(x))
+      dense = nn.Dense(width, dtype=self.dtype, param_dtype=_param_dtype(self.dtype),
+                       name=f"dense{i}")
+      x = self.activation(dense(x))
     return x
 
 
 class _Classifier(nn.Module):
   encoder: nn.Module
   num_outputs: int
+  dtype: Any = None
 
   def setup(self):
-    self.head = nn.Dense(self.num_outputs)
+    self.head = nn.Dense(self.num_outputs, dtype=self.dtype,
+                         param_dtype=_param_dtype(self.dtype))
 
   def __call__(self, x: Array) -> Array:
     return self.head(self.encoder(x))
@@ -139,15 +149,19 @@ class _Classifier(nn.Module):
 
 
 def model_from_encoder(encoder: nn.Module, num_outputs: int,
-                       input_shape: Sequence[int]) -> Model:
+                       input_shape: Sequence[int], *, dtype: Any = None) -> Model:
   """Wraps a linen encoder `x [N, ...] -> phi [N, D]` and a linear head into a `Model`.
 
   Use this to run metajax on your own Flax encoder. The encoder module must be unbound and have
-  no mutable collections (use `BatchStatNorm` rather than `nn.BatchNorm`).
+  no mutable collections (use `BatchStatNorm` rather than `nn.BatchNorm`, or wrap the whole
+  model with `metajax.nn.adapters.linen_model`). `dtype`: that of the head's params and
+  computation and of the dummy input init traces with (float64 for exactness checks, under
+  `jax.enable_x64`); None: float32 params, computed in the dtype of the inputs and params.
   """
   input_shape = tuple(int(d) for d in input_shape)
-  module = _Classifier(encoder=encoder.clone(name="encoder"), num_outputs=num_outputs)
-  dummy = jnp.zeros((2, *input_shape), jnp.float32)
+  module = _Classifier(encoder=encoder.clone(name="encoder"), num_outputs=num_outputs,
+                       dtype=dtype)
+  dummy = jnp.zeros((2, *input_shape), _param_dtype(dtype))
 
   # Jitted: run eagerly, flax's initialisers compile one small XLA program per op (seconds).
   @jax.jit
@@ -156,7 +170,8 @@ def model_from_encoder(encoder: nn.Module, num_outputs: int,
     extra = set(variables) - {"params"}
     if extra:
       raise ValueError(f"the encoder has mutable collections {sorted(extra)}; metajax models must "
-                       "be pure functions of params (use metajax.nn.models.BatchStatNorm)")
+                       "be pure functions of params (use metajax.nn.models.BatchStatNorm, or "
+                       "metajax.nn.adapters.linen_model for a module with nn.BatchNorm)")
     return dict(variables["params"])
 
   def apply(params: Params, x: Array) -> Array:
@@ -165,7 +180,7 @@ def model_from_encoder(encoder: nn.Module, num_outputs: int,
   def features(params: Params, x: Array) -> Array:
     return module.apply({"params": params}, x, method=_Classifier.features)
 
-  head_module = nn.Dense(num_outputs)
+  head_module = nn.Dense(num_outputs, dtype=dtype, param_dtype=_param_dtype(dtype))
 
   def head(head_params: Params, phi: Array) -> Array:
     return head_module.apply({"params": head_params}, phi)
@@ -188,7 +203,8 @@ def _feature_dim(module: _Classifier, dummy: Array) -> int:
 
 def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (28, 28, 1),
           conv_fn: ConvFn | None = None,
-          activation: Callable[[Array], Array] = nn.relu, fused_norm: bool = True) -> Model:
+          activation: Callable[[Array], Array] = nn.relu, fused_norm: bool = True,
+          dtype: Any = None) -> Model:
   """Conv-4 + linear head. Use `filters=64, input_shape=(28, 28, 1)` for Omniglot and
   `filters=32, input_shape=(84, 84, 3)` for mini-ImageNet.
 
@@ -205,29 +221,39 @@ def conv4(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (
       makes it smooth, which finite-difference checks need.
     fused_norm: BatchNorm differentiated through its compact JVP rule (`metajax.nn.norm`, faster);
       False differentiates the plain formula (a reference; the same values within rounding).
+    dtype: dtype of the params and the computation (`jnp.float64` under `jax.enable_x64` for
+      exactness checks); None: float32 params, computed in the dtype of the inputs and params.
   """
   _check_positive(num_classes=num_classes, filters=filters)
   encoder = Conv4Encoder(filters=filters, conv_fn=conv_fn, activation=activation,
-                         fused_norm=fused_norm)
-  return model_from_encoder(encoder, num_classes, input_shape)
+                         fused_norm=fused_norm, dtype=dtype)
+  return model_from_encoder(encoder, num_classes, input_shape, dtype=dtype)
 
 
 def kao_conv(num_classes: int, *, filters: int = 64, input_shape: Sequence[int] = (28, 28, 1),
              conv_fn: ConvFn | None = None,
-             activation: Callable[[Array], Array] = nn.relu, fused_norm: bool = True) -> Model:
+             activation: Callable[[Array], Array] = nn.relu, fused_norm: bool = True,
+             dtype: Any = None) -> Model:
   """Kao et al.'s Omniglot network (see `KaoConvEncoder`) + linear head; arguments as `conv4`."""
   _check_positive(num_classes=num_classes, filters=filters)
   encoder = KaoConvEncoder(filters=filters, conv_fn=conv_fn, activation=activation,
-                           fused_norm=fused_norm)
-  return model_from_encoder(encoder, num_classes, input_shape)
+                           fused_norm=fused_norm, dtype=dtype)
+  return model_from_encoder(encoder, num_classes, input_shape, dtype=dtype)
 
 
 def mlp(num_outputs: int, *, hidden: Sequence[int] = (40, 40), input_shape: Sequence[int] = (1,),
-        activation: Callable[[Array], Array] = nn.relu) -> Model:
-  """ReLU MLP + linear head; the sinusoid model of Finn et al. is `mlp(1, hidden=(40, 40))`."""
+        activation: Callable[[Array], Array] = nn.relu, dtype: Any = None) -> Model:
+  """ReLU MLP + linear head; the sinusoid model of Finn et al. is `mlp(1, hidden=(40, 40))`.
+
+  `dtype`: that of the params and the computation (as `conv4`'s).
+  """
   _check_positive(num_outputs=num_outputs, **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
-  return model_from_encoder(MLPEncoder(hidden=tuple(hidden), activation=activation), num_outputs,
-                            input_shape)
+  return model_from_encoder(MLPEncoder(hidden=tuple(hidden), activation=activation, dtype=dtype),
+                            num_outputs, input_shape, dtype=dtype)
+
+
+def _param_dtype(dtype: Any) -> Any:
+  return jnp.float32 if dtype is None else dtype
 
 
 def _resolve_conv(conv_fn: ConvFn | None) -> ConvFn:
