@@ -36,6 +36,13 @@ def _check_2d(name: str, x: Array) -> None:
     raise ValueError(f"{name} must be floating point, got {x.dtype}")
 
 
+def _check_temperature(temperature: ArrayLike) -> None:
+  # Only concrete Python numbers can be checked before tracing; arrays may be traced.
+  if isinstance(temperature, str) or (isinstance(temperature, (int, float))
+                                      and not temperature > 0):
+    raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+
+
 def _anchor_log_softmax(logits: Array) -> Array:
   """Row-wise log-softmax over every column but the diagonal (an anchor is not its own
   candidate). The diagonal of the result is meaningless: mask it out. `[B, B] -> [B, B]`."""
@@ -81,6 +88,7 @@ def supcon(
   if labels.shape != z.shape[:1]:
     raise ValueError(f"labels must have shape [{z.shape[0]}], got {labels.shape}")
   z = _unit(z, epsilon)
+  _check_temperature(temperature)
   logits = z @ z.T / temperature  # BD,DB->BB
   log_prob = _anchor_log_softmax(logits)  # BB
   positives = (labels[:, None] == labels[None, :]) & ~jnp.eye(z.shape[0], dtype=bool)  # BB
@@ -127,6 +135,7 @@ def info_nce(
     raise ValueError(f"the two views must have the same shape, got {v1.shape} and {v2.shape}")
   b = v1.shape[0]
   z = _unit(jnp.concatenate([v1, v2]), epsilon)  # (2B)D
+  _check_temperature(temperature)
   logits = z @ z.T / temperature  # (2B)D,D(2B)->(2B)(2B)
   log_prob = _anchor_log_softmax(logits)
   partner = jnp.concatenate([jnp.arange(b, 2 * b), jnp.arange(b)])  # the other view of row k

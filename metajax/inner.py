@@ -63,6 +63,21 @@ def _lr_leaves(inner_lr: Any, params: Params, flags: list[bool]) -> list[Any]:
   return [lr for lr, f in zip(lrs, flags) if f]
 
 
+def check_inner_lr(inner_lr: Any, *, allow_nonpositive: bool = False) -> None:
+  """Refuses a string, and (unless `allow_nonpositive`) a Python number <= 0, as `inner_lr`.
+
+  Arrays (possibly traced, e.g. learned lrs) are not value-checked: that would need a host sync.
+  """
+  if isinstance(inner_lr, (str, bytes)):
+    raise TypeError(f"inner_lr must be a number or a pytree of arrays, got the string "
+                    f"{inner_lr!r}")
+  if isinstance(inner_lr, bool):
+    raise TypeError(f"inner_lr must be a number or a pytree of arrays, got the bool {inner_lr!r}")
+  if isinstance(inner_lr, (int, float)) and not allow_nonpositive and not inner_lr > 0:
+    raise ValueError(f"inner_lr must be > 0, got {inner_lr!r} (pass allow_nonpositive_inner_lr="
+                     "True to take steps of that size on purpose)")
+
+
 def adapt(
   params: Params,
   x: Array,
@@ -77,6 +92,7 @@ def adapt(
   remat: bool | Callable[..., Any] = False,
   unroll: int | bool = 1,
   return_losses: bool = False,
+  allow_nonpositive_inner_lr: bool = False,
 ) -> Params | tuple[Params, Array]:
   """Adapts `params` to one task by `num_inner_steps` gradient steps on `loss_fn(params, x, y)`.
 
@@ -111,6 +127,8 @@ def adapt(
       `metajax.platform.xla.jit`: plain `jax.jit` miscompiles unrolled second-order Conv-4
       meta-gradients on CPU (jaxlib 0.10.2, `metajax.platform.xla`); rolled is right under either.
     return_losses: also return the support loss before each step, `[num_inner_steps]`.
+    allow_nonpositive_inner_lr: accept a Python-number `inner_lr` <= 0 (refused by default: a
+      step of that size ascends the support loss or does nothing).
 
   Returns:
     The adapted params (same structure as `params`), and the inner losses if asked for.
@@ -121,6 +139,8 @@ def adapt(
     raise ValueError("give exactly one of inner_lr (plain gradient descent) or optimizer "
                      f"(an optax transformation); got inner_lr={inner_lr!r}, "
                      f"optimizer={optimizer!r}")
+  if inner_lr is not None:
+    check_inner_lr(inner_lr, allow_nonpositive=allow_nonpositive_inner_lr)
   if not (isinstance(remat, bool) or callable(remat)):
     raise ValueError("remat must be a bool or a jax.checkpoint_policies policy (a callable), got "
                      f"{remat!r}")
