@@ -44,13 +44,20 @@ def main(argv):
                                      _SUPPORT.value, _QUERY.value, invert=invert)
   except (*train.USER_ERRORS, OSError) as e:
     sys.exit(f"error: {e}")
-  output = Path(_OUTPUT.value or Path(_WORKDIR.value) / "predictions.csv")
-  with open(output, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["image", "label", "probability"])
-    writer.writeheader()
-    writer.writerows(rows)
+  except KeyboardInterrupt:
+    sys.exit("interrupted; nothing was written")
+  # printed first, so that a failed write loses nothing
   for row in rows:
     print(f"{row['image']}\t{row['label']}\t{row['probability']:.3f}")
+  output = Path(_OUTPUT.value or Path(_WORKDIR.value) / "predictions.csv")
+  try:
+    with open(output, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=["image", "label", "probability"])
+      writer.writeheader()
+      writer.writerows(rows)
+  except OSError as e:
+    sys.exit(f"error: could not write {str(output)!r} ({e.strerror or e}); the predictions are "
+             "printed above, pass --output to write them elsewhere")
   print(f"wrote {output}")
 
 

@@ -48,8 +48,14 @@ def main(argv):
       step=_STEP.value, best=_BEST.value, data_dir=_DATA_DIR.value)
   except train.USER_ERRORS as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:
+    sys.exit("interrupted; nothing was written")
   output = _OUTPUT.value or Path(_WORKDIR.value) / f"eval_{_SPLIT.value}_step{result['step']}.json"
-  checkpoint.write_json_atomic(output, result)
+  try:
+    checkpoint.write_json_atomic(output, result)
+  except OSError as e:  # the metrics are printed above: say where the JSON could not go
+    sys.exit(f"error: could not write {str(output)!r} ({e.strerror or e}); the metrics are "
+             "printed above, pass --output to write them elsewhere")
   print(f"wrote {output}")
 
 

@@ -133,6 +133,36 @@ def test_classify_too_many_classes(smoke_workdir, env, tmp_path, omniglot_pool):
   assert "6 classes but the model was trained for 5-way" in result.stderr
 
 
+@pytest.mark.slow
+def test_classify_prints_the_predictions_before_a_failed_write(smoke_workdir, env, tmp_path,
+                                                                omniglot_pool):
+  workdir, _, _ = smoke_workdir
+  support, query = _write_user_images(tmp_path, omniglot_pool, [1300, 1301, 1302, 1400, 1500])
+  (tmp_path / "a_file").write_text("")
+  output = tmp_path / "a_file" / "pred.csv"  # a folder that is a file: no write can succeed
+  result = run("classify.py", f"--workdir={workdir}", f"--support_dir={support}",
+               f"--query_dir={query}", f"--output={output}", env=env, check=False)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: could not write {str(output)!r} (")
+  assert line.endswith(f"); the predictions are printed above, pass --output to write them elsewhere")
+  assert "q1300.jpg" in result.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_prints_the_metrics_before_a_failed_write(smoke_workdir, env, tmp_path):
+  workdir, _, _ = smoke_workdir
+  (tmp_path / "a_file").write_text("")
+  output = tmp_path / "a_file" / "eval.json"  # a folder that is a file: no write can succeed
+  result = run("evaluate.py", f"--workdir={workdir}", "--num_tasks=4", "--batch_size=4",
+               f"--output={output}", env=env, check=False)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: could not write {str(output)!r} (")
+  assert line.endswith(f"); the metrics are printed above, pass --output to write them elsewhere")
+  assert "accuracy after:" in result.stdout
+
+
 def test_plot(smoke_workdir, env, tmp_path):
   workdir, _, _ = smoke_workdir
   stdout = run("plot.py", f"--workdir={workdir}", f"--out_dir={tmp_path}", env=env).stdout
