@@ -8,12 +8,12 @@ import dataclasses
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import metajax as mj
+from tests.algorithms import metric_problem
 from metajax.algorithms import relation
 from metajax.nn import models
 
@@ -23,34 +23,14 @@ WAYS, SHOTS, QUERIES, DIM, WIDTH = 3, 2, 4, 5, 8
 MAP_SHAPE = (2, 2, 2)  # WIDTH features read as 2x2 maps of 2 channels
 
 
-def _features(params, x):
-  """A tiny embedding `tanh(x W + b)`; the params have an unused head, laid out as
-  `metajax.nn.models`' (hand-written: nothing to compile beyond the learner)."""
-  return jnp.tanh(x @ params["encoder"]["w"] + params["encoder"]["b"])
-
-
-def _np_features(params, x):
-  return np.tanh(x @ params["encoder"]["w"] + params["encoder"]["b"])
+_features, _np_features = metric_problem.features, metric_problem.np_features
+_first = metric_problem.first
 
 
 def _problem(seed, num_tasks=2, dtype=np.float32, separation=0.0):
-  """Params, and tasks whose class-j inputs are centred at `separation * e_j` (0: pure noise),
-  drawn with NumPy (no per-op compiles)."""
-  rng = np.random.default_rng(seed)
-  params = {"encoder": {"w": rng.normal(size=(DIM, WIDTH)) / np.sqrt(DIM), "b": np.zeros(WIDTH)},
-            "head": {"kernel": rng.normal(size=(WIDTH, WAYS)), "bias": np.zeros(WAYS)}}
-  params = jax.tree.map(lambda p: p.astype(dtype), params)
-  centres = separation * np.eye(WAYS, DIM)
-  sy = np.tile(np.arange(WAYS).repeat(SHOTS), (num_tasks, 1))
-  qy = np.tile(np.arange(WAYS).repeat(QUERIES), (num_tasks, 1))
-  sx = centres[sy] + rng.normal(size=sy.shape + (DIM,))
-  qx = centres[qy] + rng.normal(size=qy.shape + (DIM,))
-  return params, mj.Task(sx.astype(dtype), sy.astype(np.int32), qx.astype(dtype),
-                         qy.astype(np.int32))
-
-
-def _first(tasks):
-  return jax.tree.map(lambda x: x[0], tasks)
+  return metric_problem.problem(seed, ways=WAYS, shots=SHOTS, queries=QUERIES, dim=DIM,
+                                width=WIDTH, num_tasks=num_tasks, dtype=dtype,
+                                separation=separation)
 
 
 def _learner(num_classes=WAYS, feature_shape=(WIDTH,), **kwargs):
