@@ -185,8 +185,18 @@ def test_archive_keeps_what_resuming_needs(tmp_path):
   assert sorted(p.name for p in (dest / "half").iterdir()) == [
     "checkpoints", "config.json", "metrics.jsonl"]
   assert checkpoint.all_steps(dest / "half" / "checkpoints") == [500]
-  assert _tree(checkpoint.checkpoint_path(dest / "half" / "checkpoints", 500)) == _tree(
-    checkpoint.checkpoint_path(root / "half" / "checkpoints", 500))  # the whole checkpoint
+  copied = _tree(checkpoint.checkpoint_path(dest / "half" / "checkpoints", 500))
+  original = _tree(checkpoint.checkpoint_path(root / "half" / "checkpoints", 500))
+  markers = [name for name in original if name.endswith("commit_success.txt")]
+  # The whole checkpoint, byte for byte, except orbax's commit markers: they named the absolute
+  # folder of the machine that wrote them, and name it relative to the checkpoint in the archive.
+  assert {k: v for k, v in copied.items() if k not in markers} == {
+    k: v for k, v in original.items() if k not in markers}
+  assert sorted(k for k in copied if k.endswith("commit_success.txt")) == sorted(markers)
+  assert markers and all(str(tmp_path).encode() in original[k] for k in markers)
+  assert not any(str(tmp_path).encode() in copied[k] for k in markers)
+  restored, _, step = checkpoint.restore(dest / "half" / "checkpoints", TINY_STATE)
+  assert step == 500 and np.array_equal(restored["w"], TINY_STATE["w"])
   # Copied back into an empty root, the run resumes from the archived step.
   assert suite.status(run, dest)["step"] == 500 and not suite.status(run, dest)["done"]
 

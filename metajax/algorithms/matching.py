@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from metajax import losses as losses_lib
+from metajax.algorithms.protonet import episode_task_loss
 from metajax.types import ApplyFn, Array, ArrayLike, Params, PRNGKey, Task
 
 MatchingParams = dict[str, Any]  # {"params": model params[, "fce": FCE params]}
@@ -257,12 +258,7 @@ class MatchingNet:
 
   def task_loss(self, meta_params: MatchingParams, task: Task) -> tuple[Array, dict[str, Array]]:
     """Query loss of one episode given its support set, and per-task metrics."""
-    adapted, support_loss = self.adapt(meta_params, task.support_x, task.support_y,
-                                       return_losses=True)
-    log_probs = self.apply_fn(adapted, task.query_x)
-    loss = self.loss(log_probs, task.query_y)
-    return loss, {"inner/support_loss": support_loss[0], "outer/query_loss": loss,
-                  "outer/query_accuracy": losses_lib.accuracy(log_probs, task.query_y)}
+    return episode_task_loss(self, meta_params, task)
 
 
 __all__ = ["FullContextEmbeddings", "MatchingNet", "attention_log_probs", "cosine_similarity"]

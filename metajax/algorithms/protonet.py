@@ -124,12 +124,22 @@ class ProtoNet:
 
   def task_loss(self, meta_params: Params, task: Task) -> tuple[Array, dict[str, Array]]:
     """Query loss of one episode at its prototypes, and per-task metrics."""
-    adapted, support_loss = self.adapt(meta_params, task.support_x, task.support_y,
-                                       return_losses=True)
-    logits = self.apply_fn(adapted, task.query_x)
-    loss = self.loss(logits, task.query_y)
-    return loss, {"inner/support_loss": support_loss[0], "outer/query_loss": loss,
-                  "outer/query_accuracy": losses_lib.accuracy(logits, task.query_y)}
+    return episode_task_loss(self, meta_params, task)
 
 
-__all__ = ["ProtoNet", "prototypes", "squared_distances"]
+def episode_task_loss(learner: Any, meta_params: Any, task: Task) -> tuple[Array, dict[str, Array]]:
+  """The query loss of one episode for a learner that `adapt`s to the support set in one pass
+  (the metric learners: ProtoNet, Matching and Relation networks), and its per-task metrics.
+
+  `learner.adapt(..., return_losses=True)` gives the adapted state and the support loss; the
+  query logits are `learner.apply_fn(adapted, query_x)`, scored by `learner.loss`.
+  """
+  adapted, support_loss = learner.adapt(meta_params, task.support_x, task.support_y,
+                                        return_losses=True)
+  logits = learner.apply_fn(adapted, task.query_x)
+  loss = learner.loss(logits, task.query_y)
+  return loss, {"inner/support_loss": support_loss[0], "outer/query_loss": loss,
+                "outer/query_accuracy": losses_lib.accuracy(logits, task.query_y)}
+
+
+__all__ = ["ProtoNet", "episode_task_loss", "prototypes", "squared_distances"]

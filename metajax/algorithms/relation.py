@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metajax import losses as losses_lib
+from metajax.algorithms.protonet import episode_task_loss
 from metajax.nn.conv import max_pool_2x2
 from metajax.types import ApplyFn, Array, ArrayLike, Params, PRNGKey, Task
 
@@ -280,12 +280,7 @@ class RelationNet:
 
   def task_loss(self, meta_params: RelationParams, task: Task) -> tuple[Array, dict[str, Array]]:
     """Query loss of one episode against its class maps, and per-task metrics."""
-    adapted, support_loss = self.adapt(meta_params, task.support_x, task.support_y,
-                                       return_losses=True)
-    logits = self.apply_fn(adapted, task.query_x)
-    loss = self.loss(logits, task.query_y)
-    return loss, {"inner/support_loss": support_loss[0], "outer/query_loss": loss,
-                  "outer/query_accuracy": losses_lib.accuracy(logits, task.query_y)}
+    return episode_task_loss(self, meta_params, task)
 
 
 __all__ = ["CLASS_POOLS", "RelationModule", "RelationNet", "masked_batch_norm", "relation_mse",

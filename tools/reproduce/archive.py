@@ -32,11 +32,22 @@ def _copy_checkpoint(src: Path, dest: Path) -> None:
   tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
   try:
     shutil.copytree(src, tmp, dirs_exist_ok=True)
+    _relative_commit_markers(tmp, src)
     _remove(dest)
     os.replace(tmp, dest)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _relative_commit_markers(copy: Path, src: Path) -> None:
+  """orbax's `commit_success.txt` markers name the absolute folder they were committed to (a
+  path of the machine that wrote them); in the copy they name it relative to the checkpoint, so
+  the archive holds no machine's paths. Only the markers' presence is read back."""
+  for marker in copy.rglob("commit_success.txt"):
+    rel = marker.parent.relative_to(copy)
+    where = src.name if rel == Path(".") else f"{src.name}/{rel.as_posix()}"
+    marker.write_text(f"Checkpoint commit was successful to {where}")
 
 
 def _remove(path: Path) -> None:
