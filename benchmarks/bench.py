@@ -85,7 +85,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from metajax.platform import runtime, xla
+from metajax.platform import cpu, runtime, xla
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
@@ -560,28 +560,16 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     raise
 
 
-_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def _machine() -> dict:
-  """The CPU model, its vector ISA features, and the XLA options the timed programs run under."""
-  cpu, flags = platform.processor(), set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-    cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines()
-               if line.startswith("model name"))
-    flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines()
-                     if line.startswith("flags")))
-  except (OSError, StopIteration):
-    pass
+  """The CPU model, its vector ISA features and family, and the XLA options the timed programs
+  run under (workers inherit `METAJAX_XLA_CPU_TUNING` from this process)."""
   import jax
   import jaxlib
 
-  return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+  host = cpu.cpu_info()
+  return {"cpu": host.model, "cores": host.cores, "python": platform.python_version(),
           "jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": platform.platform(),
-          "isa": [f for f in _ISA_FLAGS if f in flags],
+          "isa": host.isa, "family": host.family, "tuning": xla.parse_tuning(None),
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "compiler_options": xla.compiler_options("cpu")}
 
@@ -754,6 +742,10 @@ def main(argv: list[str] | None = None) -> int:
                  help="auto: every subprocess (metajax and the torch peers alike) runs with "
                       "glibc's huge-page malloc where metajax.platform.runtime says it helps, as the "
                       "binaries do; off: without it, for the A/B")
+  p.add_argument("--cpu_tuning", default=None,
+                 help="XLA:CPU speed options for metajax's programs: auto (the host's CPU family, "
+                      "the default), off, or a family of metajax.platform.xla.CPU_TUNING; "
+                      "default: $METAJAX_XLA_CPU_TUNING, else auto")
   p.add_argument("--preload", default=None,
                  help="a malloc library for every subprocess, metajax's and the peers' alike "
                       "(LD_PRELOAD, e.g. libtcmalloc_minimal.so.4), for an allocator A/B; with "
@@ -797,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
          else runtime.hugepage_environ(os.environ))
   if args.preload:  # METAJAX_HUGEPAGES=0: the workers must not re-execute with glibc's tunable
     env = {**env, "LD_PRELOAD": args.preload, "METAJAX_HUGEPAGES": "0"}
+  if args.cpu_tuning is not None:  # the workers and _machine() read it from the environment
+    os.environ[xla.TUNING_ENV] = env[xla.TUNING_ENV] = xla.parse_tuning(args.cpu_tuning)
   common = {"conv": args.conv, "norm": args.norm, "unroll": args.unroll, "remat": args.remat,
             "task_map": args.task_map,
             "reps": reps, "warmup": warmup, "tiny": args.tiny,
@@ -886,8 +880,9 @@ def main(argv: list[str] | None = None) -> int:
   print()
   machine = results["meta"]["machine"]
   print(f"metajax benchmarks, {results['meta']['date']}, {machine['cpu']} "
-        f"({machine['cores']} cores; {' '.join(machine['isa']) or 'ISA unknown'}), jax "
-        f"{machine['jax']}, jaxlib {machine['jaxlib']}; XLA options {machine['compiler_options']}"
+        f"({machine['cores']} cores; {' '.join(machine['isa']) or 'ISA unknown'}; family "
+        f"{machine.get('family', '?')}), jax {machine['jax']}, jaxlib {machine['jaxlib']}; XLA "
+        f"options {machine['compiler_options']} (tuning {machine.get('tuning', '?')})"
         + (f", XLA_FLAGS={machine['xla_flags']}" if machine["xla_flags"] else ""))
   peers_meta = results.get("torch", {}).get("meta", {})
   if peers_meta:

@@ -42,10 +42,23 @@ the warning says how to check the new version. The day a jaxlib compiles the min
 right without the option, the slow test `test_minimal_reproducer_under_the_installed_jaxlib`
 fails and says so: run every reproducer of `benchmarks/xla_cpu/` there, and drop the option for
 the versions on which all of them are right.
+
+Speed, per CPU family: besides the correctness option, XLA:CPU is given the options measured
+fastest on the host's family of vector units (`CPU_TUNING`, keyed by `metajax.platform.cpu.family`:
+"avx512-intel", "avx512-amd", "avx2", "baseline"), e.g. 512-bit vectors on Intel's AVX-512 CPUs,
+where XLA's default of 256 leaves half of every vector unit idle. They change which instructions compute a result, never
+what is computed: every option in the table passed the float64 exactness tests above on its
+family (`tests/platform/test_xla.py` runs them under the options in effect). The choice: the
+`tuning` argument of `compiler_options` / `jit`, else the environment variable
+`METAJAX_XLA_CPU_TUNING`, else "auto" (the host's family); "off" gives the correctness option
+alone, a family name that family's row on any CPU (to compare). The options a run compiled with
+are printed by the benchmark and stored with its results.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from typing import Any, Callable
 
@@ -53,18 +66,37 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from metajax.platform import cpu
+
 __all__ = [
   "CPU_COMPILER_OPTIONS",
+  "CPU_TUNING",
+  "TUNING_ENV",
   "VERIFIED_JAXLIB",
   "UnverifiedJaxlibWarning",
   "compiler_options",
   "eager_mismatch",
   "jit",
+  "parse_tuning",
+  "tuning_options",
   "verified",
 ]
 
 # Per-backend XLA options for correctness (see the module docstring).
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_disable_hlo_passes": "algsimp"}
+
+# CPU family -> speed options measured fastest there and exact under the float64 tests (see the
+# module docstring; docs/BENCHMARKS.md has the measurements).
+CPU_TUNING: dict[str, dict[str, Any]] = {
+  # 512-bit units: XLA's default vector width of 256 leaves half of each idle.
+  "avx512-intel": {"xla_cpu_prefer_vector_width": 512},
+  # Zen 4 splits 512-bit instructions in two: 512-bit vectors measured no faster there.
+  "avx512-amd": {},
+  "avx2": {},
+  "baseline": {},
+}
+TUNING_ENV = "METAJAX_XLA_CPU_TUNING"
+_TUNING_MODES = ("auto", "off")
 
 # jaxlib version -> what was run on it: each reproducer wrong under plain jit, right with
 # CPU_COMPILER_OPTIONS. Add a version only after running them all there.
@@ -99,25 +131,53 @@ def _warn_once_if_unverified() -> None:
     UnverifiedJaxlibWarning, stacklevel=3)
 
 
-def compiler_options(backend: str | None = None) -> dict[str, Any]:
+def parse_tuning(value: str | None) -> str:
+  """Checks a tuning choice: "auto", "off" or a family of `CPU_TUNING` (None: the environment
+  variable `METAJAX_XLA_CPU_TUNING`, else "auto"). Returns it lower-cased."""
+  where = "tuning"
+  if value is None:
+    value, where = os.environ.get(TUNING_ENV) or "auto", TUNING_ENV
+  choice = str(value).strip().lower()
+  if choice not in _TUNING_MODES and choice not in CPU_TUNING:
+    allowed = ", ".join(repr(c) for c in (*_TUNING_MODES, *CPU_TUNING))
+    raise ValueError(f"{where}={value!r} is not an XLA:CPU tuning choice; allowed: {allowed}")
+  return choice
+
+
+@functools.cache
+def _host_family() -> str:
+  return cpu.cpu_info().family
+
+
+def tuning_options(tuning: str | None = None) -> dict[str, Any]:
+  """The speed options of `CPU_TUNING` that `tuning` selects (see `parse_tuning`): the host's
+  family for "auto", none for "off", the named family's otherwise."""
+  choice = parse_tuning(tuning)
+  if choice == "off":
+    return {}
+  return dict(CPU_TUNING[_host_family() if choice == "auto" else choice])
+
+
+def compiler_options(backend: str | None = None, *, tuning: str | None = None) -> dict[str, Any]:
   """The options metajax compiles with on `backend` (default: `jax.default_backend()`).
 
-  On CPU with a jaxlib outside `VERIFIED_JAXLIB`, the first call warns once
-  (`UnverifiedJaxlibWarning`); the options are the same.
+  On CPU: `CPU_COMPILER_OPTIONS` (correctness, always) and the speed options `tuning` selects
+  (`tuning_options`); other backends get none. With a jaxlib outside `VERIFIED_JAXLIB`, the
+  first call warns once (`UnverifiedJaxlibWarning`); the options are the same.
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return {}
   _warn_once_if_unverified()
-  return dict(CPU_COMPILER_OPTIONS)
+  return {**tuning_options(tuning), **CPU_COMPILER_OPTIONS}
 
 
-def jit(fun: Callable[..., Any], **kwargs: Any) -> Any:
-  """`jax.jit(fun, **kwargs)` with `compiler_options(...)` merged under any given ones.
+def jit(fun: Callable[..., Any], *, tuning: str | None = None, **kwargs: Any) -> Any:
+  """`jax.jit(fun, **kwargs)` with `compiler_options(tuning=tuning)` merged under any given ones.
 
   Options the caller passes in `compiler_options=` win over metajax's.
   """
-  options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
+  options = {**compiler_options(tuning=tuning), **(kwargs.pop("compiler_options", None) or {})}
   return jax.jit(fun, compiler_options=options or None, **kwargs)
 
 

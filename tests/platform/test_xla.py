@@ -67,7 +67,8 @@ def _max_rel_diff(a, b):
 class CompilerOptionsTest(absltest.TestCase):
 
   def test_per_backend(self):
-    self.assertEqual(xla.compiler_options("cpu"), {"xla_disable_hlo_passes": "algsimp"})
+    self.assertEqual(xla.compiler_options("cpu", tuning="off"),
+                     {"xla_disable_hlo_passes": "algsimp"})
     self.assertEqual(xla.compiler_options("gpu"), {})
     self.assertEqual(xla.compiler_options("tpu"), {})
     opts = xla.compiler_options("cpu")
@@ -79,6 +80,65 @@ class CompilerOptionsTest(absltest.TestCase):
     np.testing.assert_array_equal(f(3, jnp.arange(4.0)), jnp.arange(4.0) * 3)
     g = xla.jit(lambda x: jnp.sin(x) + 1, compiler_options={"xla_disable_hlo_passes": ""})
     np.testing.assert_allclose(g(jnp.arange(3.0)), jnp.sin(jnp.arange(3.0)) + 1, rtol=1e-6)
+
+
+class TuningTest(parameterized.TestCase):
+  """The speed options per CPU family: the choice, its override, and exactness under each row."""
+
+  def test_choices_and_their_errors(self):
+    for value, expected in (("auto", "auto"), ("OFF", "off"), (" AVX512-Intel ", "avx512-intel")):
+      self.assertEqual(xla.parse_tuning(value), expected)
+    with self.assertRaisesRegex(ValueError, r"tuning='avx9' is not an XLA:CPU tuning choice; "
+                                            r"allowed: 'auto', 'off', 'avx512-intel', "
+                                            r"'avx512-amd', 'avx2', 'baseline'"):
+      xla.parse_tuning("avx9")
+    with mock.patch.dict("os.environ", {xla.TUNING_ENV: "fast"}), \
+         self.assertRaisesRegex(ValueError, "METAJAX_XLA_CPU_TUNING='fast' is not"):
+      xla.parse_tuning(None)
+
+  def test_environment_then_auto(self):
+    with mock.patch.dict("os.environ", {xla.TUNING_ENV: "off"}):
+      self.assertEqual(xla.tuning_options(), {})
+      self.assertEqual(xla.tuning_options("avx512-intel"),  # the argument wins
+                       {"xla_cpu_prefer_vector_width": 512})
+    with mock.patch.dict("os.environ", {xla.TUNING_ENV: ""}), \
+         mock.patch.object(xla, "_host_family", lambda: "avx512-intel"):
+      self.assertEqual(xla.tuning_options(), xla.CPU_TUNING["avx512-intel"])
+    with mock.patch.object(xla, "_host_family", lambda: "baseline"):
+      self.assertEqual(xla.tuning_options("auto"), {})
+
+  def test_correctness_option_always_applies(self):
+    for family in (*xla.CPU_TUNING, "auto", "off"):
+      options = xla.compiler_options("cpu", tuning=family)
+      self.assertEqual(options["xla_disable_hlo_passes"], "algsimp", family)
+      self.assertEqual(xla.compiler_options("gpu", tuning=family), {})
+    self.assertLessEqual(xla.CPU_TUNING["avx512-intel"].items(),
+                         xla.compiler_options("cpu", tuning="avx512-intel").items())
+
+  def test_options_reach_the_compiled_program(self):
+    f = lambda x: jnp.sin(x) * 2  # noqa: E731
+    x = jnp.ones(8)
+    for family in xla.CPU_TUNING:
+      lowering = xla.jit(f, tuning=family).lower(x)._lowering  # noqa: SLF001
+      options = getattr(lowering, "_compiler_options_kvs", None)
+      if options is None:
+        self.skipTest("this jax does not expose a lowering's compiler options")
+      self.assertEqual(dict(options), xla.compiler_options(tuning=family))
+      np.testing.assert_allclose(xla.jit(f, tuning=family)(x), f(x), rtol=1e-6)
+
+  @pytest.mark.slow  # 30 s, most of it op by op; the host's own row runs every test of this file
+  @parameterized.parameters(*[(f,) for f, options in xla.CPU_TUNING.items() if options])
+  def test_each_tuned_row_keeps_second_order_exact(self, family):
+    # A case plain jax.jit got wrong (Conv4LibraryPathTest's unrolled two steps), under the row.
+    with jax.enable_x64(True):
+      encoder = mj.nn.models.Conv4Encoder(filters=4, num_blocks=2, activation=jax.nn.softplus)
+      model = mj.model_from_encoder(encoder, 3, (8, 8, 1))
+      params, tasks = _f64_problem(model, 2, 3, 1, (8, 8, 1))
+      learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=2, inner_lr=0.1,
+                        unroll=True)
+      grad = jax.grad(lambda p: mj.meta_loss(p, tasks, learner))
+      mismatch = xla.eager_mismatch(grad, params, jit=lambda fun: xla.jit(fun, tuning=family))
+    self.assertLess(mismatch, F64_RTOL, family)
 
 
 class VersionTableTest(absltest.TestCase):
