@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import parameterized
 
 import metajax as mj
@@ -154,6 +155,7 @@ class HelpersTest(parameterized.TestCase):
     json.dumps(series, allow_nan=False)
 
 
+@pytest.mark.slow  # about a minute: the binary's two compilations on real Omniglot
 def test_binary_smoke(tmp_path, omniglot_dir, omniglot_pool, omniglot_cache_dir):
   """The binary end to end on the real Omniglot (smoke sizes; one variant, as each costs two
   compilations: the variants themselves are checked on the MLP above)."""

@@ -74,17 +74,18 @@ class BatchStatNormTest(chex.TestCase, parameterized.TestCase):
                   rtol=FD_TOL)
 
   def test_model_meta_gradient_matches_plain_norm(self):
-    # Second-order MAML through a whole Conv-4: the fused and plain BatchNorms agree.
+    # Second-order MAML through two Conv-4 blocks: the fused and plain BatchNorms agree.
     with jax.enable_x64(True):
       k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-      tasks = mj.Task(jax.random.normal(k1, (2, 3, 16, 16, 1), jnp.float64),
+      tasks = mj.Task(jax.random.normal(k1, (2, 3, 8, 8, 1), jnp.float64),
                       jnp.tile(jnp.arange(3), (2, 1)),
-                      jax.random.normal(k2, (2, 6, 16, 16, 1), jnp.float64),
+                      jax.random.normal(k2, (2, 6, 8, 8, 1), jnp.float64),
                       jnp.tile(jnp.arange(3).repeat(2), (2, 1)))
       grads = []
       for fused in (True, False):
-        model = mj.conv4(3, filters=4, input_shape=(16, 16, 1), activation=jax.nn.softplus,
-                         fused_norm=fused)
+        encoder = mj.nn.models.Conv4Encoder(filters=4, num_blocks=2, activation=jax.nn.softplus,
+                                            fused_norm=fused)
+        model = mj.model_from_encoder(encoder, 3, (8, 8, 1))
         params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0)))
         learner = mj.MAML(model.apply, mj.cross_entropy, num_inner_steps=2, inner_lr=0.1)
         grads.append(mj.platform.xla.jit(jax.grad(lambda p: mj.meta_loss(p, tasks, learner)))(params))
