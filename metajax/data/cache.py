@@ -28,6 +28,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -205,7 +206,8 @@ def load_arrays(path: str | os.PathLike[str], *, key: str) -> dict[str, np.ndarr
       payload = {name: npz[name] for name in npz.files}
     stored_key = str(payload[_KEY_FIELD])
     stored_checksum = str(payload[_CHECKSUM_FIELD])
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+  # a truncated file, a failed CRC check, a corrupt deflate stream of a member
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     warnings.warn(f"ignoring unreadable cache {str(path)!r} ({e!r}); rebuilding it", RuntimeWarning)
     return None
   if stored_key != key:

@@ -19,6 +19,12 @@ as Finn et al.'s `resize_images.py` did (`Image.open(f).resize((28, 28), Image.L
 silently a nearest-neighbour resize: PIL ignores the filter for mode "1" images. Pass
 `resample="nearest"` to reproduce that.
 
+An archive is checked against what was published (`PUBLISHED_ALPHABETS`) before anything is
+decoded: one that holds some of its alphabets but not all, or not all their characters (an
+interrupted extraction or copy), is refused with the missing ones named, and nothing is cached;
+`allow_partial=True` reads what is there. A folder of alphabets of your own in Omniglot's layout
+(none of the published names) is read as it is.
+
 The result is cached (see `metajax.data.cache`: `$METAJAX_CACHE_DIR` or the user's cache
 directory, never the data folder unless passed as `cache_dir`): a second load takes well under a
 second.
@@ -35,7 +41,8 @@ import os
 import random
 import re
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +67,32 @@ PUBLISHED_COUNTS = {
   SMALL1: (5, 136, 2_720),
   SMALL2: (5, 156, 3_120),
 }
+_BACKGROUND_ALPHABETS = {
+  "Alphabet_of_the_Magi": 20, "Anglo-Saxon_Futhorc": 29, "Arcadian": 26, "Armenian": 41,
+  "Asomtavruli_(Georgian)": 40, "Balinese": 24, "Bengali": 46,
+  "Blackfoot_(Canadian_Aboriginal_Syllabics)": 14, "Braille": 26, "Burmese_(Myanmar)": 34,
+  "Cyrillic": 33, "Early_Aramaic": 22, "Futurama": 26, "Grantha": 43, "Greek": 24, "Gujarati": 48,
+  "Hebrew": 22, "Inuktitut_(Canadian_Aboriginal_Syllabics)": 16, "Japanese_(hiragana)": 52,
+  "Japanese_(katakana)": 47, "Korean": 40, "Latin": 26, "Malay_(Jawi_-_Arabic)": 40,
+  "Mkhedruli_(Georgian)": 41, "N_Ko": 33, "Ojibwe_(Canadian_Aboriginal_Syllabics)": 14,
+  "Sanskrit": 42, "Syriac_(Estrangelo)": 23, "Tagalog": 17, "Tifinagh": 55,
+}
+# archive -> {alphabet: its number of characters (character01 to characterNN)}, as published
+PUBLISHED_ALPHABETS: dict[str, dict[str, int]] = {
+  BACKGROUND: _BACKGROUND_ALPHABETS,
+  EVALUATION: {
+    "Angelic": 20, "Atemayar_Qelisayer": 26, "Atlantean": 26, "Aurek-Besh": 26, "Avesta": 26,
+    "Ge_ez": 26, "Glagolitic": 45, "Gurmukhi": 45, "Kannada": 41, "Keble": 26, "Malayalam": 47,
+    "Manipuri": 40, "Mongolian": 30, "Old_Church_Slavonic_(Cyrillic)": 45, "Oriya": 46,
+    "Sylheti": 28, "Syriac_(Serto)": 23, "Tengwar": 25, "Tibetan": 42, "ULOG": 26,
+  },
+  # the small archives are subsets of the background one
+  SMALL1: {a: _BACKGROUND_ALPHABETS[a]
+           for a in ("Balinese", "Early_Aramaic", "Greek", "Korean", "Latin")},
+  SMALL2: {a: _BACKGROUND_ALPHABETS[a]
+           for a in ("Greek", "Japanese_(katakana)", "Latin", "Sanskrit", "Tagalog")},
+}
+_SHOWN = 5  # names quoted in a message
 NUM_CHARACTERS = 1623
 IMAGES_PER_CHARACTER = 20
 
@@ -178,14 +211,16 @@ def decode_image(raw: bytes, where: str, image_size: int, resample: str) -> np.n
 
 
 def _read_archive(
-  source: Path, archive: str, image_size: int, resample: str
+  source: Path, archive: str, image_size: int, resample: str, allow_partial: bool = False
 ) -> dict[str, np.ndarray]:
   """Reads and preprocesses one archive (zip or extracted folder) into pool arrays."""
   if source.is_dir():
-    return _read_entries(source, archive, dir_entries(source), image_size, resample)
+    return _read_entries(source, archive, dir_entries(source), image_size, resample,
+                         allow_partial)
   try:
     with zipfile.ZipFile(source) as zf:
-      return _read_entries(source, archive, zip_entries(source, archive, zf), image_size, resample)
+      return _read_entries(source, archive, zip_entries(source, archive, zf), image_size,
+                           resample, allow_partial)
   except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
     raise CorruptDataError(
       f"corrupt Omniglot archive {str(source)!r}: {e}; replace it with an intact copy of "
@@ -197,8 +232,46 @@ def _read_archive(
     raise CorruptDataError(f"cannot read Omniglot archive {str(source)!r}: {e}") from e
 
 
+def _names(names: Sequence[str]) -> str:
+  """`a, b, c` (at most `_SHOWN` names, then how many more)."""
+  more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+  return ", ".join(names[:_SHOWN]) + more
+
+
+def _check_complete(source: Path, archive: str, characters: Iterable[tuple[str, str]]) -> None:
+  """Raises unless `characters` ((alphabet, characterNN) pairs) are all of the published
+  `archive`, or none of its alphabets at all (alphabets of your own in Omniglot's layout).
+
+  Raises:
+    CorruptDataError: naming the missing alphabets and characters.
+  """
+  published = PUBLISHED_ALPHABETS[archive]
+  found: dict[str, set[str]] = {}
+  for alphabet, character in characters:
+    found.setdefault(alphabet, set()).add(character)
+  if not found.keys() & published.keys():
+    return
+  alphabets = [a for a in published if a not in found]
+  missing = [f"{a}/character{i:02d}" for a, n in published.items() if a in found
+             for i in range(1, n + 1) if f"character{i:02d}" not in found[a]]
+  if not alphabets and not missing:
+    return
+  problems = []
+  if alphabets:
+    problems.append(f"it has {len(published) - len(alphabets)} of the {len(published)} published "
+                    f"alphabets (missing {_names(alphabets)})")
+  if missing:
+    problems.append(f"missing {len(missing)} character{'s' * (len(missing) > 1)} of its alphabets "
+                    f"({_names(missing)})")
+  raise CorruptDataError(
+    f"incomplete Omniglot archive {str(source)!r}: {'; '.join(problems)}; replace it with a "
+    f"complete copy of {archive}.zip (load_omniglot(allow_partial=True) reads only what is there)"
+  )
+
+
 def _read_entries(
-  source: Path, archive: str, entries: Iterator[_Entry], image_size: int, resample: str
+  source: Path, archive: str, entries: Iterator[_Entry], image_size: int, resample: str,
+  allow_partial: bool = False,
 ) -> dict[str, np.ndarray]:
   by_character: dict[tuple[str, str], list[tuple[str, Callable[[], bytes]]]] = {}
   for alphabet, character, name, read in entries:
@@ -207,6 +280,8 @@ def _read_entries(
     raise CorruptDataError(
       f"no images found in {str(source)!r}: expected {archive}/<Alphabet>/characterNN/NNNN_DD.png"
     )
+  if not allow_partial:  # before anything is decoded
+    _check_complete(source, archive, by_character)
   keys = sorted(by_character)
   images = np.empty((len(keys), IMAGES_PER_CHARACTER, image_size, image_size), np.uint8)
   char_index = np.empty(len(keys), np.int32)
@@ -228,10 +303,14 @@ def _read_entries(
       ids.add(int(match.group(1)))
       try:
         raw = read()
-      except (zipfile.BadZipFile, EOFError, OSError) as e:
+      # a damaged member: a failed CRC check, a corrupt deflate stream, a mangled header
+      except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError) as e:
         if isinstance(e, (FileNotFoundError, PermissionError)):
           raise
-        raise CorruptDataError(f"cannot read {where}/{name} from {str(source)!r}: {e}") from e
+        raise CorruptDataError(
+          f"cannot read {where}/{name} from {str(source)!r} ({e}); replace it with an "
+          f"intact copy of {source.name}"
+        ) from e
       images[c, i] = decode_image(raw, f"{where}/{name} in {str(source)!r}", image_size, resample)
     if len(ids) != 1:
       raise CorruptDataError(f"{where} in {str(source)!r} mixes character ids {sorted(ids)}")
@@ -255,6 +334,7 @@ def load_omniglot(
   cache_dir: str | os.PathLike[str] | None = None,
   use_cache: bool = True,
   download: bool = False,
+  allow_partial: bool = False,
 ) -> ClassPool:
   """Loads Omniglot archives as one preprocessed `ClassPool` (cached on disk).
 
@@ -275,6 +355,8 @@ def load_omniglot(
       official repository (`metajax.data.download.download_omniglot`, sha256-verified) into
       `data_dir`, else `$METAJAX_OMNIGLOT_DIR`, else `default_omniglot_dir()` (the user's cache
       directory). Off by default: nothing is downloaded unless asked.
+    allow_partial: read an archive that holds only some of its published alphabets or
+      characters (`PUBLISHED_ALPHABETS`); by default such an archive is refused.
 
   Returns:
     A `ClassPool` with images `[C, 20, image_size, image_size, 1]` and metadata columns
@@ -286,7 +368,8 @@ def load_omniglot(
     FileNotFoundError: no such directory or archive (the message says how to get them).
     metajax.data.download.DownloadError (an OSError): with `download=True`, a failed, truncated
       or corrupted download (nothing is left behind).
-    CorruptDataError (a ValueError): a truncated/corrupt archive or an unreadable image.
+    CorruptDataError (a ValueError): a truncated/corrupt archive, an unreadable image, or an
+      archive with only some of its published alphabets or characters (naming the missing ones).
     ValueError: an unknown archive or resample name, or an image size that is not an int >= 1.
   """
   archives = tuple(archives)
@@ -309,7 +392,8 @@ def load_omniglot(
   sources = [find_source(root, archive) for archive in archives]
 
   def build() -> dict[str, np.ndarray]:
-    parts = [_read_archive(s, a, image_size, resample) for s, a in zip(sources, archives)]
+    parts = [_read_archive(s, a, image_size, resample, allow_partial)
+             for s, a in zip(sources, archives)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   if use_cache:
@@ -329,6 +413,10 @@ def load_omniglot(
     arrays = cache_lib.cached_arrays(path, key=key, build=build)
   else:
     arrays = build()
+  if not allow_partial:  # also a cache that an earlier version built from a partial copy
+    for source, archive in zip(sources, archives):
+      rows = arrays["archive"] == archive
+      _check_complete(source, archive, zip(arrays["alphabet"][rows], arrays["character"][rows]))
   return pool_from_arrays(arrays, dtype)
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import time
 import zipfile
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,8 @@ from metajax.data import cache as cache_lib
 from metajax.data import omniglot as omniglot_lib
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
+SMALL1 = "images_background_small1"
+PUBLISHED_ALPHABETS = omniglot_lib.PUBLISHED_ALPHABETS
 
 
 # --- the real archives --------------------------------------------------------------------------
@@ -294,7 +299,7 @@ def test_env_and_explicit_cache_dir(tmp_path, fake_omniglot, monkeypatch):
     data.chmod(0o755)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_array_bytes"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_array_bytes", "corrupt_deflate"])
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, fake_omniglot, damage):
   fake_omniglot(tmp_path / "data")
   cache_dir = tmp_path / "cache"
@@ -304,6 +309,8 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, fake_omniglot, damage):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   elif damage == "garbage":
     path.write_bytes(b"not a cache")
+  elif damage == "corrupt_deflate":
+    _break_deflate(path, "images.npy")
   else:  # a valid npz whose arrays no longer match the stored checksum
     with np.load(path) as npz:
       arrays = {k: npz[k] for k in npz.files}
@@ -401,3 +408,94 @@ def test_shared_data_dir_is_left_untouched(omniglot_dir, tmp_path, monkeypatch):
   load_omniglot(omniglot_dir, archives=["images_background_small1"])
   assert _listing(Path(omniglot_dir)) == before
   assert len(list((tmp_path / "xdg/metajax").glob("metajax-omniglot-background_small1-*.npz"))) == 1
+
+
+def _break_deflate(path: Path, member: str) -> None:
+  """Sets the first byte of `member`'s deflate stream to 0xFF, a block of type 3 (which does not
+  exist): reading the member raises zlib.error, as a bit flip inside the stream does."""
+  raw = bytearray(path.read_bytes())
+  with zipfile.ZipFile(path) as zf:
+    offset = zf.getinfo(member).header_offset
+  name_length = int.from_bytes(raw[offset + 26 : offset + 28], "little")
+  extra_length = int.from_bytes(raw[offset + 28 : offset + 30], "little")
+  raw[offset + 30 + name_length + extra_length] = 0xFF
+  path.write_bytes(bytes(raw))
+
+
+def test_corrupt_deflate_stream_names_the_archive_and_member(tmp_path, fake_omniglot):
+  path = fake_omniglot(tmp_path / "data")
+  with zipfile.ZipFile(path) as zf:
+    member = zf.infolist()[3].filename
+  _break_deflate(path, member)
+  cache_dir = tmp_path / "cache"
+  with pytest.raises(CorruptDataError) as error:
+    load_omniglot(tmp_path / "data", archives=[BACKGROUND], cache_dir=cache_dir)
+  assert isinstance(error.value.__cause__, zlib.error)
+  message = str(error.value)
+  assert message.startswith(f"cannot read {member} from {str(path)!r} (Error -3 ")
+  assert message.endswith(f"); replace it with an intact copy of {BACKGROUND}.zip")
+  assert not cache_dir.exists()  # nothing cached
+
+
+# --- archives with only some of their published alphabets -----------------------------------------
+
+
+def test_published_alphabets_are_those_of_the_archives(omniglot_dir):
+  for archive, alphabets in PUBLISHED_ALPHABETS.items():
+    with zipfile.ZipFile(omniglot_dir / f"{archive}.zip") as zf:
+      folders = {tuple(n.split("/")[1:3]) for n in zf.namelist() if n.endswith(".png")}
+    assert folders == {(a, f"character{i:02d}") for a, n in alphabets.items()
+                       for i in range(1, n + 1)}
+    assert (len(alphabets), sum(alphabets.values())) == OMNIGLOT_PUBLISHED_COUNTS[archive][:2]
+
+
+def _listing_only(root: Path, archive: str, alphabets: Mapping[str, int]) -> Path:
+  """A zip in Omniglot's layout whose PNGs are empty: enough for what is checked before anything
+  is decoded (decoding one would fail)."""
+  root.mkdir(parents=True, exist_ok=True)
+  path, char_id = root / f"{archive}.zip", 1
+  with zipfile.ZipFile(path, "w") as zf:
+    for alphabet, num_characters in alphabets.items():
+      for c in range(1, num_characters + 1):
+        for drawer in range(1, 21):
+          zf.writestr(f"{archive}/{alphabet}/character{c:02d}/{char_id:04d}_{drawer:02d}.png", b"")
+        char_id += 1
+  return path
+
+
+def test_an_archive_with_some_alphabets_is_refused_before_decoding_and_nothing_cached(tmp_path):
+  published = list(PUBLISHED_ALPHABETS[BACKGROUND])
+  path = _listing_only(tmp_path / "data", BACKGROUND,
+                       {a: PUBLISHED_ALPHABETS[BACKGROUND][a] for a in published[:5]})
+  cache_dir = tmp_path / "cache"
+  with pytest.raises(CorruptDataError) as error:
+    load_omniglot(tmp_path / "data", archives=[BACKGROUND], cache_dir=cache_dir)
+  assert str(error.value) == (
+    f"incomplete Omniglot archive {str(path)!r}: it has 5 of the 30 published alphabets (missing "
+    f"{', '.join(published[5:10])} and 20 more); replace it with a complete copy of "
+    f"{BACKGROUND}.zip (load_omniglot(allow_partial=True) reads only what is there)")
+  assert not cache_dir.exists()
+
+
+def test_an_alphabet_with_missing_characters_is_refused(tmp_path):
+  alphabets = dict(PUBLISHED_ALPHABETS[SMALL1])
+  alphabets["Latin"] -= 2
+  _listing_only(tmp_path, SMALL1, alphabets)
+  with pytest.raises(CorruptDataError, match=re.escape(
+      ": missing 2 characters of its alphabets (Latin/character25, Latin/character26); replace")):
+    load_omniglot(tmp_path, archives=[SMALL1], use_cache=False)
+
+
+def test_allow_partial_reads_what_is_there_and_its_cache_is_no_way_around_the_check(
+  tmp_path, fake_omniglot
+):
+  data, cache_dir = tmp_path / "data", tmp_path / "cache"
+  fake_omniglot(data, SMALL1, alphabets=(("Greek", 2),))
+  pool = load_omniglot(data, archives=[SMALL1], cache_dir=cache_dir, allow_partial=True)
+  assert list(pool.class_names) == ["Greek/character01", "Greek/character02"]
+  assert len(list(cache_dir.glob("*.npz"))) == 1
+  # the same source without allow_partial: the cached pool is checked as well
+  with pytest.raises(CorruptDataError, match=re.escape(
+      "it has 1 of the 5 published alphabets (missing Balinese, Early_Aramaic, Korean, Latin); "
+      "missing 22 characters of its alphabets (Greek/character03, ")):
+    load_omniglot(data, archives=[SMALL1], cache_dir=cache_dir)
