@@ -85,7 +85,44 @@ def test_binary_lists_dry_runs_and_refuses_unknown_runs(tmp_path):
     "python experiments/train.py --config=experiments/configs/sinusoid.py:default --workdir=")
   assert all("--num_tasks=8" in c for c in commands[1:])
   unknown = binary("--list", "--runs=nope")
-  assert unknown.returncode != 0 and "nope" in unknown.stderr
+  assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+  assert unknown.stderr.strip().splitlines() == [
+    f"error: unknown runs/groups ['nope']; choose from groups {sorted(suite.GROUPS)} or runs "
+    f"{[r.name for r in suite.SUITE]}"]
+
+
+def test_check_data_names_the_run_and_the_flag(tmp_path, monkeypatch):
+  omniglot = suite.Run("o", "kao", "omniglot.py:kao5way1shot")
+  mini = suite.Run("m", "kao_mini", "miniimagenet.py:kao5way1shot")
+  sinusoid = suite.Run("s", "sinusoid", "sinusoid.py:smoke")
+  nowhere = tmp_path / "nowhere"
+  with pytest.raises(FileNotFoundError) as error:
+    queue.check_data([sinusoid, omniglot], tmp_path, str(nowhere))
+  assert str(error.value).startswith(
+    f"run o needs the omniglot data (--data_dir): Omniglot directory {str(nowhere)!r} does not "
+    "exist or is not a directory; ")
+  monkeypatch.delenv("METAJAX_MINIIMAGENET_DIR", raising=False)
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      "run m needs the miniimagenet data (--miniimagenet_dir): no mini-ImageNet directory given")):
+    queue.check_data([mini], tmp_path, None)
+  queue.check_data([sinusoid, omniglot], tmp_path, str(tmp_path))  # a folder: found
+  checkpoint.write_json_atomic(tmp_path / "o" / "results.json", {"step": 1})
+  for k in omniglot.eval_steps:
+    checkpoint.write_json_atomic(suite.eval_file(tmp_path / "o", k), {"metrics": {}})
+  queue.check_data([omniglot], tmp_path, str(nowhere))  # finished: it needs no data
+
+
+@pytest.mark.slow
+def test_binary_refuses_missing_data_in_one_line(tmp_path):
+  nowhere = tmp_path / "nowhere"
+  result = subprocess.run([sys.executable, "-m", "tools.reproduce", f"--root={tmp_path}",
+                           "--runs=kao1s_fo", f"--data_dir={nowhere}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith(f"error: run kao1s_fo needs the omniglot data (--data_dir): Omniglot "
+                         f"directory {str(nowhere)!r} does not exist")
+  assert not (tmp_path / "kao1s_fo").exists()  # nothing started
 
 
 def test_results_md_has_the_markers_of_the_code():

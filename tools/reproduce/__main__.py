@@ -8,6 +8,7 @@ the project root, as the commands run there and the report shows them.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -38,6 +39,15 @@ def _from_root(path: str) -> Path:
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    return _run()
+  except (app.UsageError, FileNotFoundError) as e:  # the user's to fix: one line, no usage text
+    sys.exit(f"error: {e}")
+  except KeyboardInterrupt:  # the running command got the signal too; finished steps are kept
+    sys.exit("interrupted; rerun the same command to go on where it stopped")
+
+
+def _run() -> int:
   root = _from_root(_ROOT.value)
   runs = suite.select(_RUNS.value)
   if _LIST.value:
@@ -47,16 +57,21 @@ def main(argv: list[str]) -> int:
             f"train {report.duration(st['train_seconds'])}")
     return 0
   if _REPORT.value:
-    report.report(Path(_REPORT.value), root, _EVAL_TASKS.value)
+    try:
+      report.report(Path(_REPORT.value), root, _EVAL_TASKS.value)
+    except ValueError as e:  # a file without the generated section's markers
+      sys.exit(f"error: {e}")
     return 0
   if _ARCHIVE.value:
     dest = _from_root(_ARCHIVE.value)
     print(f"archived into {dest}: {', '.join(archive.archive(runs, root, dest)) or 'nothing'}")
     return 0
+  if not _DRY_RUN.value:  # before anything starts: one line, not a failed command per run
+    queue.check_data(runs, root, _DATA_DIR.value, _MINI_DIR.value)
   return 1 if queue.work(runs, root, _DATA_DIR.value, _EVAL_TASKS.value, _DRY_RUN.value,
                          _MINI_DIR.value) else 0
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_hugepages()  # before any work: glibc reads it at start-up
+  runtime.prepare_process()  # jax's libtpu note silenced; huge pages: glibc reads it at start-up
   app.run(main)

@@ -90,6 +90,38 @@ def _run_logged(cmd: list[str], workdir: Path, kind: str, machine: dict[str, Any
   return rc
 
 
+def check_data(runs: Sequence[suite.Run], root: Path, data_dir: str | None,
+               miniimagenet_dir: str | None = None) -> None:
+  """Checks that the data of every unfinished run of `runs` is where its commands will look.
+
+  Cheap (the folders are found, nothing is read), so a missing dataset is one message before
+  anything starts instead of a failed command per run.
+
+  Args:
+    runs, root, data_dir, miniimagenet_dir: as `work` takes them.
+
+  Raises:
+    FileNotFoundError: naming the run, the dataset and the flag that points at its data.
+  """
+  from metajax import data as data_lib  # local, as jax in `machine`: only a real queue needs it
+
+  finders = {"omniglot": (data_lib.find_omniglot_dir, data_dir, "--data_dir"),
+             "miniimagenet": (data_lib.find_miniimagenet_dir, miniimagenet_dir,
+                              "--miniimagenet_dir")}
+  checked = set()
+  for run in runs:
+    if run.dataset not in finders or run.dataset in checked:
+      continue
+    if "--config.download=True" in run.overrides or suite.status(run, root)["done"]:
+      continue
+    find, folder, flag = finders[run.dataset]
+    try:
+      find(folder or None)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"run {run.name} needs the {run.dataset} data ({flag}): {e}") from e
+    checked.add(run.dataset)
+
+
 def work(runs: Sequence[suite.Run], root: Path, data_dir: str | None, eval_tasks: int,
          dry_run: bool, miniimagenet_dir: str | None = None) -> int:
   """Trains and evaluates every unfinished run of `runs`; returns the number of runs that failed.
