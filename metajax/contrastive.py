@@ -7,10 +7,12 @@ epsilon), exactly like `optax.losses.cosine_similarity`, so that a zero embeddin
 
 - `info_nce`: NT-Xent of SimCLR on two views (each example's other view is its only positive).
 - `supcon`: the supervised contrastive loss of Khosla et al. (several positives per anchor).
+- `clip_loss`: CLIP's symmetric cross-entropy between two towers (image i's positive is text i).
 - `triplet`, `batch_hard_triplet`: margin losses on Euclidean distances.
 
 How they relate: `info_nce(v1, v2) == supcon(concat(v1, v2), concat(arange(B), arange(B)))`, and
-both equal `optax.losses.ntxent(concat(v1, v2), labels)` for those labels. With several positives
+both equal `optax.losses.ntxent(concat(v1, v2), labels)` for those labels. `clip_loss` differs
+from `info_nce` in its candidates: only the other tower's B embeddings, never the same tower's. With several positives
 per anchor supcon and optax's ntxent differ: optax averages over (anchor, positive) pairs and
 leaves the other positives out of each denominator, while supcon (L_out of Khosla et al.) averages
 the positives of each anchor, keeps every other example in the denominator, then averages anchors.
@@ -140,6 +142,55 @@ def info_nce(
   log_prob = _anchor_log_softmax(logits)
   partner = jnp.concatenate([jnp.arange(b, 2 * b), jnp.arange(b)])  # the other view of row k
   return -jnp.mean(jnp.take_along_axis(log_prob, partner[:, None], axis=-1))
+
+
+def clip_loss(
+  image_emb: ArrayLike,
+  text_emb: ArrayLike,
+  temperature: ArrayLike = 0.07,
+  *,
+  epsilon: float | None = None,
+) -> Array:
+  """CLIP's symmetric contrastive loss between two towers (Radford et al. 2021, figure 3).
+
+  With I and T the L2-normalised image and text embeddings, the logits are the scaled cosine
+  similarities `L = I T^T / temperature` (`[B, B]`, row i an image, column j a text), and the
+  pairs on the diagonal are the positives:
+
+      loss = ( CE(L, arange(B)) + CE(L^T, arange(B)) ) / 2
+
+  with CE the mean cross-entropy of each row against its label: image-to-text over the rows,
+  text-to-image over the columns. Symmetric in the two towers and invariant to permuting the
+  pairs.
+
+  The temperature may be a traced array, so that it is learned: CLIP learns `log(1 /
+  temperature)` (initialised at `log(1 / 0.07)`, clipped so that `1 / temperature <= 100`); pass
+  `temperature=jnp.exp(-log_scale)`.
+
+  Args:
+    image_emb: `[B, D]` embeddings of the first tower (the images).
+    text_emb: `[B, D]` embeddings of the second tower (row i pairs with image_emb's row i).
+    temperature: T > 0 (a Python number is checked; an array is taken as given).
+    epsilon: norm clipping, see the module docstring.
+
+  Returns:
+    Scalar.
+
+  References:
+    A. Radford et al., Learning Transferable Visual Models From Natural Language Supervision,
+    ICML 2021, arXiv 2103.00020.
+  """
+  images, texts = jnp.asarray(image_emb), jnp.asarray(text_emb)
+  _check_2d("image_emb", images)
+  _check_2d("text_emb", texts)
+  if images.shape != texts.shape:
+    raise ValueError(f"image_emb and text_emb must have the same shape, got {images.shape} and "
+                     f"{texts.shape}")
+  _check_temperature(temperature)
+  logits = _unit(images, epsilon) @ _unit(texts, epsilon).T / temperature  # BD,DB->BB
+  image_to_text = jnp.diagonal(jax.nn.log_softmax(logits, axis=1))  # B: row i, column i
+  text_to_image = jnp.diagonal(jax.nn.log_softmax(logits, axis=0))  # B: column i, row i
+  return -(jnp.mean(image_to_text) + jnp.mean(text_to_image)) / 2
 
 
 def _safe_sqrt(x: Array) -> Array:

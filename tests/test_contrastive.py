@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -221,3 +223,76 @@ class BatchHardTripletTest(chex.TestCase):
       x, labels = _normal(23, 6, 3), jnp.array([0, 1, 0, 1, 2, 2])
       check_grads(jax.jit(lambda e: contrastive.batch_hard_triplet(e, labels, margin=3.0)), (x,),
                   order=2, modes=GRAD_MODES, rtol=FD_RTOL)
+
+
+class ClipLossTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*TEMPERATURES)
+  def test_matches_two_optax_cross_entropies(self, temperature):
+    """The mean of optax's cross-entropy over the rows and over the columns of the logits."""
+    with jax.enable_x64(True):
+      images, texts = _normal(24, 5, 3), _normal(25, 5, 3)
+      ours = self.variant(lambda a, b: contrastive.clip_loss(a, b, temperature))(images, texts)
+      logits = jnp.asarray(_unit_np(images) @ _unit_np(texts).T / temperature)
+      labels = jnp.arange(5)
+      ref = (jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+             + jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.T, labels))) / 2
+      np.testing.assert_allclose(ours, ref, rtol=F64_RTOL)
+
+  def test_against_loop(self):
+    with jax.enable_x64(True):
+      images, texts, temperature = _normal(26, 4, 3), _normal(27, 4, 3), 0.3
+      s = _unit_np(images) @ _unit_np(texts).T / temperature
+      rows = [-(s[i, i] - np.log(np.sum(np.exp(s[i])))) for i in range(4)]
+      cols = [-(s[i, i] - np.log(np.sum(np.exp(s[:, i])))) for i in range(4)]
+      np.testing.assert_allclose(contrastive.clip_loss(images, texts, temperature),
+                                 (np.mean(rows) + np.mean(cols)) / 2, rtol=F64_RTOL)
+
+  def test_vanishes_as_temperature_goes_to_zero_for_matching_pairs(self):
+    with jax.enable_x64(True):
+      emb = _normal(28, 4, 8)
+      self.assertLess(np.max(np.abs(_unit_np(emb) @ _unit_np(emb).T - np.eye(4))), 1.0)
+      losses = [float(contrastive.clip_loss(emb, 2.0 * emb, t)) for t in (1.0, 0.1, 0.01, 1e-3)]
+      self.assertTrue(np.all(np.diff(losses) < 0), losses)
+      self.assertLess(losses[-1], 1e-12)
+      # Mismatched pairs are the opposite limit: the loss grows without bound.
+      self.assertGreater(float(contrastive.clip_loss(emb, emb[::-1], 1e-3)), 100.0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_symmetries(self):
+    with jax.enable_x64(True):
+      images, texts = _normal(29, 6, 4), _normal(30, 6, 4)
+      loss = self.variant(contrastive.clip_loss)
+      perm = np.random.default_rng(31).permutation(6)
+      base = loss(images, texts)
+      np.testing.assert_allclose(loss(texts, images), base, rtol=F64_RTOL)  # swap the towers
+      np.testing.assert_allclose(loss(images[perm], texts[perm]), base, rtol=F64_RTOL)
+      np.testing.assert_allclose(loss(3.0 * images, 0.2 * texts), base, rtol=F64_RTOL)  # cosine
+      self.assertFalse(np.isclose(loss(images, texts[perm]), base))  # pairs matter
+
+  def test_differs_from_info_nce(self):
+    """Documented: info_nce also contrasts each view with the other examples of its own view."""
+    with jax.enable_x64(True):
+      v1, v2 = _normal(32, 5, 3), _normal(33, 5, 3)
+      self.assertFalse(np.isclose(contrastive.clip_loss(v1, v2, 0.5),
+                                  contrastive.info_nce(v1, v2, temperature=0.5)))
+
+  def test_gradients_including_a_learned_temperature(self):
+    with jax.enable_x64(True):
+      images, texts = _normal(34, 4, 3), _normal(35, 4, 3)
+      check_grads(jax.jit(lambda a, b, log_scale: contrastive.clip_loss(a, b,
+                                                                         jnp.exp(-log_scale))),
+                  (images, texts, jnp.log(1 / 0.07)), order=2, modes=GRAD_MODES, rtol=FD_RTOL)
+
+  @parameterized.parameters(0.0, -0.5, "0.1")
+  def test_invalid_temperature(self, temperature):
+    with self.assertRaisesRegex(ValueError, f"temperature must be a number > 0, got "
+                                            f"{re.escape(repr(temperature))}"):
+      contrastive.clip_loss(jnp.ones((3, 2)), jnp.ones((3, 2)), temperature)
+
+  def test_shape_errors(self):
+    with self.assertRaisesRegex(ValueError, "same shape"):
+      contrastive.clip_loss(jnp.ones((3, 2)), jnp.ones((4, 2)))
+    with self.assertRaisesRegex(ValueError, "batch, dim"):
+      contrastive.clip_loss(jnp.ones((3,)), jnp.ones((3,)))
