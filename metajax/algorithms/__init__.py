@@ -13,6 +13,9 @@
   fine-tuning or a linear probe: the baseline MAML is compared with.
 - `contrastive_pretrain`: SimCLR- and SupCon-style encoder pre-training, then the same
   fine-tuning.
+- `selfsup`: the objectives of MoCo v2 (queue of negatives, momentum encoder), BYOL (regression
+  to an EMA target, its momentum schedule), Barlow Twins (cross-correlation towards the identity)
+  and SwAV (Sinkhorn-Knopp codes, swapped prediction, prototypes), as pure functions.
 
 MAML itself, its first-order variant, ANIL and Meta-SGD are `metajax.MAML` (`metajax.meta`).
 """
@@ -24,8 +27,9 @@ from metajax.algorithms import (
   protonet,
   relation,
   reptile,
+  selfsup,
   siamese,
 )
 
 __all__ = ["contrastive_pretrain", "matching", "pretrain", "protonet", "relation", "reptile",
-           "siamese"]
+           "selfsup", "siamese"]
