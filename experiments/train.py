@@ -1,6 +1,8 @@
 r"""Meta-trains a learner as the config says, then evaluates it on held-out test tasks.
 
-Rerunning the same command in the same --workdir resumes from its newest good checkpoint.
+Rerunning the same command in the same --workdir resumes from its newest good checkpoint; Ctrl-C
+stops once a checkpoint being written is complete, printing the step to resume from and the
+command (exit status 130).
 
   python experiments/train.py --config=experiments/configs/omniglot.py:readme \
     --workdir=/tmp/metajax_readme
@@ -16,12 +18,13 @@ higher-way training), umtra, pretrain, simclr, supcon (--config.pretrain_eval); 
 All the logic is in `metajax.experiment.train.train_and_evaluate`, importable in notebooks.
 """
 
+import shlex
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from metajax.experiment import train
+from metajax.experiment import checkpoint, train
 from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here; "
@@ -39,10 +42,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
+  checkpoint.one_line_warnings()
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.USER_ERRORS as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt as e:  # a train.Interrupted names the checkpoint
+    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    print(f"{str(e) or 'interrupted'}; resume with: {command}", file=sys.stderr, flush=True)
+    sys.exit(130)  # 128 + SIGINT, as a shell reports an interrupted command
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ A checkpoint is the step folder `<directory>/checkpoint_<step:08d>/` of an orbax
 
   state    the state pytree as nested dicts of numpy arrays (`ocp.args.StandardSave`),
   config   the run's config, as JSON beside the state,
-  digest   a sha256 over the step, the config, the metrics and every array's name, dtype, shape
-           and bytes,
+  extra    JSON the caller needs to resume exactly, e.g. the training loop's metric accumulators
+           (only when given; checkpoints written before it existed have none),
+  digest   a sha256 over the step, the config, the metrics, the extra JSON and every array's
+           name, dtype, shape and bytes,
   metrics  the step's validation metrics (only when the run keeps its best checkpoint).
 
 orbax does the writing: synchronously, into a temporary folder renamed into place once complete,
@@ -14,14 +16,17 @@ from the primary process only in a multi-process run; it keeps the `keep` newest
 the best one by a validation metric (`Best`) and deletes the others. metajax adds what orbax does
 not do: the digest, because orbax hands back whatever bytes it finds on disk, so that a flipped
 bit of an array or a flipped digit of the stored config is caught instead of silently changing
-the run; `read_latest` names a corrupt or partial newest checkpoint in one warning and falls back
-to the previous good one; `Checkpoints` removes the temporaries of writes that were killed;
-errors name the entries that do not fit the model; and a directory of metajax's earlier msgpack
-format is refused with a message saying so.
+the run; `read_latest` (and `read_checkpoint`, which also returns the metrics and the extra JSON)
+names a corrupt or partial newest checkpoint in one `CheckpointWarning` and falls back to the
+previous good one; a SIGINT (Ctrl-C) during a save takes effect once the save is complete;
+`Checkpoints` removes the temporaries of writes that were killed; errors name the entries that do
+not fit the model; and a directory of metajax's earlier msgpack format is refused with a message
+saying so.
 
     with Checkpoints(ckpt_dir, keep=3, best=Best("eval/accuracy_after", "max")) as checkpoints:
       checkpoints.save(step, state, config=config_dict, metrics={"eval/accuracy_after": 0.93})
     state, config, step = restore(ckpt_dir, target)    # target: a pytree of the same structure
+    checkpoint = read_checkpoint(ckpt_dir)    # the raw state dict, config, step, metrics, extra
 
 It also holds `write_atomic` and `write_json_atomic`, which write a run's small files (the config,
 the results) so that readers see the old file or the new one, never a mix.
@@ -29,6 +34,7 @@ the results) so that readers see the old file or the new one, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -37,10 +43,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -54,7 +62,7 @@ FORMAT = "metajax-orbax-v1"
 _PREFIX = "checkpoint"
 _DIGITS = 8
 _NAME = re.compile(rf"{_PREFIX}_(\d{{{_DIGITS},}})")
-_ITEMS = ("state", "config", "digest")
+_ITEMS = ("state", "config", "digest", "extra")
 _OLD_FORMAT = "checkpoint_*.msgpack"  # metajax's earlier format, one msgpack file per step
 # orbax's step folders are written as `<name>.orbax-checkpoint-tmp-<timestamp>` and renamed
 _ORBAX_TMP = ".orbax-checkpoint-tmp"
@@ -63,6 +71,37 @@ _ATOMIC_TMP = re.compile(r"\..+\.[^.]+\.tmp")  # write_atomic's temporaries, `.<
 
 class CheckpointError(ValueError):
   """A checkpoint that does not exist, cannot be read, or does not fit the run."""
+
+
+class CheckpointWarning(UserWarning):
+  """A broken checkpoint was skipped, and another good one read instead."""
+
+
+def one_line_warnings() -> None:
+  """Makes `CheckpointWarning`s print as one `warning: <message>` line (for binaries: the
+  message names the checkpoint; the source line that warned means nothing to their user).
+  Other warnings print as before."""
+  default = warnings.formatwarning
+  if getattr(default, "_one_line", False):
+    return
+
+  def format_warning(message, category, filename, lineno, line=None):
+    if issubclass(category, CheckpointWarning):  # orbax's errors inside may span lines
+      return f"warning: {' '.join(str(message).split())}\n"
+    return default(message, category, filename, lineno, line)
+
+  format_warning._one_line = True  # type: ignore[attr-defined]
+  warnings.formatwarning = format_warning
+
+
+class Checkpoint(NamedTuple):
+  """A verified checkpoint as read back (`read_checkpoint`)."""
+
+  state: dict[str, Any]  # the raw nested state dict of numpy arrays
+  config: dict[str, Any]
+  step: int
+  metrics: dict[str, float] | None  # the stored validation metrics (when a `Best` is tracked)
+  extra: Any  # the extra JSON given to `save` (None when none was)
 
 
 class Best(NamedTuple):
@@ -145,6 +184,20 @@ def _quiet_orbax() -> None:
     logger.addFilter(_QuietOrbax())
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, except that a step's metrics that cannot be read count as absent.
+
+  orbax reads every step's metrics when it opens a directory, so one unparsable metrics file
+  would make every checkpoint of it unreadable; as absent, only that step's digest fails.
+  """
+
+  def _get_metrics(self, step: int) -> Any:
+    try:
+      return super()._get_metrics(step)
+    except Exception:  # noqa: BLE001 - JSON, unicode and OS errors of a damaged file
+      return None
+
+
 def _manager(directory: str | os.PathLike[str], *, write: bool, keep: int | None = None,
              best: Best | None = None) -> ocp.CheckpointManager:
   _quiet_orbax()
@@ -162,7 +215,7 @@ def _manager(directory: str | os.PathLike[str], *, write: bool, keep: int | None
     step_prefix=_PREFIX, step_format_fixed_length=_DIGITS, create=write,
     enable_async_checkpointing=False,  # a returned save is on disk: resume stays simple
     preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **tracking)
-  return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=_ITEMS)
+  return _Manager(Path(directory).absolute(), options=options, item_names=_ITEMS)
 
 
 def remove_temporaries(directory: str | os.PathLike[str]) -> list[str]:
@@ -197,16 +250,40 @@ def _plain(obj: Any) -> Any:
   return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def digest(step: int, state_dict: Mapping[str, Any], config: Any, metrics: Any) -> str:
-  """sha256 of everything a checkpoint holds: step, config, metrics, and each array's name,
-  dtype, shape and bytes."""
-  h = hashlib.sha256(json.dumps({"format": FORMAT, "step": int(step), "config": config,
-                                 "metrics": metrics}, sort_keys=True).encode())
+def digest(step: int, state_dict: Mapping[str, Any], config: Any, metrics: Any,
+           extra: Any = None) -> str:
+  """sha256 of everything a checkpoint holds: step, config, metrics, the extra JSON, and each
+  array's name, dtype, shape and bytes."""
+  header = {"format": FORMAT, "step": int(step), "config": config, "metrics": metrics}
+  if extra is not None:  # absent from the header of checkpoints without it, as before it existed
+    header["extra"] = extra
+  h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
   for name, leaf in sorted(traverse_util.flatten_dict(dict(state_dict), sep="/").items()):
     array = np.asarray(leaf)
     h.update(json.dumps([name, array.dtype.str, array.shape]).encode())
     h.update(array.tobytes())
   return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+  """Holds back SIGINT (Ctrl-C) until the block is done, then acts on it as it would have: a save
+  once started completes (only in the main thread, where Python handles signals)."""
+  previous = signal.getsignal(signal.SIGINT)
+  if threading.current_thread() is not threading.main_thread() or previous is None:
+    yield  # None: a handler installed outside Python, which cannot be put back
+    return
+  received: list[Any] = []
+  signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    if callable(previous):
+      previous(signal.SIGINT, received[0])  # the default handler raises KeyboardInterrupt
+    elif previous == signal.SIG_DFL:
+      signal.raise_signal(signal.SIGINT)
 
 
 class Checkpoints:
@@ -233,14 +310,19 @@ class Checkpoints:
     self._manager = _manager(self.directory, write=True, keep=keep, best=best)
 
   def save(self, step: int, state: PyTree, *, config: Mapping[str, Any] | None = None,
-           metrics: Mapping[str, float] | None = None) -> Path:
+           metrics: Mapping[str, float] | None = None,
+           extra: Mapping[str, Any] | None = None) -> Path:
     """Writes step `step`'s checkpoint (then deletes those neither among the newest nor best).
+
+    A SIGINT (Ctrl-C) during the save takes effect when it is complete.
 
     Args:
       step: the step number in the folder name.
       state: a pytree of arrays (NamedTuples, dicts, lists; raw key data for PRNG keys).
       config: a JSON-serialisable dict stored with the state.
       metrics: the step's validation metrics (kept only when the directory tracks a `Best`).
+      extra: a JSON-serialisable dict the caller needs to resume exactly, read back as
+        `read_checkpoint(...).extra` and covered by the digest.
 
     Returns:
       The folder written.
@@ -248,11 +330,14 @@ class Checkpoints:
     state_dict = serialization.to_state_dict(_to_host(state))
     config = _plain(dict(config or {}))
     stored = _plain({k: float(v) for k, v in (metrics or {}).items()}) if self.best else None
-    items = ocp.args.Composite(
-      state=ocp.args.StandardSave(state_dict), config=ocp.args.JsonSave(config),
-      digest=ocp.args.JsonSave({"format": FORMAT,
-                                "sha256": digest(step, state_dict, config, stored)}))
-    self._manager.save(int(step), args=items, metrics=stored, force=True)
+    extra = None if extra is None else _plain(dict(extra))
+    items = {"state": ocp.args.StandardSave(state_dict), "config": ocp.args.JsonSave(config),
+             "digest": ocp.args.JsonSave({
+               "format": FORMAT, "sha256": digest(step, state_dict, config, stored, extra)})}
+    if extra is not None:
+      items["extra"] = ocp.args.JsonSave(extra)
+    with _uninterruptible():
+      self._manager.save(int(step), args=ocp.args.Composite(**items), metrics=stored, force=True)
     return checkpoint_path(self.directory, step)
 
   def discard(self, step: int) -> None:
@@ -276,13 +361,81 @@ class Checkpoints:
 
 def save(directory: str | os.PathLike[str], step: int, state: PyTree, *,
          config: Mapping[str, Any] | None = None, keep: int = 3,
-         metrics: Mapping[str, float] | None = None, best: Best | None = None) -> Path:
+         metrics: Mapping[str, float] | None = None, best: Best | None = None,
+         extra: Mapping[str, Any] | None = None) -> Path:
   """`Checkpoints(directory, keep=keep, best=best).save(step, state, ...)`, then closes it."""
   with Checkpoints(directory, keep=keep, best=best) as checkpoints:
-    return checkpoints.save(step, state, config=config, metrics=metrics)
+    return checkpoints.save(step, state, config=config, metrics=metrics, extra=extra)
 
 
 # ------------------------------------------------------------------------------------- reading
+
+
+def _read(directory: str | os.PathLike[str], step: int) -> Checkpoint:
+  check_format(directory)
+  path = checkpoint_path(directory, step)
+  if not path.is_dir():
+    raise CheckpointError(f"no checkpoint at {str(path)!r}")
+  has_extra = (path / "extra").is_dir()  # checkpoints written without extra JSON have none
+  try:
+    with _manager(directory, write=False) as manager:
+      args = {"state": ocp.args.StandardRestore(), "config": ocp.args.JsonRestore(),
+              "digest": ocp.args.JsonRestore()}
+      if has_extra:
+        args["extra"] = ocp.args.JsonRestore()
+      items = manager.restore(int(step), args=ocp.args.Composite(**args))
+      metrics = manager.metrics(int(step))
+  except Exception as e:  # orbax and tensorstore raise many types on missing or broken files
+    raise CheckpointError(f"checkpoint {str(path)!r} is unreadable "
+                          f"({type(e).__name__}: {e})") from e
+  stamp = items["digest"]
+  if not isinstance(stamp, dict) or stamp.get("format") != FORMAT:
+    raise CheckpointError(f"{str(path)!r} is not a {FORMAT} checkpoint")
+  state_dict, config = items["state"], items["config"]
+  extra = items["extra"] if has_extra else None
+  if digest(step, state_dict, config, metrics, extra) != stamp.get("sha256"):
+    raise CheckpointError(f"checkpoint {str(path)!r} is corrupt (its arrays, config, metrics "
+                          "or extra JSON do not match the digest written with them)")
+  return Checkpoint(state_dict, config, int(step), metrics, extra)
+
+
+def read_checkpoint(directory: str | os.PathLike[str], step: int | None = None, *,
+                    best: Best | None = None) -> Checkpoint:
+  """Reads and verifies a checkpoint: step `step`'s, or by default the newest good one (or with
+  `best`, the good one with the best metric), any better-placed broken ones named in one
+  `CheckpointWarning`.
+
+  Raises:
+    CheckpointError: step `step`'s checkpoint is missing, unreadable, not a metajax checkpoint,
+      or does not match its digest (a corrupt file); without `step`: no readable checkpoint in
+      `directory` (naming what was wrong with each), or with `best`, none with the metric.
+  """
+  if step is not None:
+    return _read(directory, step)
+  check_format(directory)
+  steps = list(reversed(all_steps(directory)))
+  if best is not None:
+    with _manager(directory, write=False) as manager:
+      scores = {s: _score(best, manager.metrics(s)) for s in steps}
+    steps = sorted((s for s in steps if scores[s] > -math.inf), key=lambda s: (-scores[s], -s))
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {str(directory)!r} has a {best.metric} to pick "
+                            "the best by")
+  errors = []
+  for candidate in steps:
+    try:
+      checkpoint = _read(directory, candidate)
+    except CheckpointError as e:
+      errors.append(str(e))
+      continue
+    if errors:
+      which = "best" if best is not None else "newest"
+      warnings.warn(f"skipping {len(errors)} broken checkpoint(s), using the {which} good one, "
+                    f"step {candidate}, instead: " + "; ".join(errors), CheckpointWarning,
+                    stacklevel=2)
+    return checkpoint
+  raise CheckpointError(f"no readable checkpoint in {str(directory)!r}"
+                        + (f" ({'; '.join(errors)})" if errors else ""))
 
 
 def read(directory: str | os.PathLike[str], step: int
@@ -296,51 +449,20 @@ def read(directory: str | os.PathLike[str], step: int
     CheckpointError: no such checkpoint, unreadable, not a metajax checkpoint, or its digest
       does not match what was read (a corrupt file).
   """
-  check_format(directory)
-  path = checkpoint_path(directory, step)
-  if not path.is_dir():
-    raise CheckpointError(f"no checkpoint at {str(path)!r}")
-  try:
-    with _manager(directory, write=False) as manager:
-      items = manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(),
-        digest=ocp.args.JsonRestore()))
-      metrics = manager.metrics(int(step))
-  except Exception as e:  # orbax and tensorstore raise many types on missing or broken files
-    raise CheckpointError(f"checkpoint {str(path)!r} is unreadable "
-                          f"({type(e).__name__}: {e})") from e
-  stamp = items["digest"]
-  if not isinstance(stamp, dict) or stamp.get("format") != FORMAT:
-    raise CheckpointError(f"{str(path)!r} is not a {FORMAT} checkpoint")
-  state_dict, config = items["state"], items["config"]
-  if digest(step, state_dict, config, metrics) != stamp.get("sha256"):
-    raise CheckpointError(f"checkpoint {str(path)!r} is corrupt (its arrays, config or metrics "
-                          "do not match the digest written with them)")
-  return state_dict, config, int(step)
+  checkpoint = _read(directory, step)
+  return checkpoint.state, checkpoint.config, checkpoint.step
 
 
 def read_latest(directory: str | os.PathLike[str]
                 ) -> tuple[dict[str, Any], dict[str, Any], int]:
   """`read` of the newest good checkpoint in `directory`; any newer broken ones are named in one
-  warning.
+  `CheckpointWarning`.
 
   Raises:
     CheckpointError: no readable checkpoint in `directory` (naming what was wrong with each).
   """
-  check_format(directory)
-  errors = []
-  for step in reversed(all_steps(directory)):
-    try:
-      result = read(directory, step)
-    except CheckpointError as e:
-      errors.append(str(e))
-      continue
-    if errors:
-      warnings.warn(f"skipping {len(errors)} broken checkpoint(s), restoring step {step} "
-                    "instead: " + "; ".join(errors), stacklevel=2)
-    return result
-  raise CheckpointError(f"no readable checkpoint in {str(directory)!r}"
-                        + (f" ({'; '.join(errors)})" if errors else ""))
+  checkpoint = read_checkpoint(directory)
+  return checkpoint.state, checkpoint.config, checkpoint.step
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:

@@ -2,6 +2,9 @@
 
 Metrics are flat dicts of scalars named `inner/...`, `outer/...`, `eval/...`, `test/...`.
 
+* `IntervalMeans`: the per-step metrics since the last log line, whose means a log line writes;
+  its `state()` is JSON that `IntervalMeans.from_state` restores exactly (a checkpoint stores it,
+  so a run resumed between two log lines writes the averages an uninterrupted run writes).
 * `JsonlWriter`: one JSON object per line, `{"step": s, "time": t, name: value, ...}` in
   `<workdir>/metrics.jsonl`; on resume, lines of steps after the restored checkpoint are dropped
   (`truncate_after`) so the file describes exactly one run.
@@ -40,6 +43,60 @@ def _scalar(value: Any) -> float | int:
   return value.item()
 
 
+class IntervalMeans:
+  """The scalars of each step since the last log line; `pop_means` averages and clears them.
+
+  Values keep their dtype (float32 metrics are averaged in float32, as numpy does), and `state()`
+  records it: a `from_state` copy gives bit-identical means.
+  """
+
+  def __init__(self) -> None:
+    self._records: list[tuple[int, dict[str, np.ndarray]]] = []
+
+  def add(self, step: int, scalars: Scalars) -> None:
+    """Records step `step`'s scalars (the steps since the last log line, in order)."""
+    self._records.append((int(step), {k: np.asarray(v) for k, v in scalars.items()}))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  @property
+  def steps(self) -> list[int]:
+    return [step for step, _ in self._records]
+
+  def pop_means(self) -> dict[str, float]:
+    """The mean of each metric (those of the latest step) over the recorded steps; then clears
+    them. Empty when nothing was recorded."""
+    if not self._records:
+      return {}
+    means = {k: float(np.mean([m[k] for _, m in self._records])) for k in self._records[-1][1]}
+    self._records.clear()
+    return means
+
+  def state(self) -> dict[str, Any]:
+    """The recorded steps as JSON: `{"records": [[step, {name: value}], ...], "dtypes": {name:
+    dtype}}` (a float32 value is exactly a JSON number)."""
+    dtypes = {k: v.dtype.name for _, m in self._records for k, v in m.items()}
+    return {"records": [[step, {k: _scalar(v) for k, v in m.items()}]
+                        for step, m in self._records], "dtypes": dtypes}
+
+  @classmethod
+  def from_state(cls, state: Mapping[str, Any]) -> IntervalMeans:
+    """The accumulator whose `state()` is `state`.
+
+    Raises:
+      ValueError: `state` is not such JSON.
+    """
+    means = cls()
+    try:
+      dtypes = {k: np.dtype(v) for k, v in state["dtypes"].items()}
+      for step, values in state["records"]:
+        means.add(step, {k: np.asarray(v, dtypes[k]) for k, v in values.items()})
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"not the state of an IntervalMeans: {e}") from e
+    return means
+
+
 class JsonlWriter:
   """Appends `{"step": step, "time": unix_time, **scalars}` lines to a file (flushed each write)."""
 
@@ -60,7 +117,7 @@ class JsonlWriter:
                                                    if also_at_step))
 
     kept = [r for r in read_metrics(self.path) if keep(r)]
-    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp = _temporary(self.path)
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, self.path)
 
@@ -72,6 +129,21 @@ class JsonlWriter:
 
   def close(self) -> None:
     pass
+
+
+def _temporary(path: Path) -> Path:
+  """The file `truncate_after` writes before renaming it over the metrics file `path`."""
+  return path.with_name(path.name + ".tmp")
+
+
+def remove_temporaries(workdir: str | os.PathLike[str]) -> list[str]:
+  """Removes the file of a `truncate_after` of `<workdir>/metrics.jsonl` killed before its rename;
+  returns the names removed."""
+  tmp = _temporary(Path(workdir) / METRICS_FILE)
+  if not tmp.is_file():
+    return []
+  tmp.unlink(missing_ok=True)
+  return [tmp.name]
 
 
 class TensorBoardWriter:

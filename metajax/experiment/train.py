@@ -20,8 +20,13 @@ checkpoints, are evaluated on the very same tasks.
 
 A non-finite meta-loss or meta-gradient stops the run with a `NonFiniteError` naming the step;
 checkpoints are only written after checking every step since the last one, so the newest
-checkpoint is always a good one. Besides the `keep_checkpoints` newest, the run keeps its best
-checkpoint by the dataset's validation metric (`DatasetSpec.best`, e.g. `eval/accuracy_after`).
+checkpoint is always a good one. A checkpoint also holds the host side of the metrics (the
+per-step metrics since the last log line, the latest logged and evaluated values), so a resumed
+run, or a rerun of a finished one, writes the very lines and `results.json` an uninterrupted run
+writes. Ctrl-C (SIGINT) lets a checkpoint being written complete, then raises `Interrupted`
+naming the newest checkpoint, which rerunning resumes from. Besides the `keep_checkpoints`
+newest, the run keeps its best checkpoint by the dataset's validation metric
+(`DatasetSpec.best`, e.g. `eval/accuracy_after`).
 
 Workdir layout: `checkpoints/checkpoint_<step>/` (orbax folders, `metajax.experiment.checkpoint`),
 `metrics.jsonl`, `tensorboard/`, `config.json`, `versions.json` (per invocation: the versions of
@@ -64,6 +69,7 @@ PrintFn = Callable[[str], None]
 Evaluator = Callable[[Any], dict[str, np.ndarray]]
 CHECKPOINT_DIR = "checkpoints"
 RESULTS_FILE = "results.json"
+LOG_STATE = "log"  # the key of `_Log.state()` in a checkpoint's extra JSON
 VERSIONS_FILE = "versions.json"
 # outer metrics that must stay finite
 WATCHED = ("outer/loss", "outer/grad_norm")
@@ -73,6 +79,21 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "meta
 
 class NonFiniteError(FloatingPointError):
   """The meta-loss (or meta-gradient) became NaN or infinite; the run was stopped."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Training was interrupted (SIGINT, Ctrl-C) after any checkpoint being written was complete.
+
+  Attributes:
+    ckpt_dir: the run's checkpoint directory.
+    step: its newest checkpoint's step, which rerunning resumes from (None: none was written).
+  """
+
+  def __init__(self, ckpt_dir: Path, step: int | None):
+    where = (f"the last checkpoint is step {step} in {str(ckpt_dir)!r}" if step is not None
+             else f"no checkpoint was written in {str(ckpt_dir)!r}")
+    super().__init__(f"interrupted; {where}")
+    self.ckpt_dir, self.step = ckpt_dir, step
 
 
 # Errors that are the user's to fix (binaries print them without a traceback).
@@ -319,27 +340,31 @@ def _fresh_state(run: Run) -> TrainState:
                     jax.random.key_data(run.train_key))
 
 
-def restore(run: Run, checkpoints: ckpt_lib.Checkpoints, print_fn: PrintFn) -> TrainState:
+def restore(run: Run, checkpoints: ckpt_lib.Checkpoints, print_fn: PrintFn
+            ) -> tuple[TrainState, Mapping[str, Any] | None]:
   """The state of the newest good checkpoint (broken newer ones are removed, as training writes
-  those steps again), or a fresh state when there is none. What killed writes left is removed
-  first.
+  those steps again) and the metrics state stored with it (`_Log.state`; None in checkpoints
+  written before it was stored), or a fresh state and None when there is none. What killed
+  writes left is removed first.
 
   Raises:
     ConfigError: the checkpoint is another config's.
     CheckpointError: no readable checkpoint, or one that does not fit the model.
   """
-  removed = [*checkpoints.removed, *ckpt_lib.remove_temporaries(run.workdir)]
+  removed = [*checkpoints.removed, *ckpt_lib.remove_temporaries(run.workdir),
+             *metrics_lib.remove_temporaries(run.workdir)]
   if removed:
     print_fn(f"removed what killed writes left in {str(run.workdir)!r}: " + ", ".join(removed))
   if ckpt_lib.latest_step(run.ckpt_dir) is None:
-    return jax.jit(lambda: _fresh_state(run))()
-  state_dict, saved, step = ckpt_lib.read_latest(run.ckpt_dir)
-  check_resumable(run.config, saved, run.ckpt_dir)
-  state = ckpt_lib.restore_into(jax.eval_shape(lambda: _fresh_state(run)), state_dict)
-  for broken in [s for s in ckpt_lib.all_steps(run.ckpt_dir) if s > step]:
+    return jax.jit(lambda: _fresh_state(run))(), None
+  checkpoint = ckpt_lib.read_checkpoint(run.ckpt_dir)
+  check_resumable(run.config, checkpoint.config, run.ckpt_dir)
+  state = ckpt_lib.restore_into(jax.eval_shape(lambda: _fresh_state(run)), checkpoint.state)
+  for broken in [s for s in ckpt_lib.all_steps(run.ckpt_dir) if s > checkpoint.step]:
     checkpoints.discard(broken)
-  print_fn(f"resuming from checkpoint step {step} in {str(run.ckpt_dir)!r}")
-  return jax.tree.map(jnp.asarray, state)
+  print_fn(f"resuming from checkpoint step {checkpoint.step} in {str(run.ckpt_dir)!r}")
+  logged = (checkpoint.extra or {}).get(LOG_STATE)
+  return jax.tree.map(jnp.asarray, state), logged
 
 
 def load_data(run: Run, print_fn: PrintFn) -> tuple[build.TaskSource, dict[str, Evaluator]]:
@@ -389,10 +414,27 @@ def make_sampler(config: build.Config, source: build.TaskSource, train_key: PRNG
 
 class _Log:
   """The host side of a run's metrics: device metrics not yet fetched, their finite check, the
-  averages of each log interval, the writers (primary process only) and the progress line."""
+  averages of each log interval, the writers (primary process only) and the progress line.
 
-  def __init__(self, run: Run, step_offset: int, print_fn: PrintFn):
+  Its `state()` (what a checkpoint stores beside the training state) restores the metrics since
+  the last log line, the latest values (`final`) and the step of the latest evaluation."""
+
+  def __init__(self, run: Run, step_offset: int, print_fn: PrintFn,
+               state: Mapping[str, Any] | None = None):
     self.ckpt_dir = run.ckpt_dir
+    self.final: dict[str, float] = {}
+    self.eval_step: int | None = None  # the step of the latest `eval` evaluation
+    # (last step, steps, metrics) not yet checked; metrics of a multi-step call are stacked
+    self._pending: list[tuple[int, int, Any]] = []
+    self._checked = metrics_lib.IntervalMeans()  # since the last log line
+    if state is not None:  # before any writer is opened
+      try:
+        self._checked = metrics_lib.IntervalMeans.from_state(state["since_log"])
+        self.final = {k: float(v) for k, v in state["final"].items()}
+        self.eval_step = None if state["eval_step"] is None else int(state["eval_step"])
+      except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ckpt_lib.CheckpointError(f"the metrics state in {str(run.ckpt_dir)!r} does not "
+                                       f"fit this version ({type(e).__name__}: {e})") from e
     writers = []
     if _is_primary():
       jsonl = metrics_lib.JsonlWriter(run.workdir / metrics_lib.METRICS_FILE)
@@ -404,11 +446,11 @@ class _Log:
       writers = [jsonl, tensorboard]
     self.files = metrics_lib.MultiWriter(writers)
     self.progress = metrics_lib.ProgressLine(run.config.num_steps, step_offset, print_fn)
-    self.final: dict[str, float] = {}
-    self.eval_step: int | None = None  # the step of the latest `eval` evaluation
-    # (last step, steps, metrics) not yet checked; metrics of a multi-step call are stacked
-    self._pending: list[tuple[int, int, Any]] = []
-    self._checked: list[tuple[int, Mapping[str, float]]] = []  # since the last log line
+
+  def state(self) -> dict[str, Any]:
+    """The metrics state as JSON (call `check` first: metrics not yet fetched are not in it)."""
+    return {"since_log": self._checked.state(), "final": dict(self.final),
+            "eval_step": self.eval_step}
 
   def add(self, done: int, n: int, metrics: Any) -> None:
     self._pending.append((done, n if n > 1 else 0, metrics))
@@ -418,15 +460,15 @@ class _Log:
     host = _unstack_metrics(jax.device_get(self._pending))
     self._pending.clear()
     _check_finite(host, self.ckpt_dir)
-    self._checked.extend(host)
+    for step, scalars in host:
+      self._checked.add(step, scalars)
 
   def log(self, step: int) -> None:
     """Writes the averages of the metrics since the last log line."""
     self.check()
     if not self._checked:
       return
-    means = {k: float(np.mean([m[k] for _, m in self._checked])) for k in self._checked[-1][1]}
-    self._checked.clear()
+    means = self._checked.pop_means()
     self.write(step, means)
     self.progress.write(step, means)
 
@@ -500,7 +542,8 @@ def train(run: Run, state: TrainState, checkpoints: ckpt_lib.Checkpoints,
       log.check()
       host_state = jax.device_get(state)
       _check_params_finite(host_state.meta.params, done)
-      checkpoints.save(done, host_state, config=config_dict, metrics=scalars)
+      checkpoints.save(done, host_state, config=config_dict, metrics=scalars,
+                       extra={LOG_STATE: log.state()})
   log.log(config.num_steps)
   return state
 
@@ -554,28 +597,37 @@ def train_and_evaluate(config: build.Config | Mapping[str, Any],
     CheckpointError: a checkpoint that does not fit the model, or of the earlier format.
     PermissionError: a non-writable workdir.
     NonFiniteError: a NaN/Inf meta-loss; the newest checkpoint is the last good state.
+    Interrupted: SIGINT (Ctrl-C), once a checkpoint being written was complete; it names the
+      newest checkpoint.
   """
-  run = setup(config, workdir)
-  # one writer per workdir: taken before anything is written there, released on any exit
-  workdir_lock = (lock_lib.WorkdirLock(run.workdir, purpose="train") if _is_primary()
-                  else contextlib.nullcontext())
-  with workdir_lock, ckpt_lib.Checkpoints(run.ckpt_dir, keep=run.config.keep_checkpoints,
-                                          best=best_of(run.config)) as checkpoints:
-    state = restore(run, checkpoints, print_fn)
-    step_offset = int(state.meta.step)
-    if _is_primary():
-      ckpt_lib.write_json_atomic(run.workdir / "config.json", build.config_to_dict(run.config))
-      record_versions(run.workdir, step_offset)
-    train_source, evaluators = load_data(run, print_fn)
-    log = _Log(run, step_offset, print_fn)
-    try:
-      state = train(run, state, checkpoints,
-                    make_sampler(run.config, train_source, jax.random.wrap_key_data(
-                      state.train_key)), evaluators, log)
-      evaluate(run, state, evaluators, log)
-    finally:
-      log.close()
-  return finish(run, state, log.final, print_fn)
+  try:
+    run = setup(config, workdir)
+    # one writer per workdir: taken before anything is written there, released on any exit
+    workdir_lock = (lock_lib.WorkdirLock(run.workdir, purpose="train") if _is_primary()
+                    else contextlib.nullcontext())
+    with workdir_lock, ckpt_lib.Checkpoints(run.ckpt_dir, keep=run.config.keep_checkpoints,
+                                            best=best_of(run.config)) as checkpoints:
+      state, log_state = restore(run, checkpoints, print_fn)
+      step_offset = int(state.meta.step)
+      if _is_primary():
+        ckpt_lib.write_json_atomic(run.workdir / "config.json", build.config_to_dict(run.config))
+        record_versions(run.workdir, step_offset)
+      train_source, evaluators = load_data(run, print_fn)
+      log = _Log(run, step_offset, print_fn, log_state)
+      try:
+        state = train(run, state, checkpoints,
+                      make_sampler(run.config, train_source, jax.random.wrap_key_data(
+                        state.train_key)), evaluators, log)
+        evaluate(run, state, evaluators, log)
+      finally:
+        log.close()
+    return finish(run, state, log.final, print_fn)
+  except KeyboardInterrupt as e:
+    if isinstance(e, Interrupted):
+      raise
+    # Checkpoints is closed by now (a save in progress completed): name what it holds
+    ckpt_dir = Path(workdir).expanduser() / CHECKPOINT_DIR
+    raise Interrupted(ckpt_dir, ckpt_lib.latest_step(ckpt_dir)) from None
 
 
 # ------------------------------------------------------------------------------ from checkpoints
@@ -593,8 +645,9 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
   Args:
     workdir: a training workdir.
     num_inner_steps, data_dir, cache_dir: overrides of the stored config.
-    step: which checkpoint (default the newest good one).
-    best: the checkpoint with the best validation metric instead (`best_of(config)`).
+    step: which checkpoint (default the newest good one; broken newer ones are skipped with a
+      `CheckpointWarning` naming them).
+    best: the good checkpoint with the best validation metric instead (`best_of(config)`).
 
   Raises:
     CheckpointError: no (readable) checkpoint, or one that does not fit its own config's model.
@@ -606,17 +659,12 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
                                    "training workdir?")
   if step is not None and best:
     raise ValueError("pass step or best, not both")
-  state_dict, saved, ckpt_step = (ckpt_lib.read_latest(ckpt_dir) if step is None else
-                                  ckpt_lib.read(ckpt_dir, step))
-  config = build.config_from_dict(saved)
-  if best:
-    criterion = best_of(config)
-    best_step = ckpt_lib.best_step(ckpt_dir, criterion)
-    if best_step is None:
-      raise ckpt_lib.CheckpointError(f"no checkpoint in {str(ckpt_dir)!r} has a "
-                                     f"{criterion.metric} to pick the best by")
-    if best_step != ckpt_step:
-      state_dict, saved, ckpt_step = ckpt_lib.read(ckpt_dir, best_step)
+  checkpoint = ckpt_lib.read_checkpoint(ckpt_dir, step)
+  if best:  # the metric comes from the dataset of the run's (newest good) config
+    checkpoint = ckpt_lib.read_checkpoint(
+      ckpt_dir, best=best_of(build.config_from_dict(checkpoint.config)))
+  state_dict, ckpt_step = checkpoint.state, checkpoint.step
+  config = build.config_from_dict(checkpoint.config)
   if num_inner_steps is not None:
     config.eval_num_inner_steps = int(num_inner_steps)
   if data_dir:

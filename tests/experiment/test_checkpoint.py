@@ -1,10 +1,15 @@
 """Tests of `metajax.experiment.checkpoint`: bit-exact round trips on orbax, keep-N plus the best,
-corruption caught by the digest with a fall-back, killed writes cleaned, clear errors."""
+corruption of any part caught by the digest with a fall-back, killed writes cleaned, Ctrl-C
+during a save, clear errors."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +229,141 @@ def test_write_json_atomic(tmp_path):
   checkpoint.write_json_atomic(tmp_path / "sub" / "r.json", {"acc": 0.5, "n": [1, 2]})
   assert (tmp_path / "sub" / "r.json").read_text().startswith("{")
   assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]
+
+
+# ------------------------------------------------------------------- extra JSON, every part checked
+
+EXTRA = {"log": {"since_log": {"records": [[5, {"outer/loss": 0.25}]],
+                               "dtypes": {"outer/loss": "float32"}},
+                 "final": {"outer/loss": 0.5}, "eval_step": None}}
+
+
+def test_extra_json_round_trips_and_is_covered_by_the_digest(tmp_path):
+  checkpoint.save(tmp_path, 1, make_state(), config=CONFIG, extra=EXTRA)
+  path = checkpoint.save(tmp_path, 2, make_state(seed=2), config=CONFIG, extra=EXTRA)
+  read = checkpoint.read_checkpoint(tmp_path, 2)
+  assert (read.step, read.config, read.extra, read.metrics) == (2, CONFIG, EXTRA, None)
+  assert leaves_equal_bitwise(read.state, checkpoint.read(tmp_path, 2)[0])
+  stored = path / "extra" / "metadata"
+  stored.write_text(stored.read_text().replace("0.25", "0.26"))
+  with pytest.raises(checkpoint.CheckpointError, match="checkpoint_00000002.* is corrupt"):
+    checkpoint.read_checkpoint(tmp_path, 2)
+  with pytest.warns(checkpoint.CheckpointWarning, match="checkpoint_00000002"):
+    assert checkpoint.read_checkpoint(tmp_path).step == 1
+
+
+def test_a_checkpoint_without_extra_json_reads_as_before(tmp_path):
+  checkpoint.save(tmp_path, 1, make_state(), config=CONFIG)
+  assert not (checkpoint.checkpoint_path(tmp_path, 1) / "extra").exists()
+  assert checkpoint.read_checkpoint(tmp_path).extra is None
+
+
+def test_an_archived_run_still_reads():
+  """A checkpoint written by an earlier version (the reproduction archive's) reads and verifies."""
+  ckpt_dir = Path(__file__).resolve().parents[2] / "docs/results/runs/mini1s_so/checkpoints"
+  step = checkpoint.latest_step(ckpt_dir)
+  assert step is not None
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", checkpoint.CheckpointWarning)  # no fall-back: it is good
+    state_dict, config, read_step = checkpoint.read_latest(ckpt_dir)
+  assert read_step == step and config["dataset"] == "miniimagenet"
+  assert checkpoint.read_checkpoint(ckpt_dir).extra is None
+  assert {"meta", "train_key"} <= set(state_dict)
+
+
+def _damaged_copies(tmp_path):
+  """A directory with good checkpoints 1 and 2 (2 tracked as the best), and the files of 2."""
+  source = tmp_path / "good"
+  with checkpoint.Checkpoints(source, best=ACCURACY) as checkpoints:
+    checkpoints.save(1, make_state(), config=CONFIG, metrics={"eval/accuracy_after": 0.5},
+                     extra=EXTRA)
+    checkpoints.save(2, make_state(seed=2), config=CONFIG, metrics={"eval/accuracy_after": 0.6},
+                     extra={"log": None})
+  files = sorted(p.relative_to(source) for p in checkpoint.checkpoint_path(source, 2).rglob("*")
+                 if p.is_file())
+  return source, files
+
+
+def test_any_damaged_file_of_the_newest_checkpoint_falls_back_or_reads_the_same(tmp_path):
+  """Every file of the newest checkpoint, flipped, truncated or deleted: reading it either gives
+  exactly what was saved (a file the content does not depend on, e.g. a commit marker) or falls
+  back to the previous checkpoint with one warning naming it; never other content, never an
+  error other than CheckpointError, and the directory still opens for writing."""
+  source, files = _damaged_copies(tmp_path)
+  expected = {step: checkpoint.read_checkpoint(source, step) for step in (1, 2)}
+  assert len(files) >= 6
+  fell_back = set()
+  for i, name in enumerate(files):
+    for damage in ("flip", "truncate", "delete"):
+      directory = tmp_path / f"copy{i}_{damage}"
+      shutil.copytree(source, directory)
+      target = directory / name
+      data = bytearray(target.read_bytes())
+      if damage == "delete":
+        target.unlink()
+      elif damage == "truncate":
+        target.write_bytes(bytes(data[:len(data) // 2]))
+      elif data:
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = checkpoint.read_checkpoint(directory)
+      broken = [w for w in caught if issubclass(w.category, checkpoint.CheckpointWarning)]
+      want = expected[read.step]
+      assert read.step == 2 or (len(broken) == 1 and "checkpoint_00000002" in str(
+        broken[0].message)), (name, damage)
+      assert (read.config, read.extra, read.metrics) == (want.config, want.extra, want.metrics)
+      assert leaves_equal_bitwise(read.state, want.state), (name, damage)
+      if read.step == 1:
+        fell_back.add(str(name))
+      with checkpoint.Checkpoints(directory, best=ACCURACY):
+        pass
+  # the parts that hold content are all among those caught
+  assert {"checkpoint_00000002/config/metadata", "checkpoint_00000002/extra/metadata",
+          "checkpoint_00000002/digest/metadata", "checkpoint_00000002/metrics/metrics"} <= fell_back
+
+
+def test_the_best_checkpoint_falls_back_to_the_next_best(tmp_path):
+  with checkpoint.Checkpoints(tmp_path, keep=1, best=ACCURACY) as checkpoints:
+    for step, accuracy in ((1, 0.7), (2, 0.9), (3, 0.1)):
+      checkpoints.save(step, make_state(seed=step), config=CONFIG,
+                       metrics={"eval/accuracy_after": accuracy})
+  assert checkpoint.all_steps(tmp_path) == [2, 3]  # the newest and the best
+  assert checkpoint.read_checkpoint(tmp_path, best=ACCURACY).step == 2
+  stored = checkpoint.checkpoint_path(tmp_path, 2) / "config" / "metadata"
+  stored.write_text(stored.read_text().replace('"ways": 5', '"ways": 6'))
+  with pytest.warns(checkpoint.CheckpointWarning, match="using the best good one, step 3"):
+    assert checkpoint.read_checkpoint(tmp_path, best=ACCURACY).step == 3
+  with pytest.raises(checkpoint.CheckpointError, match="has a eval/missing to pick"):
+    checkpoint.read_checkpoint(tmp_path, best=checkpoint.Best("eval/missing"))
+
+
+def test_a_sigint_during_a_save_takes_effect_once_it_is_complete(tmp_path):
+  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    pytest.skip("SIGINT is handled by something else here")
+  state = make_state()
+  with checkpoint.Checkpoints(tmp_path) as checkpoints:
+    save = checkpoints._manager.save
+
+    def interrupted_save(*args, **kwargs):
+      os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the write starts
+      return save(*args, **kwargs)
+
+    checkpoints._manager.save = interrupted_save
+    with pytest.raises(KeyboardInterrupt):
+      checkpoints.save(1, state, config=CONFIG)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert checkpoint.all_steps(tmp_path) == [1]
+  assert leaves_equal_bitwise(checkpoint.read(tmp_path, 1)[0], checkpoint.read_latest(tmp_path)[0])
+  assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+def test_one_line_warnings(monkeypatch):
+  monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back afterwards
+  checkpoint.one_line_warnings()
+  checkpoint.one_line_warnings()  # idempotent
+  line = warnings.formatwarning(checkpoint.CheckpointWarning("skipping 1 (a\n  b)"),
+                                checkpoint.CheckpointWarning, "f.py", 3)
+  assert line == "warning: skipping 1 (a b)\n"
+  assert "f.py:3" in warnings.formatwarning(UserWarning("x"), UserWarning, "f.py", 3)

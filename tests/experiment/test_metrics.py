@@ -1,11 +1,14 @@
-"""Tests of metajax.experiment.metrics: progress output, TensorBoard summaries, headless plots."""
+"""Tests of metajax.experiment.metrics: progress output, TensorBoard summaries, headless plots,
+the log-interval accumulator and its JSON state."""
 
 from __future__ import annotations
 
 import io
+import json
 import struct
 
 import matplotlib
+import numpy as np
 import pytest
 
 from metajax.experiment import metrics
@@ -115,3 +118,46 @@ def test_plots_leave_the_global_backend_alone(tmp_path, monkeypatch):
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="no run has the metric"):
     metrics.plot_comparison({"a": records}, "test/nothing", tmp_path / "none.png")
+
+
+def test_interval_means_restored_from_json_give_bit_identical_means():
+  """A checkpoint stores the metrics since the last log line as JSON: the restored accumulator
+  averages to the very float32 means the uninterrupted one does."""
+  rng = np.random.default_rng(0)
+  steps = [{"outer/loss": np.float32(rng.uniform(0, 3)), "inner/steps": np.asarray(7, np.int32),
+            "outer/grad_norm": np.asarray(rng.uniform(0, 1e3), np.float32)} for _ in range(5)]
+  uninterrupted, first_half = metrics.IntervalMeans(), metrics.IntervalMeans()
+  for step, scalars in enumerate(steps[:3], start=1):
+    uninterrupted.add(step, scalars)
+    first_half.add(step, scalars)
+  resumed = metrics.IntervalMeans.from_state(json.loads(json.dumps(first_half.state())))
+  assert resumed.steps == [1, 2, 3] and len(resumed) == 3
+  for step, scalars in enumerate(steps[3:], start=4):
+    uninterrupted.add(step, scalars)
+    resumed.add(step, scalars)
+  expected = uninterrupted.pop_means()
+  assert resumed.pop_means() == expected and len(resumed) == 0
+  # float32 averaging, as numpy does it: not the float64 mean of the same numbers
+  assert expected["outer/loss"] == float(np.mean(np.asarray([s["outer/loss"] for s in steps])))
+  assert expected["inner/steps"] == 7.0
+  assert resumed.pop_means() == {}
+
+
+@pytest.mark.parametrize("state", [{}, {"records": [[1, {"a": 1.0}]], "dtypes": {}},
+                                   {"records": 3, "dtypes": {}},
+                                   {"records": [], "dtypes": {"a": "no-such-dtype"}}])
+def test_interval_means_refuse_other_json(state):
+  with pytest.raises(ValueError, match="not the state of an IntervalMeans"):
+    metrics.IntervalMeans.from_state(state)
+
+
+def test_remove_temporaries_removes_a_killed_truncation(tmp_path):
+  writer = metrics.JsonlWriter(tmp_path / metrics.METRICS_FILE)
+  writer.write(1, {"outer/loss": 1.0})
+  writer.write(2, {"outer/loss": 2.0})
+  writer.truncate_after(1)
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1]
+  assert metrics.remove_temporaries(tmp_path) == []  # a completed truncation leaves nothing
+  (tmp_path / "metrics.jsonl.tmp").write_text('{"step": 1')  # killed before its rename
+  assert metrics.remove_temporaries(tmp_path) == ["metrics.jsonl.tmp"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [metrics.METRICS_FILE]

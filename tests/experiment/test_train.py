@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import chex
@@ -515,3 +516,15 @@ def test_reptile_smoke_config_resumes(omniglot_dir, omniglot_cache_dir, omniglot
   assert any("resuming from checkpoint step 1" in line for line in lines)
   assert result["step"] == 2 and np.isfinite(result["outer/grad_norm"])
   assert 0.0 <= result["test/accuracy_after"] <= 1.0
+
+
+def test_an_archived_checkpoint_restores_into_its_model():
+  """The reproduction archive's checkpoint (written before checkpoints held the metrics state)
+  loads as evaluate.py and classify.py load it, without a fall-back."""
+  workdir = REPO / "docs/results/runs/mini1s_so"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", checkpoint.CheckpointWarning)
+    config, _, _, params, step = train.restore_learner(workdir)
+  assert step == checkpoint.latest_step(workdir / train.CHECKPOINT_DIR)
+  assert config.dataset == "miniimagenet" and jax.tree.leaves(params)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
