@@ -10,7 +10,7 @@ import numpy as np
 
 from metajax import losses as losses_lib
 from metajax.platform import xla
-from metajax.meta import TaskMap, is_classification, map_tasks
+from metajax.meta import TaskMap, check_inputs, is_classification, map_tasks
 from metajax.types import Array, ArrayLike, Learner, MetaParams, Task
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -23,8 +23,17 @@ def evaluate_tasks(learner: Learner, meta_params: MetaParams, tasks: Task, *,
   Returns a dict of `[num_tasks]` arrays: `loss_before`, `loss_after` and, for integer labels,
   `accuracy_before`, `accuracy_after`. "Before" uses the params the inner loop starts from (with
   the zeroing trick that is a zero head, i.e. chance accuracy).
-  """
 
+  Raises:
+    ValueError, TypeError: `tasks` that `metajax.meta.check_inputs` refuses (shapes, target
+      dtypes, and label values when they are concrete), before anything is mapped over tasks.
+  """
+  check_inputs(learner, meta_params, tasks, batched=True)
+  return _per_task(learner, meta_params, tasks, task_map)
+
+
+def _per_task(learner: Learner, meta_params: MetaParams, tasks: Task,
+              task_map: TaskMap) -> dict[str, Array]:
   def one(task: Task) -> dict[str, Array]:
     before = learner.apply_fn(learner.model_params(meta_params), task.query_x)
     adapted = learner.adapt(meta_params, task.support_x, task.support_y)
@@ -64,8 +73,13 @@ def summarize(per_task: Mapping[str, ArrayLike]) -> dict[str, dict[str, float]]:
 
 def evaluate(learner: Learner, meta_params: MetaParams, tasks: Task, *,
              task_map: TaskMap = "vmap", jit: bool = True) -> dict[str, dict[str, float]]:
-  """`evaluate_tasks` then `summarize`: mean and 95% CI of each metric over the tasks."""
-  fn = lambda p, t: evaluate_tasks(learner, p, t, task_map=task_map)  # noqa: E731
+  """`evaluate_tasks` then `summarize`: mean and 95% CI of each metric over the tasks.
+
+  Raises:
+    ValueError, TypeError: as `evaluate_tasks`, before anything is compiled.
+  """
+  check_inputs(learner, meta_params, tasks, batched=True)  # the labels while they are concrete
+  fn = lambda p, t: _per_task(learner, p, t, task_map)  # noqa: E731
   if jit:
     fn = xla.jit(fn)
   return summarize(jax.device_get(fn(meta_params, tasks)))

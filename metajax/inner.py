@@ -78,6 +78,22 @@ def check_inner_lr(inner_lr: Any, *, allow_nonpositive: bool = False) -> None:
                      "True to take steps of that size on purpose)")
 
 
+def check_examples(arrays: dict[str, Any]) -> None:
+  """Raises a ValueError unless the named arrays (or pytrees of arrays) agree on the size of
+  their leading axis, the number of examples; scalar leaves are not counted."""
+  sizes = {jnp.shape(a)[0] for value in arrays.values() for a in jax.tree.leaves(value)
+           if jnp.ndim(a)}
+  if len(sizes) > 1:
+    shapes = ", ".join(f"{name} {_shapes(value)}" for name, value in arrays.items())
+    raise ValueError(f"inputs and targets disagree on the number of examples (the size of their "
+                     f"leading axis): {shapes}; each example needs its target")
+
+
+def _shapes(value: Any) -> Any:
+  leaves = jax.tree.leaves(value)
+  return jnp.shape(leaves[0]) if len(leaves) == 1 else [jnp.shape(a) for a in leaves]
+
+
 def adapt(
   params: Params,
   x: Array,
@@ -132,6 +148,11 @@ def adapt(
 
   Returns:
     The adapted params (same structure as `params`), and the inner losses if asked for.
+
+  Raises:
+    ValueError: `x` and `y` disagree on the number of examples (their leading axis), or an
+      argument is out of range; TypeError: an `inner_lr` that is not a number or arrays. Before
+      anything is traced. (`MAML.adapt` also checks the labels against its loss and model.)
   """
   if not isinstance(num_inner_steps, int) or num_inner_steps < 1:
     raise ValueError(f"num_inner_steps must be an int >= 1, got {num_inner_steps!r}")
@@ -144,6 +165,7 @@ def adapt(
   if not (isinstance(remat, bool) or callable(remat)):
     raise ValueError("remat must be a bool or a jax.checkpoint_policies policy (a callable), got "
                      f"{remat!r}")
+  check_examples({"x": x, "y": y})
   flags = resolve_mask(adapt_mask, params)
   adapted, merge = _partition(params, flags)
 

@@ -112,9 +112,14 @@ class MAML:
 
   def adapt(self, meta_params: MetaParams, x: Array, y: Array, *,
             return_losses: bool = False) -> Params | tuple[Params, Array]:
-    """Adapts to one task's support set `(x, y)`; see `metajax.adapt`."""
+    """Adapts to one task's support set `(x, y)`; see `metajax.adapt`.
+
+    Raises:
+      ValueError, TypeError: as `check_support`, before anything is traced.
+    """
     if self.learn_inner_lr:
       self._check_meta_params(meta_params)
+    check_support(self, meta_params, x, y)
     inner_lr = meta_params["inner_lr"] if self.learn_inner_lr else self.inner_lr
     return inner_lib.adapt(
       self.model_params(meta_params), x, y,
@@ -182,7 +187,12 @@ def meta_loss(meta_params: MetaParams, tasks: Task, learner: MAML, *, task_map: 
 
   `jax.grad(meta_loss)` is the exact second-order meta-gradient unless the learner is first-order.
   With `has_aux=True` also returns the per-task metrics averaged over tasks.
+
+  Raises:
+    ValueError, TypeError: `tasks` that `check_inputs` refuses (shapes, target dtypes, and label
+      values when they are concrete), before anything is mapped over tasks.
   """
+  check_inputs(learner, meta_params, tasks, batched=True)
   losses, metrics = map_tasks(lambda task: learner.task_loss(meta_params, task), tasks, task_map)
   loss = jnp.mean(losses)
   if not has_aux:
@@ -282,10 +292,10 @@ def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
 
 
 def check_first_batch(learner: Learner, checked: list, state: MetaState, tasks: Task) -> None:
-  """Checks a meta-batch's shapes, and its label values once (`checked` remembers it)."""
-  check_tasks(tasks, batched=True)
-  if not checked:  # values need a host sync: check them once, on the first batch
-    check_labels(learner, state.params, tasks)
+  """`check_inputs` on a meta-batch; label values once (`checked` remembers it)."""
+  # values need a host sync: check them once, on the first batch
+  check_inputs(learner, state.params, tasks, batched=True, values=not checked)
+  if not checked:
     checked.append(True)
 
 
@@ -403,6 +413,46 @@ def _max_traces(fn: Callable, n: int) -> Callable:
   return wrapped
 
 
+# ---------------------------------------------------------------------------------------- checks
+# One set of checks for every public entry point (`meta_loss`, the meta-steps, `evaluate`,
+# `MAML.adapt`): they run on shapes and dtypes, which are known before (and while) anything is
+# traced, and on label values only when those are concrete (never a tracer, so never a sync
+# inside a compiled program).
+
+# Losses of integer class labels: float targets given to them are a mistake, not a regression.
+INTEGER_LABEL_LOSSES: tuple[Callable[..., Any], ...] = (losses_lib.cross_entropy,
+                                                        losses_lib.mse_onehot)
+
+
+def check_inputs(learner: Learner, meta_params: MetaParams, tasks: Task, *, batched: bool = True,
+                 values: bool = True) -> None:
+  """The checks of every entry point: `check_tasks`, `check_targets`, then `check_labels`.
+
+  Args:
+    learner: the learner the tasks are for (its loss and, for the label range, its model).
+    meta_params: what the learner is given (the label range is the model's number of outputs).
+    tasks: a `Task`, with a leading task axis when `batched`.
+    batched: whether `tasks` is a meta-batch.
+    values: also check label values (skipped for traced labels, whose values are unknown).
+
+  Raises:
+    TypeError: not a `Task`; targets of mixed kinds; float targets for an integer-label loss.
+    ValueError: inconsistent shapes; labels outside `[0, num_outputs)`.
+  """
+  check_tasks(tasks, batched=batched)
+  check_targets(learner, {"support_y": tasks.support_y, "query_y": tasks.query_y})
+  if values:
+    check_labels(learner, meta_params, tasks, batched=batched)
+
+
+def check_support(learner: Learner, meta_params: MetaParams, x: Any, y: Any) -> None:
+  """`check_inputs` for one task's support set `(x, y)`, as `learner.adapt` takes it."""
+  inner_lib.check_examples({"x": x, "y": y})
+  check_targets(learner, {"y": y})
+  if hasattr(x, "shape") and hasattr(x, "dtype"):  # an array (the model's inputs need not be)
+    _check_label_values(learner, meta_params, tuple(x.shape[1:]), x.dtype, {"y": y})
+
+
 def check_tasks(tasks: Task, *, batched: bool) -> None:
   """Raises a ValueError if the arrays of a task (or a batch of tasks) are inconsistent."""
   if not isinstance(tasks, Task):
@@ -425,17 +475,47 @@ def check_tasks(tasks: Task, *, batched: bool) -> None:
                      f"support_y {sy} and query_y {qy}")
 
 
-def check_labels(learner: Learner, meta_params: MetaParams, tasks: Task) -> None:
-  """For integer labels, checks they lie in `[0, num_outputs)` of the model (a host sync)."""
-  if not is_classification(tasks.support_y):
-    return
-  params = learner.model_params(meta_params)
-  # two dummy examples: BatchNorm with batch statistics needs a batch
-  x1 = jax.ShapeDtypeStruct((2, *jnp.shape(tasks.query_x)[2:]), jnp.result_type(tasks.query_x))
-  num_classes = jax.eval_shape(learner.apply_fn, params, x1).shape[-1]
-  for name in ("support_y", "query_y"):
-    labels = np.asarray(getattr(tasks, name))
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-      raise ValueError(f"{name} has labels in [{labels.min()}, {labels.max()}], outside [0, "
-                       f"{num_classes}) for a model with {num_classes} outputs")
+def check_targets(learner: Learner, targets: dict[str, Any]) -> None:
+  """Raises a TypeError for targets of mixed kinds (integer labels and float targets), or float
+  targets given to a loss of integer labels (`INTEGER_LABEL_LOSSES`)."""
+  dtypes = {name: jnp.result_type(y) for name, y in targets.items()}
+  kinds = {name: bool(jnp.issubdtype(d, jnp.integer)) for name, d in dtypes.items()}
+  if len(set(kinds.values())) > 1:
+    listed = ", ".join(f"{name} {d}" for name, d in dtypes.items())
+    raise TypeError(f"targets must all be integer class labels (classification) or all float "
+                    f"targets (regression), got {listed}")
+  loss = getattr(learner, "loss", None)
+  if any(loss is known for known in INTEGER_LABEL_LOSSES) and not any(kinds.values()):
+    listed = ", ".join(f"{name} {d}" for name, d in dtypes.items())
+    raise TypeError(f"the loss {loss.__name__} takes integer class labels in [0, ways), got "
+                    f"{listed} (cast them with .astype(jnp.int32))")
 
+
+def check_labels(learner: Learner, meta_params: MetaParams, tasks: Task, *,
+                 batched: bool = True) -> None:
+  """For integer labels, checks they lie in `[0, num_outputs)` of the model (a host sync;
+  labels being traced are not checked)."""
+  x_shape = jnp.shape(tasks.query_x)[1 + int(batched):]
+  _check_label_values(learner, meta_params, x_shape, jnp.result_type(tasks.query_x),
+                      {"support_y": tasks.support_y, "query_y": tasks.query_y})
+
+
+def _check_label_values(learner: Learner, meta_params: MetaParams, x_shape: tuple[int, ...],
+                        x_dtype: Any, labels: dict[str, Any]) -> None:
+  labels = {name: y for name, y in labels.items()
+            if is_classification(y) and not isinstance(y, jax.core.Tracer)}
+  if not labels:
+    return
+  # The model's outputs, abstractly (the meta-params may be tracers, e.g. under jax.grad), on two
+  # dummy examples: BatchNorm with batch statistics needs a batch.
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "dtype") else a, meta_params)
+  x2 = jax.ShapeDtypeStruct((2, *x_shape), x_dtype)
+  outputs = jax.eval_shape(lambda p, x: learner.apply_fn(learner.model_params(p), x),
+                           abstract, x2)
+  num_classes = outputs.shape[-1]
+  for name, y in labels.items():
+    y = np.asarray(y)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(f"{name} has labels in [{y.min()}, {y.max()}], outside [0, "
+                       f"{num_classes}) for a model with {num_classes} outputs")
