@@ -3,7 +3,7 @@ r"""Adapts a checkpoint to your own support images and prints the class of each 
   python experiments/classify.py --workdir=/tmp/metajax_readme \
     --support_dir=my_alphabet/support --query_dir=my_alphabet/query
 
-support_dir has one sub-folder per class (at most the model's `ways`), query_dir the images to
+support_dir has one sub-folder per class (2 to the model's `ways`), query_dir the images to
 classify. Any size or mode works: images are converted to the model's input; for Omniglot-style
 models (dark background) light-background drawings are inverted (--invert=auto|true|false).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax.experiment import build, classify, train
+from metajax.experiment import build, classify, cli, train
 from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
@@ -36,13 +36,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
   try:
+    classify.list_folders(_SUPPORT.value, _QUERY.value)  # cheap: before a model is loaded
     config, model, learner, params, _ = train.restore_learner(_WORKDIR.value,
                                                               num_inner_steps=_STEPS.value)
     dark = build.DATASETS[config.dataset].dark_background
     invert = {"auto": "auto" if dark else False, "true": True, "false": False}[_INVERT.value]
     rows = classify.classify_folders(learner, params, model.input_shape, config.ways,
                                      _SUPPORT.value, _QUERY.value, invert=invert)
-  except (*train.USER_ERRORS, OSError) as e:
+  except (*train.USER_ERRORS, classify.InputError, OSError) as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:
     sys.exit("interrupted; nothing was written")
@@ -62,4 +63,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.exit_on_bad_config_overrides(sys.argv, takes_config=False)
   app.run(main)

@@ -1,7 +1,8 @@
 r"""Evaluates a workdir's checkpoint before and after adaptation on a fixed set of test tasks.
 
 The tasks come from --eval_seed alone (not the training seed), so any two checkpoints are
-compared on the same tasks. Prints mean +- 95% CI and writes them as JSON (atomically).
+compared on the same tasks. Prints mean +- 95% CI, then writes them as JSON (atomically); a
+failed write names the file and the reason, after the metrics are printed.
 
   python experiments/evaluate.py --workdir=/tmp/metajax_readme --num_tasks=600
   python experiments/evaluate.py --workdir=runs/kao_5w1s_zero --best   # best validation metric
@@ -12,11 +13,12 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax.experiment import checkpoint, train
+from metajax.experiment import checkpoint, cli, train
 from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
-_SPLIT = flags.DEFINE_string("split", "test", "Class split the tasks come from.")
+_SPLIT = flags.DEFINE_string("split", "test", "Class split the tasks come from (one the run's "
+                             "dataset has: train, test, and for some val).")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 600, "Number of tasks.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("num_inner_steps", None, "Inner steps at test time (default: the "
                               "config's eval_num_inner_steps).", lower_bound=1)
@@ -42,6 +44,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
   try:
+    config = cli.stored_config(_WORKDIR.value)  # to check --split before any data is loaded
+    if config is not None and (error := cli.split_error(config, _SPLIT.value)):
+      sys.exit(f"error: {error}")
     result = train.evaluate_checkpoint(
       _WORKDIR.value, split=_SPLIT.value, num_tasks=_NUM_TASKS.value,
       num_inner_steps=_STEPS.value, eval_seed=_EVAL_SEED.value, batch_size=_BATCH.value,
@@ -60,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.exit_on_bad_config_overrides(sys.argv, takes_config=False)
   app.run(main)

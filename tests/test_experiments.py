@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,3 +255,62 @@ def test_killed_run_resumes_bit_exact(env, tmp_path, when):
   assert len(leaves) == len(reference_leaves) > 0
   for x, y in zip(leaves, reference_leaves):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+  """The one line a refused command ends with: exit status 1, no traceback."""
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == errors[0]
+  return errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["one_class", "txt_class", "empty_query", "corrupt_png",
+                                 "truncated_png"])
+def test_classify_refuses_bad_folders_in_one_line(smoke_workdir, env, tmp_path, omniglot_pool,
+                                                 bad):
+  workdir, _, _ = smoke_workdir
+  support, query = _write_user_images(tmp_path, omniglot_pool, [1300, 1301, 1302])
+  if bad == "one_class":
+    for c in (1301, 1302):
+      shutil.rmtree(support / f"char{c}")
+    expected = "needs one sub-folder of images per class, at least 2; found 1: 'char1300'"
+  elif bad == "txt_class":
+    (support / "char1301" / "a.png").unlink()
+    (support / "char1301" / "a.txt").write_text("not an image")
+    expected = f"the support class folder {str(support / 'char1301')!r} has no images"
+  elif bad == "empty_query":
+    for image in query.iterdir():
+      image.unlink()
+    expected = f"the query folder {str(query)!r} has no images (it is empty)"
+  else:
+    image = support / "char1301" / "a.png"
+    raw = image.read_bytes()
+    image.write_bytes(raw[: len(raw) // 2] if bad == "truncated_png" else b"\x89PNG garbage")
+    expected = f"cannot read the image {str(image)!r} ("
+  result = run("classify.py", f"--workdir={workdir}", f"--support_dir={support}",
+               f"--query_dir={query}", f"--output={tmp_path / 'pred.csv'}", env=env, check=False)
+  assert expected in _error_line(result)
+  assert not (tmp_path / "pred.csv").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_split_the_dataset_lacks(smoke_workdir, env, tmp_path):
+  workdir, _, _ = smoke_workdir
+  result = run("evaluate.py", f"--workdir={workdir}", "--split=val",
+               f"--output={tmp_path / 'eval.json'}", env=env, check=False)
+  assert _error_line(result) == ("error: --split='val' is not a split of this run's omniglot data; "
+                                 "its splits are: train, test")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("binary", ["evaluate.py", "classify.py"])
+def test_binaries_without_a_config_refuse_config_overrides(env, tmp_path, binary):
+  folders = ([f"--support_dir={tmp_path}", f"--query_dir={tmp_path}"] if binary == "classify.py"
+             else [])
+  result = run(binary, f"--workdir={tmp_path}", *folders, "--config.wayz=5", env=env, check=False)
+  assert _error_line(result) == (f"error: --config.wayz=5: {binary} has no --config flag; it uses "
+                                 "the config stored in the workdir's checkpoint")

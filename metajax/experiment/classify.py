@@ -1,19 +1,24 @@
 """Few-shot classification of your own images with a meta-trained model.
 
-    support/<class name>/*.png    one sub-folder per class (at most `ways` classes), any shots
+    support/<class name>/*.png    one sub-folder per class (2 to `ways` classes), any shots
     query/*.png                   the images to classify (sub-folders are searched too)
 
 Images of any size and mode are converted to the model's input: grayscale or RGB, resized to the
 model's input size (Lanczos), scaled to [0, 1], and, for models trained on dark-background data
 such as Omniglot (strokes 1 on 0), inverted when they are light-background drawings (`invert`:
 "auto" decides per image by its mean brightness; True or False forces it).
+
+Folders that cannot be used as given (too few or too many classes, a class or a query folder
+without images, an image that does not decode) raise `InputError`, whose message names the
+folder or file and what is allowed; `list_folders` checks the folders before a model is loaded.
+Hidden files and folders (names starting with ".") are ignored.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,40 +30,120 @@ from metajax.types import Array
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 Invert = bool | Literal["auto"]
+_SHOWN = 3  # file names quoted in a message
+
+
+class InputError(ValueError):
+  """Support or query images that cannot be used as given; the message names the folder or file
+  and what is allowed."""
+
+
+class Folders(NamedTuple):
+  """The images of a support and a query folder (`list_folders`).
+
+  Attributes:
+    support: the support images, class by class, each class's sorted by path.
+    labels: `[len(support)]` int32, label i meaning `class_names[i]`.
+    class_names: the support sub-folders' names, sorted.
+    queries: the query images, sorted by path.
+  """
+
+  support: list[Path]
+  labels: np.ndarray
+  class_names: list[str]
+  queries: list[Path]
+
+
+def _visible(path: Path, root: Path) -> bool:
+  return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _allowed() -> str:
+  return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def _others(files: Sequence[Path]) -> str:
+  """`found 2 other files: a.txt, b.txt` (at most `_SHOWN` names), or `it is empty`."""
+  if not files:
+    return "it is empty"
+  names = ", ".join(p.name for p in files[:_SHOWN]) + (", ..." if len(files) > _SHOWN else "")
+  return f"found {len(files)} other file{'s' * (len(files) > 1)}: {names}"
+
+
+def _files(folder: Path) -> list[Path]:
+  return sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p, folder))
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-  """Image files under `folder` (recursively), sorted by path."""
+  """Image files under `folder` (recursively, by extension, hidden ones skipped), sorted by path.
+
+  Raises:
+    FileNotFoundError: `folder` is not a directory.
+  """
   folder = Path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f"{str(folder)!r} is not a directory")
-  return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+  return [p for p in _files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
-def list_support(folder: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, list[str]]:
+def _no_images(what: str, folder: Path) -> InputError:
+  return InputError(f"{what} {str(folder)!r} has no images ({_others(_files(folder))}); images "
+                    f"are {_allowed()}")
+
+
+def list_support(folder: str | os.PathLike[str], *, ways: int | None = None
+                 ) -> tuple[list[Path], np.ndarray, list[str]]:
   """`(paths, labels, class_names)` of a support folder with one sub-folder per class.
 
   Classes are the sub-folders in sorted order; label i is `class_names[i]`.
 
+  Args:
+    folder: the support folder.
+    ways: the most classes the model can tell apart (None: no upper bound).
+
   Raises:
-    FileNotFoundError / ValueError: no such folder, fewer than 2 classes, or an empty class.
+    FileNotFoundError: no such folder.
+    InputError: fewer than 2 classes or more than `ways`, or a class folder without images.
   """
   folder = Path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f"support folder {str(folder)!r} is not a directory")
-  classes = sorted(p for p in folder.iterdir() if p.is_dir())
+  classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+  allowed = "at least 2" if ways is None else f"2 to {ways}"
   if len(classes) < 2:
-    raise ValueError(f"the support folder {str(folder)!r} needs one sub-folder per class, at least "
-                     f"2; found {len(classes)}")
+    found = f"found {len(classes)}" + "".join(f": {c.name!r}" for c in classes)
+    loose = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    hint = "; put each class's images in a sub-folder named after the class" if loose else ""
+    raise InputError(f"the support folder {str(folder)!r} needs one sub-folder of images per "
+                     f"class, {allowed}; {found}{hint}")
+  if ways is not None and len(classes) > ways:
+    raise InputError(f"the support folder {str(folder)!r} has {len(classes)} classes but the "
+                     f"model was trained for {ways}-way tasks (at most {ways} classes)")
   paths, labels = [], []
   for label, class_dir in enumerate(classes):
     images = list_images(class_dir)
     if not images:
-      raise ValueError(f"support class folder {str(class_dir)!r} has no images "
-                       f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+      raise _no_images("the support class folder", class_dir)
     paths += images
     labels += [label] * len(images)
   return paths, np.asarray(labels, np.int32), [c.name for c in classes]
+
+
+def list_folders(support_dir: str | os.PathLike[str], query_dir: str | os.PathLike[str], *,
+                 ways: int | None = None) -> Folders:
+  """Lists and checks a support and a query folder (cheap: no image is decoded).
+
+  Raises:
+    FileNotFoundError: a folder that does not exist.
+    InputError: see `list_support`; or a query folder without images.
+  """
+  paths, labels, names = list_support(support_dir, ways=ways)
+  if not Path(query_dir).is_dir():
+    raise FileNotFoundError(f"query folder {str(query_dir)!r} is not a directory")
+  queries = list_images(query_dir)
+  if not queries:
+    raise _no_images("the query folder", Path(query_dir))
+  return Folders(paths, labels, names, queries)
 
 
 def to_model_input(images: Sequence[Image.Image], input_shape: Sequence[int], *,
@@ -87,15 +172,20 @@ def to_model_input(images: Sequence[Image.Image], input_shape: Sequence[int], *,
 
 def load_images(paths: Sequence[str | os.PathLike[str]], input_shape: Sequence[int], *,
                 invert: Invert = False) -> np.ndarray:
-  """`to_model_input` of image files."""
+  """`to_model_input` of image files.
+
+  Raises:
+    InputError: a file that does not decode as an image (naming it).
+  """
   images = []
   for path in paths:
     try:
       with Image.open(path) as image:
-        image.load()
+        image.load()  # decode fully now, so that a truncated file fails here
         images.append(image)
-    except OSError as e:
-      raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+    # PIL raises these for files that are not images, truncated or with broken chunks
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+      raise InputError(f"cannot read the image {str(path)!r} ({e}); replace or remove it") from e
   return to_model_input(images, input_shape, invert=invert)
 
 
@@ -121,19 +211,14 @@ def classify_folders(learner: Any, meta_params: Any, input_shape: Sequence[int],
     One `{"image": path, "label": class name, "probability": p}` per query image, in path order.
 
   Raises:
-    ValueError: more classes than the model's `ways`, or no query images.
+    FileNotFoundError: a folder that does not exist.
+    InputError: see `list_folders` (with the model's `ways`) and `load_images`.
   """
-  paths, labels, names = list_support(support_dir)
-  if len(names) > ways:
-    raise ValueError(f"the support folder has {len(names)} classes but the model was trained for "
-                     f"{ways}-way tasks (at most {ways} classes)")
-  queries = list_images(query_dir)
-  if not queries:
-    raise ValueError(f"no query images in {str(query_dir)!r}")
-  support_x = load_images(paths, input_shape, invert=invert)
-  query_x = load_images(queries, input_shape, invert=invert)
+  folders = list_folders(support_dir, query_dir, ways=ways)
+  support_x = load_images(folders.support, input_shape, invert=invert)
+  query_x = load_images(folders.queries, input_shape, invert=invert)
   fn = xla.jit(predict, static_argnums=(0, 5))
-  predicted, probs = jax.device_get(fn(learner, meta_params, support_x, labels, query_x,
-                                       len(names)))
-  return [{"image": str(q), "label": names[int(k)], "probability": float(p[k])}
-          for q, k, p in zip(queries, predicted, probs)]
+  predicted, probs = jax.device_get(fn(learner, meta_params, support_x, folders.labels, query_x,
+                                       len(folders.class_names)))
+  return [{"image": str(q), "label": folders.class_names[int(k)], "probability": float(p[k])}
+          for q, k, p in zip(folders.queries, predicted, probs)]
