@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from absl import app
 
-from metajax.experiment import checkpoint, metrics
+from metajax.experiment import build, checkpoint, cli, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # tools/ is not installed: it is imported from the checkout
@@ -57,6 +57,11 @@ def test_suite_is_well_formed():
     for flag in run.overrides:  # every override names a field of that config
       field = re.fullmatch(r"--config\.(\w+)=.*", flag).group(1)
       assert field in config, (run.name, field)
+
+
+def test_every_override_of_the_suite_names_a_config_field():
+  for run in suite.SUITE:
+    assert cli.config_override_error(["train.py", *run.overrides], build.FIELDS) is None, run.name
 
 
 def test_select_groups_and_refuse_unknown_names():
