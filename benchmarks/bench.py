@@ -416,6 +416,7 @@ def run_step_worker(spec: dict) -> dict:
   out["first_loss"] = first_loss
   out["final_loss"] = loss_of(metrics, -1)
   out["exec_peak_mb"] = (hwm - rss_before) if out["peak_reset"] else None
+  out["device_peak_mb"] = _device_peak_mb()
   if tasks_host is not None:
     out["exec_peak_note"] = "includes the one-device reference step of the device check"
   out["rss_before_compile_mb"] = rss_before_compile
@@ -423,6 +424,18 @@ def run_step_worker(spec: dict) -> dict:
   out["gflops_per_s"] = (out["flops"] / out["median_s"] / 1e9) if out.get("flops") else None
   out["load_after"] = os.getloadavg()
   return out
+
+
+def _device_peak_mb() -> float | None:
+  """The accelerator allocator's peak bytes in use (GPU, TPU); None on CPU, which reports none."""
+  import jax
+
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    stats = {}
+  peak = stats.get("peak_bytes_in_use")
+  return peak / 2**20 if peak is not None else None
 
 
 def run_data_worker(spec: dict) -> dict:
@@ -504,7 +517,7 @@ PEER_CHECK_RTOL = 1e-10  # a peer whose float64 meta-update is further off is ma
 
 
 def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: bool, env: dict,
-               timeout: float = 3600) -> dict:
+               timeout: float = 3600, device: str = "cpu") -> dict:
   """torch_peers.py once per (workload, peer), each in a fresh process (as metajax's workloads),
   so a peer's peak memory is its own; then every peer's exactness check, in one process."""
   script = Path(__file__).resolve().parent / "torch_peers.py"
@@ -514,7 +527,8 @@ def _run_torch(python: str, workloads: list[str], reps: int, warmup: int, tiny: 
       with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
       cmd = [python, str(script), f"--workloads={name}", f"--impls={impl}", f"--reps={reps}",
-             f"--warmup={warmup}", f"--json={path}"] + (["--tiny"] if tiny else [])
+             f"--warmup={warmup}", f"--json={path}", f"--device={device}"] + (
+               ["--tiny"] if tiny else [])
       proc = None
       try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -730,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--data", action="store_true", help="run the data-path benchmark")
   p.add_argument("--torch_python", default=None,
                  help="interpreter with torch for the peers ('' disables; default: auto)")
+  p.add_argument("--torch_device", default="cpu",
+                 help="where the PyTorch peers run: cpu, or cuda beside metajax on a GPU")
   p.add_argument("--torch_workloads", default="W1,W5,WFO,WANIL,W20,WP,WPFO,M1,M1FO,M5,M5FO")
   p.add_argument("--memory", action="store_true", help="the inner-steps x remat memory sweep")
   p.add_argument("--memory_steps", default="1,5,10,20")
@@ -839,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
   if torch_python and torch_names:
     log(f"torch peers {torch_names} with {torch_python} ...")
     results["torch"] = _run_torch(torch_python, torch_names, reps, warmup, args.tiny, env,
-                                  timeout=args.timeout)
+                                  timeout=args.timeout, device=args.torch_device)
     save()
   elif names:
     results["torch"] = {"skipped": "no interpreter with torch (see --torch_python)"}

@@ -1,6 +1,8 @@
 """PyTorch peers of the metajax benchmark workloads, for `benchmarks/bench.py`.
 
-Three idiomatic PyTorch MAML implementations of the same workloads, CPU, `torch.set_num_threads(2)`:
+Three idiomatic PyTorch MAML implementations of the same workloads, on CPU
+(`torch.set_num_threads(2)`) or, with `--device=cuda`, on the GPU metajax runs on (each step
+timed to `torch.cuda.synchronize`):
 
   higher  `higher.innerloop_ctx` with a Python loop over the tasks of the meta-batch (the usual
           research code): per task, the inner SGD steps through the differentiable optimiser, the
@@ -362,30 +364,42 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-def bench_one(name, impl, reps, warmup, tiny=False, seed=0):
+def bench_one(name, impl, reps, warmup, tiny=False, seed=0, device="cpu"):
   ways, shots, queries, meta_batch, steps, lr, mode = WORKLOADS[name]
   filters = None
   if tiny:
     filters, meta_batch, queries = TINY["filters"], TINY["meta_batch"], TINY["queries"]
   torch.manual_seed(seed)
-  model = make_model(name, ways, filters)
+  device = torch.device(device)
+  model = make_model(name, ways, filters).to(device)
   meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   step = IMPLS[impl](model, meta_opt, steps, lr, mode)
-  batch = synthetic_tasks(ways, shots, queries, meta_batch, seed, name=name)
+  batch = [t.to(device) for t in synthetic_tasks(ways, shots, queries, meta_batch, seed,
+                                                  name=name)]
+  cuda = device.type == "cuda"
+
+  def run():  # a GPU step is timed to its end, not to its launch
+    step(*batch)
+    if cuda:
+      torch.cuda.synchronize(device)
+
   reset = _reset_peak_rss()
+  if cuda:
+    torch.cuda.reset_peak_memory_stats(device)
   load_before = os.getloadavg()
   t = time.perf_counter()
   for _ in range(warmup):
-    step(*batch)
+    run()
   warm_s = time.perf_counter() - t
   times = []
   for _ in range(reps):
     t = time.perf_counter()
-    step(*batch)
+    run()
     times.append(time.perf_counter() - t)
   return {"median_s": statistics.median(times), "min_s": min(times), "times": times,
           "warmup_s": warm_s, "load_before": load_before, "load_after": os.getloadavg(),
-          "peak_rss_mb": _peak_rss_mb() if reset else None}
+          "peak_rss_mb": _peak_rss_mb() if reset else None, "device": str(device),
+          "device_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None}
 
 
 def main(argv=None):
@@ -395,6 +409,7 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU build of torch)")
   p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--json", default=None)
   p.add_argument("--check", action="store_true",
@@ -412,6 +427,7 @@ def main(argv=None):
       print(f"{name}: " + ", ".join(f"{impl} {d:.1e}" for impl, d in diffs.items()), flush=True)
     return 0
   out = {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "device": args.device,
                   "reps": args.reps, "warmup": args.warmup, "tiny": args.tiny,
                   "load_start": os.getloadavg()},
          "workloads": {}}
@@ -426,7 +442,7 @@ def main(argv=None):
     out["workloads"][name] = {}
     for impl in [i for i in args.impls.split(",") if i]:
       try:
-        r = bench_one(name, impl, args.reps, args.warmup, args.tiny)
+        r = bench_one(name, impl, args.reps, args.warmup, args.tiny, device=args.device)
       except Exception as e:  # noqa: BLE001 - report and go on with the others
         r = {"error": f"{type(e).__name__}: {e}"}
       out["workloads"][name][impl] = r
