@@ -206,3 +206,19 @@ def test_a_sigkilled_binary_rerun_writes_the_uninterrupted_outputs(tmp_path):
 
 def _bytes(tree) -> list[tuple[str, bytes]]:
   return [(np.asarray(x).dtype.str, np.asarray(x).tobytes()) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+def test_the_binary_names_a_skipped_checkpoint_in_one_warning_line(tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(sinusoid_config(num_steps=2), workdir, print_fn=quiet)
+  damage_config(checkpoint.checkpoint_path(workdir / train.CHECKPOINT_DIR, 2), "bit")
+  result = subprocess.run([sys.executable, str(REPO / "experiments/train.py"), *FLAGS,
+                           "--config.num_steps=2", "--config.test_num_tasks=0",
+                           f"--workdir={workdir}"], env=environ(tmp_path), cwd=REPO,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if "checkpoint_00000002" in line]
+  assert len(lines) == 1 and lines[0].startswith("warning: skipping 1 broken checkpoint(s)")
+  assert "warnings.warn" not in result.stderr  # no source line under it
+  assert "resuming from checkpoint step 1" in result.stdout
