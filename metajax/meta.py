@@ -500,6 +500,14 @@ def check_labels(learner: Learner, meta_params: MetaParams, tasks: Task, *,
                       {"support_y": tasks.support_y, "query_y": tasks.query_y})
 
 
+def _local_values(y: Any) -> np.ndarray:
+  """`y` on the host; of an array spread over several processes, this process's shards (each
+  process checks the rows it fed)."""
+  if isinstance(y, jax.Array) and not y.is_fully_addressable:
+    return np.concatenate([np.asarray(s.data).ravel() for s in y.addressable_shards])
+  return np.asarray(y)
+
+
 def _check_label_values(learner: Learner, meta_params: MetaParams, x_shape: tuple[int, ...],
                         x_dtype: Any, labels: dict[str, Any]) -> None:
   labels = {name: y for name, y in labels.items()
@@ -515,7 +523,7 @@ def _check_label_values(learner: Learner, meta_params: MetaParams, x_shape: tupl
                            abstract, x2)
   num_classes = outputs.shape[-1]
   for name, y in labels.items():
-    y = np.asarray(y)
+    y = _local_values(y)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
       raise ValueError(f"{name} has labels in [{y.min()}, {y.max()}], outside [0, "
                        f"{num_classes}) for a model with {num_classes} outputs")
