@@ -178,10 +178,22 @@ class _QuietOrbax(logging.Filter):
     return record.levelno > logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+class _QuietTensorstoreTasks(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records of tensorstore reads: when
+  orbax reads a damaged checkpoint, the sibling reads of the one whose error it raises are left
+  unretrieved, and asyncio prints each with a page of tensorstore spec when it is collected. The
+  error itself reaches the caller (`read_checkpoint` names the checkpoint)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("Task exception was never retrieved" in message and "tensorstore" in message)
+
+
 def _quiet_orbax() -> None:
-  logger = logging.getLogger("absl")  # orbax logs through absl.logging
-  if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
-    logger.addFilter(_QuietOrbax())
+  for logger, quiet in ((logging.getLogger("absl"), _QuietOrbax),  # orbax logs through absl
+                        (logging.getLogger("asyncio"), _QuietTensorstoreTasks)):
+    if not any(isinstance(f, quiet) for f in logger.filters):
+      logger.addFilter(quiet())
 
 
 class _Manager(ocp.CheckpointManager):
