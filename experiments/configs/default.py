@@ -22,9 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.rotations = ml_collections.config_dict.placeholder(bool)  # None -> the split's default
   c.image_size = 28                 # 28 for Omniglot, 84 for mini-ImageNet
   # model
-  c.model = "conv4"                 # one of build.MODELS: conv4, kao_conv, mlp
-  c.filters = 64
+  c.model = "conv4"                 # one of build.MODELS: conv4, kao_conv, mlp, resnet12
+  c.filters = 64                    # conv4, kao_conv
   c.hidden = (40, 40)               # mlp only
+  c.widths = (64, 160, 320, 640)    # resnet12 only: channels of its 4 blocks
   # algorithm
   c.algorithm = "maml"              # one of build.ALGORITHMS: maml, fomaml, anil, metasgd,
                                     # reptile, protonet, umtra, pretrain, simclr, supcon

@@ -64,9 +64,16 @@ an episodic step; Finn's split with rotations, conv4, Adam 1e-3, 30,000 steps.
   supcon5way1shot    SupCon (labels used), then prototypes (`--config.pretrain_eval=linear_probe`)
     python experiments/train.py --config=experiments/configs/omniglot.py:supcon5way1shot --workdir=runs/supcon_5w1s
 
-reptile_smoke, protonet_smoke, umtra_smoke, pretrain_smoke, simclr_smoke, supcon_smoke: 2 steps
-of a tiny model (serial Reptile; ProtoNet with 10-way training episodes; UMTRA with the zeroing
-trick), for CI.
+ResNet-12 (MetaOptNet's network, `metajax.nn.resnet`) at the narrower widths 16-32-64-128 for the
+28x28 characters, in the MAML paper's 5-way settings above (no paper number of its own here):
+
+  resnet12_5way1shot, resnet12_5way5shot
+    python experiments/train.py --config=experiments/configs/omniglot.py:resnet12_5way1shot --workdir=runs/resnet12_5w1s
+  `--config.widths=(64,160,320,640)` for the full width; any algorithm with `--config.algorithm`.
+
+reptile_smoke, protonet_smoke, umtra_smoke, pretrain_smoke, simclr_smoke, supcon_smoke,
+resnet12_smoke: 2 steps of a tiny model (serial Reptile; ProtoNet with 10-way training episodes;
+UMTRA with the zeroing trick; ResNet-12 at widths 4-4-8-8), for CI.
 
 smoke: 2 steps of a tiny model on real Omniglot (CI):
     python experiments/train.py --config=experiments/configs/omniglot.py:smoke --workdir=/tmp/smoke
@@ -143,6 +150,12 @@ def _pretrain(algorithm: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _resnet12(ways: int, shots: int) -> ml_collections.ConfigDict:
+  c = _maml(ways, shots)
+  c.model, c.widths = "resnet12", (16, 32, 64, 128)
+  return c
+
+
 def _smoke(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
   """Two steps of a tiny Kao et al. network on real Omniglot, evaluated on 4 test tasks."""
   c.split, c.rotations, c.model = "kao", False, "kao_conv"
@@ -184,6 +197,9 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "protonet20way5shot": lambda: _protonet(20, 5),
   # Khodadadeh et al. 2019
   "umtra5way1shot": _umtra,
+  # ResNet-12 (Lee et al. 2019's backbone), narrower
+  "resnet12_5way1shot": lambda: _resnet12(5, 1),
+  "resnet12_5way5shot": lambda: _resnet12(5, 5),
   # pre-training baselines
   "pretrain5way1shot": lambda: _pretrain("pretrain"),
   "simclr5way1shot": lambda: _pretrain("simclr"),
@@ -196,6 +212,7 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "pretrain_smoke": lambda: _smoke(_pretrain("pretrain")),
   "simclr_smoke": lambda: _smoke(_pretrain("simclr")),
   "supcon_smoke": lambda: _smoke(_pretrain("supcon")),
+  "resnet12_smoke": lambda: _smoke(_resnet12(5, 1), model="resnet12", widths=(4, 4, 8, 8)),
   # the README's quick start
   "readme": _readme,
 }

@@ -57,6 +57,7 @@ from metajax.data.augment import make_affine_augment
 from metajax.data.umtra import make_umtra_sampler
 from metajax.meta import MAML, MetaStep, TaskMap, make_meta_step, with_zeroing
 from metajax.nn import models as models_lib
+from metajax.nn import resnet as resnet_lib
 from metajax.types import Array, PRNGKey, Task
 from metajax.variants import head_mask
 
@@ -302,11 +303,21 @@ PRETRAIN_EVALS = ("finetune", "linear_probe", "prototypes")
 # ------------------------------------------------------------------------------ models, optimisers
 
 class ModelSpec(NamedTuple):
-  """What `config.model` selects: `build(config, num_outputs, input_shape) -> Model`, and the
-  dataset kinds whose inputs it takes."""
+  """What `config.model` selects: `build(config, num_outputs, input_shape) -> Model`, the
+  dataset kinds whose inputs it takes, and its own config checks (`config -> problems`, run by
+  `validate_config`)."""
 
   build: Callable[[Config, int, tuple[int, ...]], models_lib.Model]
   kinds: frozenset[str]
+  checks: tuple[Callable[[Config], list[str]], ...] = ()
+
+
+def _widths_checks(config: Config) -> list[str]:
+  widths = config.get("widths")
+  ok = (isinstance(widths, (tuple, list)) and len(widths) == 4
+        and all(_is_int(w) and w >= 1 for w in widths))
+  return [] if ok else [f"widths={widths!r} must be 4 positive ints, the channels of "
+                        "ResNet-12's blocks (e.g. (64, 160, 320, 640))"]
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -318,6 +329,10 @@ MODELS: dict[str, ModelSpec] = {
   "mlp": ModelSpec(lambda c, n, shape: models_lib.mlp(n, hidden=tuple(c.hidden),
                                                       input_shape=shape),
                    frozenset({"regression"})),
+  # MetaOptNet's / learn2learn's ResNet-12, `widths` the channels of its four blocks.
+  "resnet12": ModelSpec(lambda c, n, shape: resnet_lib.resnet12(n, widths=tuple(c.widths),
+                                                                input_shape=shape),
+                        _CLASSIFICATION, checks=(_widths_checks,)),
 }
 
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
@@ -505,7 +520,7 @@ FIELDS = frozenset({
   # data
   "dataset", "data_dir", "cache_dir", "download", "split", "rotations", "image_size",
   # model
-  "model", "filters", "hidden",
+  "model", "filters", "hidden", "widths",
   # algorithm
   "algorithm", "reptile_serial", "pretrain_eval", "zeroing", "loss", "matching_temperature",
   "fce_steps",
@@ -520,9 +535,11 @@ FIELDS = frozenset({
 })
 
 # Fields that configs stored by older versions lack, with the value those runs ran with (one
-# outer step per compiled call; no download; the metric learners' defaults, unused before them).
+# outer step per compiled call; no download; the metric learners' and ResNet-12's defaults,
+# unused before them).
 ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False,
-                             "matching_temperature": 1.0, "fce_steps": 1}
+                             "matching_temperature": 1.0, "fce_steps": 1,
+                             "widths": resnet_lib.DEFAULT_WIDTHS}
 
 # Fields that may differ between a checkpoint's config and the config of a run resuming from it:
 # schedule, logging, evaluation and where the data lives. Every other field defines the run.
@@ -543,8 +560,8 @@ def config_to_dict(config: Config | Mapping[str, Any]) -> dict[str, Any]:
 def config_from_dict(values: Config | Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A ConfigDict of every field in `FIELDS` from a config or its stored dict.
 
-  Stored lists of `hidden` become tuples again; the fields of `ABSENT` that `values` lacks take
-  their `ABSENT` value.
+  Stored lists of `hidden` and `widths` become tuples again; the fields of `ABSENT` that `values`
+  lacks take their `ABSENT` value.
 
   Raises:
     ConfigError: fields that are not in `FIELDS` (e.g. a misspelt name), or missing ones.
@@ -558,8 +575,9 @@ def config_from_dict(values: Config | Mapping[str, Any]) -> ml_collections.Confi
     raise ConfigError(f"the config lacks the fields {missing}: start from "
                       "experiments/configs/default.py (or a dataset config beside it)")
   values = {**ABSENT, **values}
-  if isinstance(values["hidden"], list):
-    values["hidden"] = tuple(values["hidden"])
+  for field in ("hidden", "widths"):
+    if isinstance(values[field], list):
+      values[field] = tuple(values[field])
   return ml_collections.ConfigDict(values)
 
 
@@ -677,6 +695,9 @@ def validate_config(config: Config) -> None:
     parse_task_map(config.get("task_map"))
   except ValueError as e:
     problems.append(str(e))
+  if have_model:
+    for model_check in MODELS[config.model].checks:
+      problems += model_check(config)
   if have_dataset:
     spec = DATASETS[config.dataset]
     if have_model:
