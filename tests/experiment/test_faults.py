@@ -100,6 +100,25 @@ def test_a_stray_truncation_file_is_removed_at_start(tmp_path):
   assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_an_interrupt_names_the_newest_checkpoint(tmp_path, monkeypatch):
+  save = checkpoint.Checkpoints.save
+
+  def save_then_ctrl_c(self, step, *args, **kwargs):
+    path = save(self, step, *args, **kwargs)
+    if step == 2:
+      raise KeyboardInterrupt
+    return path
+
+  monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_ctrl_c)
+  where = re.escape(repr(str(tmp_path / train.CHECKPOINT_DIR)))
+  with pytest.raises(train.Interrupted,
+                     match=f"^interrupted; the last checkpoint is step 2 in {where}$") as info:
+    train.train_and_evaluate(sinusoid_config(num_steps=4), tmp_path, print_fn=quiet)
+  assert info.value.step == 2 and isinstance(info.value, KeyboardInterrupt)
+  assert checkpoint.all_steps(tmp_path / train.CHECKPOINT_DIR) == [1, 2]
+  assert not (tmp_path / train.RESULTS_FILE).exists()
+
+
 # ------------------------------------------------------------------------------ real signals
 
 FLAGS = ("--config=experiments/configs/sinusoid.py:smoke", "--config.eval_every=0")
