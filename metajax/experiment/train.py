@@ -444,8 +444,19 @@ class _Log:
       tensorboard.write_config(build.config_to_dict(run.config),
                                metrics=[f"eval/{metric}", f"test/{metric}"])
       writers = [jsonl, tensorboard]
+      if state is None and step_offset and jsonl.path.exists():
+        self._replay(metrics_lib.read_metrics(jsonl.path))
     self.files = metrics_lib.MultiWriter(writers)
     self.progress = metrics_lib.ProgressLine(run.config.num_steps, step_offset, print_fn)
+
+  def _replay(self, records: list[Mapping[str, Any]]) -> None:
+    """The latest values and evaluation step from the metrics file up to the checkpoint, for a
+    checkpoint written before checkpoints held the metrics state."""
+    for record in records:
+      scalars = {k: v for k, v in record.items() if k not in ("step", "time")}
+      self.final.update(scalars)
+      if any(k.startswith("eval/") for k in scalars):
+        self.eval_step = int(record["step"])
 
   def state(self) -> dict[str, Any]:
     """The metrics state as JSON (call `check` first: metrics not yet fetched are not in it)."""

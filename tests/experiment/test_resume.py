@@ -147,3 +147,23 @@ def test_a_finished_run_rerun_rewrites_the_same_outputs(tmp_path, uninterrupted)
   train.train_and_evaluate(tiny_config(), tmp_path, print_fn=lines.append)
   assert any("resuming from checkpoint step 8" in line for line in lines)
   assert outputs(tmp_path) == uninterrupted
+
+
+@pytest.mark.slow
+def test_a_finished_run_of_a_checkpoint_without_the_metrics_state_reruns_the_same(
+    tmp_path, uninterrupted):
+  """Checkpoints written before they held the metrics state: a rerun of the finished run takes
+  the latest values and evaluation from metrics.jsonl instead."""
+  config = tiny_config()
+  train.train_and_evaluate(config, tmp_path, print_fn=quiet)
+  ckpt_dir = tmp_path / train.CHECKPOINT_DIR
+  last = checkpoint.read_checkpoint(ckpt_dir)
+  with checkpoint.Checkpoints(ckpt_dir, keep=config.keep_checkpoints,
+                              best=train.best_of(config)) as checkpoints:
+    checkpoints.discard(last.step)
+    checkpoints.save(last.step, last.state, config=last.config, metrics=last.metrics)
+  assert checkpoint.read_checkpoint(ckpt_dir).extra is None
+  train.train_and_evaluate(config, tmp_path, print_fn=quiet)
+  rerun = outputs(tmp_path)
+  assert rerun["metrics"] == uninterrupted["metrics"]  # no second evaluation line
+  assert rerun["results"] == uninterrupted["results"]
