@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax.experiment import build, classify, cli, train
+from metajax.experiment import build, checkpoint, classify, cli, train
 from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
@@ -35,6 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
+  checkpoint.one_line_warnings()  # a checkpoint fall-back is one "warning: ..." line
   try:
     classify.list_folders(_SUPPORT.value, _QUERY.value)  # cheap: before a model is loaded
     config, model, learner, params, _ = train.restore_learner(_WORKDIR.value,

@@ -43,6 +43,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
+  checkpoint.one_line_warnings()  # a checkpoint fall-back is one "warning: ..." line
   try:
     config = cli.stored_config(_WORKDIR.value)  # to check --split before any data is loaded
     if config is not None and (error := cli.split_error(config, _SPLIT.value)):

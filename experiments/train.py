@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from metajax.experiment import checkpoint, train
+from metajax.experiment import checkpoint, cli, train
 from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here; "
@@ -54,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.exit_on_bad_config_overrides(sys.argv)
   app.run(main)

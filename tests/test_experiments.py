@@ -314,3 +314,12 @@ def test_binaries_without_a_config_refuse_config_overrides(env, tmp_path, binary
   result = run(binary, f"--workdir={tmp_path}", *folders, "--config.wayz=5", env=env, check=False)
   assert _error_line(result) == (f"error: --config.wayz=5: {binary} has no --config flag; it uses "
                                  "the config stored in the workdir's checkpoint")
+
+
+@pytest.mark.slow
+def test_an_unknown_config_field_names_the_nearest_one(env, tmp_path):
+  result = run("train.py", "--config=experiments/configs/omniglot.py:smoke",
+               f"--workdir={tmp_path / 'run'}", "--config.wayz=5", env=env, check=False)
+  assert _error_line(result) == ("error: --config.wayz=5: the config has no field 'wayz' "
+                                 "(did you mean --config.ways?)")
+  assert not (tmp_path / "run").exists()
