@@ -16,6 +16,8 @@
 - `selfsup`: the objectives of MoCo v2 (queue of negatives, momentum encoder), BYOL (regression
   to an EMA target, its momentum schedule), Barlow Twins (cross-correlation towards the identity)
   and SwAV (Sinkhorn-Knopp codes, swapped prediction, prototypes), as pure functions.
+- `selfsup_pretrain`: BYOL pre-training of an encoder with its EMA target in the training state,
+  then few-shot by prototypes or a linear probe on the online encoder.
 
 MAML itself, its first-order variant, ANIL and Meta-SGD are `metajax.MAML` (`metajax.meta`).
 """
@@ -28,8 +30,9 @@ from metajax.algorithms import (
   relation,
   reptile,
   selfsup,
+  selfsup_pretrain,
   siamese,
 )
 
 __all__ = ["contrastive_pretrain", "matching", "pretrain", "protonet", "relation", "reptile",
-           "selfsup", "siamese"]
+           "selfsup", "selfsup_pretrain", "siamese"]

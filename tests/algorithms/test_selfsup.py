@@ -135,7 +135,7 @@ class ByolLossTest(chex.TestCase):
   def test_the_target_receives_no_gradient(self):
     with jax.enable_x64(True):
       p1, p2, z1, z2 = (_normal(s, 4, 3) for s in (15, 16, 17, 18))
-      g = jax.grad(selfsup.byol_loss, argnums=(0, 1, 2, 3))(p1, p2, z1, z2)
+      g = jax.jit(jax.grad(selfsup.byol_loss, argnums=(0, 1, 2, 3)))(p1, p2, z1, z2)
       np.testing.assert_array_equal(g[2], 0.0)
       np.testing.assert_array_equal(g[3], 0.0)
       self.assertGreater(float(jnp.abs(g[0]).sum()), 0.0)
@@ -237,18 +237,18 @@ class MocoLossTest(chex.TestCase):
   def test_invariances(self):
     with jax.enable_x64(True):
       q, k, queue = _normal(29, 5, 3), _normal(30, 5, 3), _normal(31, 6, 3)
-      base = selfsup.moco_loss(q, k, queue)
+      loss = jax.jit(selfsup.moco_loss)
+      base = loss(q, k, queue)
       perm, queue_perm = (np.random.default_rng(32).permutation(n) for n in (5, 6))
-      np.testing.assert_allclose(selfsup.moco_loss(q[perm], k[perm], queue), base, rtol=F64_RTOL)
-      np.testing.assert_allclose(selfsup.moco_loss(q, k, queue[queue_perm]), base, rtol=F64_RTOL)
-      np.testing.assert_allclose(selfsup.moco_loss(2.0 * q, 0.3 * k, 5.0 * queue), base,
-                                 rtol=F64_RTOL)
-      self.assertFalse(np.isclose(selfsup.moco_loss(q, k[perm], queue), base))
+      np.testing.assert_allclose(loss(q[perm], k[perm], queue), base, rtol=F64_RTOL)
+      np.testing.assert_allclose(loss(q, k, queue[queue_perm]), base, rtol=F64_RTOL)
+      np.testing.assert_allclose(loss(2.0 * q, 0.3 * k, 5.0 * queue), base, rtol=F64_RTOL)
+      self.assertFalse(np.isclose(loss(q, k[perm], queue), base))
 
   def test_keys_and_queue_receive_no_gradient(self):
     with jax.enable_x64(True):
       q, k, queue = _normal(33, 3, 2), _normal(34, 3, 2), _normal(35, 4, 2)
-      g = jax.grad(selfsup.moco_loss, argnums=(0, 1, 2))(q, k, queue)
+      g = jax.jit(jax.grad(selfsup.moco_loss, argnums=(0, 1, 2)))(q, k, queue)
       self.assertGreater(float(jnp.abs(g[0]).sum()), 0.0)
       np.testing.assert_array_equal(g[1], 0.0)
       np.testing.assert_array_equal(g[2], 0.0)
@@ -329,7 +329,7 @@ class BarlowTwinsTest(chex.TestCase):
 
   def test_constant_dimension_is_finite(self):
     z = jnp.concatenate([jnp.ones((4, 1)), jnp.arange(4.0)[:, None]], axis=1)
-    loss, g = jax.value_and_grad(selfsup.barlow_twins_loss)(z, z)
+    loss, g = jax.jit(jax.value_and_grad(selfsup.barlow_twins_loss))(z, z)
     self.assertTrue(np.isfinite(loss))
     self.assertTrue(np.all(np.isfinite(g)))
 
@@ -431,14 +431,14 @@ class SwavLossTest(chex.TestCase):
   def test_invariances(self):
     with jax.enable_x64(True):
       z1, z2, c = _normal(61, 6, 3), _normal(62, 6, 3), _normal(63, 4, 3)
-      base = selfsup.swav_loss(z1, z2, c)
+      loss = jax.jit(selfsup.swav_loss)
+      base = loss(z1, z2, c)
       perm = np.random.default_rng(64).permutation(6)
-      np.testing.assert_allclose(selfsup.swav_loss(z2, z1, c), base, rtol=1e-10)
-      np.testing.assert_allclose(selfsup.swav_loss(z1[perm], z2[perm], c), base, rtol=1e-10)
-      np.testing.assert_allclose(selfsup.swav_loss(z1, z2, c[::-1]), base, rtol=1e-10)
-      np.testing.assert_allclose(selfsup.swav_loss(2.0 * z1, 0.5 * z2, 3.0 * c), base,
-                                 rtol=1e-10)
-      self.assertFalse(np.isclose(selfsup.swav_loss(z1, z2[perm], c), base))
+      np.testing.assert_allclose(loss(z2, z1, c), base, rtol=1e-10)
+      np.testing.assert_allclose(loss(z1[perm], z2[perm], c), base, rtol=1e-10)
+      np.testing.assert_allclose(loss(z1, z2, c[::-1]), base, rtol=1e-10)
+      np.testing.assert_allclose(loss(2.0 * z1, 0.5 * z2, 3.0 * c), base, rtol=1e-10)
+      self.assertFalse(np.isclose(loss(z1, z2[perm], c), base))
 
   def test_gradient_holds_the_codes_fixed(self):
     """The codes are targets: the gradient is that of the cross-entropy with constant codes."""
@@ -455,8 +455,8 @@ class SwavLossTest(chex.TestCase):
         ce = lambda q, s: -jnp.mean(jnp.sum(q * jax.nn.log_softmax(s / 0.1), -1))  # noqa: E731
         return (ce(q2, unit(a) @ unit(p).T) + ce(q1, unit(b) @ unit(p).T)) / 2
 
-      ours = jax.grad(selfsup.swav_loss, argnums=(0, 1, 2))(z1, z2, c)
-      ref = jax.grad(fixed_codes, argnums=(0, 1, 2))(z1, z2, c)
+      ours = jax.jit(jax.grad(selfsup.swav_loss, argnums=(0, 1, 2)))(z1, z2, c)
+      ref = jax.jit(jax.grad(fixed_codes, argnums=(0, 1, 2)))(z1, z2, c)
       _trees_close(ours, ref, rtol=1e-10)
       self.assertGreater(float(jnp.abs(ours[2]).sum()), 0.0)  # the prototypes are trained
 
