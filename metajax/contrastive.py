@@ -11,11 +11,12 @@ epsilon), exactly like `optax.losses.cosine_similarity`, so that a zero embeddin
 - `triplet`, `batch_hard_triplet`: margin losses on Euclidean distances.
 
 How they relate: `info_nce(v1, v2) == supcon(concat(v1, v2), concat(arange(B), arange(B)))`, and
-both equal `optax.losses.ntxent(concat(v1, v2), labels)` for those labels. `clip_loss` differs
-from `info_nce` in its candidates: only the other tower's B embeddings, never the same tower's. With several positives
+both equal `optax.losses.ntxent(concat(v1, v2), labels)` for those labels. With several positives
 per anchor supcon and optax's ntxent differ: optax averages over (anchor, positive) pairs and
 leaves the other positives out of each denominator, while supcon (L_out of Khosla et al.) averages
 the positives of each anchor, keeps every other example in the denominator, then averages anchors.
+`clip_loss` differs from `info_nce` in its candidates: only the other tower's B embeddings, never
+the same tower's.
 """
 
 from __future__ import annotations

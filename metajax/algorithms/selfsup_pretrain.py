@@ -30,7 +30,7 @@ Both views go through each network in one batch of 2B images, so batch-statistic
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,8 @@ from metajax.meta import MetaState, MetaStep
 from metajax.types import ApplyFn, Array, Params, PRNGKey
 
 L = TypeVar("L")
+# objective(online, target, batch, key) -> (loss, metrics)
+TwoNetworkObjective = Callable[[Params, Params, Batch, PRNGKey], tuple[Array, dict[str, Array]]]
 
 HIDDEN_DIM = 4096  # Grill et al. 2020, section 3.3: the projector's and predictor's hidden width
 PROJECTION_DIM = 256  # ... and their output width
@@ -116,7 +118,8 @@ def init_byol_params(key: PRNGKey, model_params: Params, feature_dim: int, *,
 
 # -------------------------------------------------------------------------------- objective
 
-def byol_objective(features: ApplyFn, augment: Augment, *, epsilon: float | None = None):
+def byol_objective(features: ApplyFn, augment: Augment, *,
+                   epsilon: float | None = None) -> TwoNetworkObjective:
   """`objective(online, target, (x, y), key) -> (loss, metrics)`: `selfsup.byol_loss` on two
   augmented views of x (the labels y are ignored).
 
@@ -210,6 +213,7 @@ def make_byol_step(features: ApplyFn, feature_dim: int, augment: Augment,
 __all__ = [
   "HIDDEN_DIM",
   "PROJECTION_DIM",
+  "TwoNetworkObjective",
   "byol_objective",
   "init_byol_params",
   "make_byol_step",

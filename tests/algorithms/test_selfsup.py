@@ -394,7 +394,8 @@ class SinkhornTest(chex.TestCase):
     with jax.enable_x64(True):
       scores = _cosine_scores(54, 6, 4)
       codes = selfsup.sinkhorn(scores)
-      rows, cols = np.random.default_rng(55).permutation(6), np.random.default_rng(56).permutation(4)
+      rows = np.random.default_rng(55).permutation(6)
+      cols = np.random.default_rng(56).permutation(4)
       np.testing.assert_allclose(selfsup.sinkhorn(scores[rows][:, cols]), codes[rows][:, cols],
                                  rtol=1e-10)
 
