@@ -531,13 +531,13 @@ FIELDS = frozenset({
   "num_steps", "eval_every", "eval_split", "eval_num_tasks", "test_num_tasks", "eval_batch_size",
   "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints", "seed",
   # execution
-  "task_map", "remat", "steps_per_call",
+  "task_map", "remat", "steps_per_call", "devices",
 })
 
 # Fields that configs stored by older versions lack, with the value those runs ran with (one
-# outer step per compiled call; no download; the metric learners' and ResNet-12's defaults,
-# unused before them).
-ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False,
+# outer step per compiled call; no download; one device; the metric learners' and ResNet-12's
+# defaults, unused before them).
+ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False, "devices": "1",
                              "matching_temperature": 1.0, "fce_steps": 1,
                              "widths": resnet_lib.DEFAULT_WIDTHS}
 
@@ -546,7 +546,7 @@ ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False,
 RESUMABLE_FIELDS = frozenset({
   "num_steps", "eval_every", "eval_split", "eval_num_tasks", "test_num_tasks", "eval_batch_size",
   "eval_num_inner_steps", "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints",
-  "data_dir", "cache_dir", "download", "task_map", "remat", "steps_per_call",
+  "data_dir", "cache_dir", "download", "task_map", "remat", "steps_per_call", "devices",
 })
 
 
@@ -637,6 +637,18 @@ def parse_task_map(value: Any) -> TaskMap:
   raise ValueError(f"task_map must be 'vmap', 'map' or a positive int, got {value!r}")
 
 
+def parse_devices(value: Any) -> int | None:
+  """`config.devices`: "all" (None: every local device) or how many of them, as a string
+  (`--config.devices=4`) or an int."""
+  text = str(value).strip().lower()
+  if text == "all":
+    return None
+  if not text.isdigit() or int(text) < 1 or isinstance(value, bool):
+    raise ValueError(f"devices={value!r}: devices must be 'all' or a positive integer (how many "
+                     f"of this process's devices share the meta-batch)")
+  return int(text)
+
+
 def validate_config(config: Config) -> None:
   """Checks a config before anything is loaded or compiled.
 
@@ -693,6 +705,10 @@ def validate_config(config: Config) -> None:
   positive("matching_temperature")
   try:
     parse_task_map(config.get("task_map"))
+  except ValueError as e:
+    problems.append(str(e))
+  try:
+    parse_devices(config.get("devices", "all"))
   except ValueError as e:
     problems.append(str(e))
   if have_model:

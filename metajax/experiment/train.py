@@ -62,6 +62,7 @@ from metajax.experiment import checkpoint as ckpt_lib
 from metajax.experiment import lock as lock_lib
 from metajax.experiment import metrics as metrics_lib
 from metajax.meta import MetaState, MetaStep, TaskMap
+from metajax.platform import sharding as sharding_lib
 from metajax.platform import xla
 from metajax.types import Array, PRNGKey, Task
 
@@ -314,10 +315,50 @@ class Run(NamedTuple):
   meta_step: MetaStep
   init_key: PRNGKey
   train_key: PRNGKey
+  mesh: Any = None  # the task mesh over several local devices, None on one
 
   @property
   def ckpt_dir(self) -> Path:
     return self.workdir / CHECKPOINT_DIR
+
+
+def local_devices(config: build.Config) -> list[jax.Device]:
+  """The local devices `config.devices` asks for: "all", or the first N."""
+  devices = jax.local_devices()
+  wanted = build.parse_devices(config.get("devices", "all"))
+  if wanted is None:
+    return devices
+  if wanted > len(devices):
+    raise build.ConfigError(f"devices={wanted}, but this process has {len(devices)} local "
+                            f"device(s); use 'all' or at most {len(devices)}")
+  return devices[:wanted]
+
+
+def task_mesh(config: build.Config) -> Any:
+  """The mesh the meta-batch's tasks are split over, or None when one device runs the step (the
+  program is then the single-device one)."""
+  devices = local_devices(config)
+  if len(devices) == 1:
+    return None
+  if config.meta_batch_size % len(devices):
+    raise build.ConfigError(
+      f"meta_batch_size={config.meta_batch_size} cannot be split evenly over {len(devices)} "
+      f"devices; use a multiple of {len(devices)}, or --config.devices=1 (or a divisor)")
+  return sharding_lib.task_mesh(devices)
+
+
+def _one_device(run: Run, tree: Any) -> Any:
+  """`tree` (replicated over the run's mesh) on the first device, where evaluation runs."""
+  return tree if run.mesh is None else jax.device_put(tree, run.mesh.devices.flat[0])
+
+
+def _place(run: Run, tasks: Task, stacked: bool) -> Task:
+  """The meta-batch with its task axis split over the run's mesh (unchanged on one device)."""
+  if run.mesh is None:
+    return tasks
+  spec = (None, sharding_lib.TASK_AXIS) if stacked else (sharding_lib.TASK_AXIS,)
+  return jax.device_put(tasks, jax.sharding.NamedSharding(run.mesh,
+                                                          jax.sharding.PartitionSpec(*spec)))
 
 
 def setup(config: build.Config | Mapping[str, Any], workdir: str | os.PathLike[str]) -> Run:
@@ -330,9 +371,10 @@ def setup(config: build.Config | Mapping[str, Any], workdir: str | os.PathLike[s
   model = build.build_model(config)
   learner = build.build_learner(config, model)
   eval_learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
+  mesh = task_mesh(config)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   return Run(config, workdir, model, learner, eval_learner,
-             build.build_meta_step(config, model, learner), init_key, train_key)
+             build.build_meta_step(config, model, learner), init_key, train_key, mesh)
 
 
 def _fresh_state(run: Run) -> TrainState:
@@ -519,13 +561,18 @@ def train(run: Run, state: TrainState, checkpoints: ckpt_lib.Checkpoints,
   zeroing = " + zeroing" if config.zeroing else ""
   log.progress.message(f"training {config.algorithm}{zeroing} {episodes} {config.dataset}, steps "
                        f"{done} -> {config.num_steps}, workdir {str(run.workdir)!r}")
+  if run.mesh is not None:
+    log.progress.message(f"the meta-batch of {config.meta_batch_size} tasks is split over "
+                         f"{run.mesh.size} devices ({config.meta_batch_size // run.mesh.size} "
+                         f"each); parameters replicated")
+    state = TrainState(sharding_lib.replicate(state.meta, run.mesh), state.train_key)
   per_call = steps_per_call(config) if meta_step.steps is not None else 1
   config_dict = build.config_to_dict(config)
   start = time.time()
   while done < config.num_steps:
     step = done
     n = min(per_call, config.num_steps - step, _to_next_boundary(config, step))
-    tasks = sample(step, n)
+    tasks = _place(run, sample(step, n), stacked=n > 1)
     meta, metrics = (meta_step.steps if n > 1 else meta_step.step)(state.meta, tasks)
     state = TrainState(meta, state.train_key)
     done = step + n
@@ -544,7 +591,8 @@ def train(run: Run, state: TrainState, checkpoints: ckpt_lib.Checkpoints,
     if config.eval_every and (done % config.eval_every == 0 and not last
                               or last and _final_eval_due(config)):
       log.check()
-      summary, scalars = _evaluate(log, evaluators, "eval", done, state.meta.params)
+      summary, scalars = _evaluate(log, evaluators, "eval", done,
+                                   _one_device(run, state.meta.params))
       if not last:
         log.progress.message(f"eval at step {done} ({config.eval_split}): "
                              + format_summary(summary).replace("\n", "; "))
@@ -556,7 +604,7 @@ def train(run: Run, state: TrainState, checkpoints: ckpt_lib.Checkpoints,
       checkpoints.save(done, host_state, config=config_dict, metrics=scalars,
                        extra={LOG_STATE: log.state()})
   log.log(config.num_steps)
-  return state
+  return TrainState(_one_device(run, state.meta), state.train_key)
 
 
 def evaluate(run: Run, state: TrainState, evaluators: Mapping[str, Evaluator],
