@@ -9,7 +9,7 @@ The public API, re-exported from its modules:
 - adapters: `linen_model`, `nnx_model` (your own Flax model)
 - losses: `cross_entropy`, `mse_onehot`, `mse`, `accuracy`, `make_loss_fn`
 - evaluation: `evaluate`, `evaluate_tasks`, `mean_confidence_interval`
-- contrastive losses: `info_nce`, `supcon`, `triplet`, `batch_hard_triplet`
+- contrastive losses: `info_nce`, `supcon`, `clip_loss`, `triplet`, `batch_hard_triplet`
 - the family: `Reptile`, `make_reptile_step`, `ProtoNet`
 - types: `Task`
 
@@ -30,7 +30,7 @@ Subpackages, by kind:
 """
 
 from metajax import algorithms, analysis, data, nn, platform
-from metajax.contrastive import batch_hard_triplet, info_nce, supcon, triplet
+from metajax.contrastive import batch_hard_triplet, clip_loss, info_nce, supcon, triplet
 from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, summarize
 from metajax.inner import adapt
 from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
@@ -63,6 +63,7 @@ __all__ = [
   "algorithms",
   "analysis",
   "batch_hard_triplet",
+  "clip_loss",
   "compile_step",
   "conv4",
   "cross_entropy",

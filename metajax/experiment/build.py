@@ -48,6 +48,7 @@ from metajax import data as data_lib
 from metajax import losses as losses_lib
 from metajax.algorithms import contrastive_pretrain as contrastive_lib
 from metajax.algorithms import pretrain as pretrain_lib
+from metajax.algorithms import selfsup_pretrain
 from metajax.algorithms.matching import FullContextEmbeddings, MatchingNet
 from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.relation import RelationNet, relation_mse, relation_module
@@ -55,7 +56,7 @@ from metajax.algorithms.reptile import Reptile, make_reptile_step
 from metajax.algorithms.siamese import SiameseNet
 from metajax.data.augment import make_affine_augment
 from metajax.data.umtra import make_umtra_sampler
-from metajax.meta import MAML, MetaStep, TaskMap, make_meta_step, with_zeroing
+from metajax.meta import MAML, MetaStep, TaskMap, compile_step, make_meta_step, with_zeroing
 from metajax.nn import models as models_lib
 from metajax.nn import resnet as resnet_lib
 from metajax.types import Array, PRNGKey, Task
@@ -214,6 +215,31 @@ def _pretrain_outputs(config: Config) -> int:
   return DATASETS[config.dataset].classes(config).get("train", 0)
 
 
+def _byol_learner(model: models_lib.Model, loss: losses_lib.Loss, config: Config,
+                  num_inner_steps: int) -> Learner:
+  """The pre-trained learner of `_pretrained_learner` (prototypes by default) on the online
+  encoder of BYOL's state params."""
+  return selfsup_pretrain.on_online_encoder(
+    _pretrained_learner(model, loss, config, num_inner_steps, default_eval="prototypes"))
+
+
+def _byol_step(model: models_lib.Model, learner: Learner, optimizer: optax.GradientTransformation,
+               config: Config, *, task_map: TaskMap, jit: bool) -> MetaStep:
+  """BYOL on pooled minibatches (as `_pretrain_step`), its EMA target in the state; the target's
+  momentum rises to 1 over `num_steps`."""
+  del learner, task_map
+  byol = selfsup_pretrain.make_byol_step(
+    model.features, model.feature_dim, make_affine_augment(), optimizer,
+    total_steps=config.num_steps, key=jax.random.fold_in(jax.random.key(config.seed), 1),
+    jit=False)
+
+  def pooled(state, batch):
+    x, y = (a.reshape((-1,) + a.shape[2:]) for a in batch)
+    return byol.update(state, (x, y))
+
+  return compile_step(byol.init, pooled, jit=jit)
+
+
 KINDS = frozenset({"classification", "regression"})
 
 
@@ -295,6 +321,10 @@ ALGORITHMS: dict[str, Algorithm] = {
   "supcon": Algorithm(functools.partial(_pretrained_learner, default_eval="prototypes"),
                       step=functools.partial(_pretrain_step, objective=_supcon),
                       train_tasks=_class_batches, kinds=_CLASSIFICATION),
+  # Grill et al. 2020: BYOL (online network with a predictor, EMA target with the cosine
+  # momentum schedule, both in the training state), then prototypes (default) or a linear probe.
+  "byol": Algorithm(_byol_learner, step=_byol_step, train_tasks=_class_batches,
+                    kinds=_CLASSIFICATION),
 }
 
 PRETRAIN_EVALS = ("finetune", "linear_probe", "prototypes")
