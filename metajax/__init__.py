@@ -2,7 +2,7 @@
 
 The public API, re-exported from its modules:
 
-- models: `conv4`, `kao_conv`, `mlp`, `model_from_encoder`, `Model`
+- models: `conv4`, `kao_conv`, `mlp`, `resnet12`, `model_from_encoder`, `Model`
 - inner loop: `adapt`
 - outer loop: `MAML`, `with_zeroing`, `meta_loss`, `make_meta_step`, `compile_step`, `MetaState`, `map_tasks`
 - variants: `zero_head`, `head_mask`, `encoder_mask` (and `..._for(head)` for any params layout)
@@ -40,6 +40,7 @@ from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.reptile import Reptile, make_reptile_step
 from metajax.nn.adapters import linen_model, nnx_model
 from metajax.nn.models import Model, conv4, kao_conv, mlp, model_from_encoder
+from metajax.nn.resnet import resnet12
 from metajax.types import Task
 from metajax.variants import encoder_mask, head_mask, head_mask_for, zero_head, zero_head_for
 
@@ -89,6 +90,7 @@ __all__ = [
   "nn",
   "nnx_model",
   "platform",
+  "resnet12",
   "summarize",
   "supcon",
   "triplet",

@@ -61,8 +61,9 @@ def assert_trees_bitwise_equal(a, b):
                 "reptile5way5shot", "protonet5way1shot", "protonet5way5shot", "protonet20way1shot",
                 "protonet20way5shot", "umtra5way1shot", "smoke", "reptile_smoke",
                 "protonet_smoke", "umtra_smoke", "pretrain5way1shot", "simclr5way1shot",
-                "supcon5way1shot", "pretrain_smoke", "simclr_smoke", "supcon_smoke", "readme")),
-  ("miniimagenet", ("5way1shot", "5way5shot")),
+                "supcon5way1shot", "pretrain_smoke", "simclr_smoke", "supcon_smoke", "readme",
+                "resnet12_5way1shot", "resnet12_5way5shot", "resnet12_smoke")),
+  ("miniimagenet", ("5way1shot", "5way5shot", "resnet12_5way1shot", "resnet12_5way5shot")),
   ("sinusoid", ("default", "smoke")),
 ])
 def test_every_config_is_valid(name, variants):
