@@ -15,8 +15,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 @pytest.mark.slow  # a tiny benchmark workload in a subprocess, the peers where installed
 def test_dry_run(tmp_path):
   out = tmp_path / "gpu_check.json"
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", f"--json={out}", "--reps=2"],
-                        capture_output=True, text=True, timeout=1200)
+  # --timeout bounds each benchmark subprocess: generous, for a loaded machine
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", f"--json={out}", "--reps=2",
+                         "--timeout=900"], capture_output=True, text=True, timeout=2400)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["dry"] and result["failed"] == []
