@@ -111,13 +111,13 @@ class AdapterExactnessTest(chex.TestCase):
   def test_anil_zeroing_second_order_matches_finite_differences(self, name):
     self._check_anil_zeroing(name, jit=True)
 
-  @pytest.mark.slow  # op by op: the same check, eagerly
   @parameterized.named_parameters(("linen", "linen"), ("nnx", "nnx"))
+  @pytest.mark.slow  # op by op: the same check, eagerly
   def test_anil_zeroing_second_order_matches_finite_differences_without_jit(self, name):
     self._check_anil_zeroing(name, jit=False)
 
-  @pytest.mark.slow
   @parameterized.named_parameters(("linen", "linen"), ("nnx", "nnx"))
+  @pytest.mark.slow  # (the mark goes under the parameterization, which keeps it per case)
   def test_full_second_order_two_steps_matches_finite_differences(self, name):
     with jax.enable_x64(True):
       model, params, tasks = PROBLEMS[name]()

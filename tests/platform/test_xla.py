@@ -126,8 +126,8 @@ class TuningTest(parameterized.TestCase):
       self.assertEqual(dict(options), xla.compiler_options(tuning=family))
       np.testing.assert_allclose(xla.jit(f, tuning=family)(x), f(x), rtol=1e-6)
 
-  @pytest.mark.slow  # 30 s, most of it op by op; the host's own row runs every test of this file
   @parameterized.parameters(*[(f,) for f, options in xla.CPU_TUNING.items() if options])
+  @pytest.mark.slow  # 30 s, most of it op by op; the host's own row runs every test of this file
   def test_each_tuned_row_keeps_second_order_exact(self, family):
     # A case plain jax.jit got wrong (Conv4LibraryPathTest's unrolled two steps), under the row.
     with jax.enable_x64(True):
