@@ -65,7 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   # of the log/eval/checkpoint intervals, so that every interval ends on a call boundary. Same
   # steps, same tasks; on CPU it spares the per-call allocation of XLA's temporaries.
   c.steps_per_call = 5
-  # "all": the meta-batch's tasks split over every local device (parameters replicated; one
-  # device runs the single-device program), or "N" for the first N. A string: --config.devices=2.
+  # "all": the meta-batch's tasks split over as many local devices as divide it (parameters
+  # replicated; one device runs the single-device program), or "N" for the first N (N must
+  # divide it). A string: --config.devices=2.
   c.devices = "all"
   return c

@@ -336,14 +336,23 @@ def local_devices(config: build.Config) -> list[jax.Device]:
 
 def task_mesh(config: build.Config) -> Any:
   """The mesh the meta-batch's tasks are split over, or None when one device runs the step (the
-  program is then the single-device one)."""
+  program is then the single-device one).
+
+  With `devices="all"` the mesh takes as many local devices as divide the meta-batch evenly
+  (e.g. 4 of 8 for a meta-batch of 4), so every config runs as it is; an explicit count that
+  does not divide it is refused.
+  """
   devices = local_devices(config)
+  if build.parse_devices(config.get("devices", "all")) is None:
+    devices = devices[:max(n for n in range(1, len(devices) + 1)
+                           if config.meta_batch_size % n == 0)]
   if len(devices) == 1:
     return None
   if config.meta_batch_size % len(devices):
     raise build.ConfigError(
       f"meta_batch_size={config.meta_batch_size} cannot be split evenly over {len(devices)} "
-      f"devices; use a multiple of {len(devices)}, or --config.devices=1 (or a divisor)")
+      f"devices; use a multiple of {len(devices)}, or --config.devices=all (as many devices as "
+      f"divide it)")
   return sharding_lib.task_mesh(devices)
 
 

@@ -21,6 +21,16 @@ SCRIPT = textwrap.dedent("""
 
   assert jax.local_device_count() == 4, jax.local_devices()
   root = Path(sys.argv[1])
+  six = build.load_config_file("experiments/configs/sinusoid.py:smoke")
+  six.meta_batch_size = 6
+  assert train.task_mesh(six).size == 3  # "all": as many devices as divide the meta-batch
+  six.devices = "4"
+  try:
+    train.task_mesh(six)
+  except build.ConfigError as e:
+    assert "meta_batch_size=6 cannot be split evenly over 4 devices" in str(e), e
+  else:
+    raise AssertionError("an explicit count that does not divide the meta-batch is refused")
   base = build.load_config_file("experiments/configs/sinusoid.py:smoke")
   base.update(num_steps=6, steps_per_call=3, log_every=3, checkpoint_every=3, eval_every=3,
               eval_num_tasks=4, test_num_tasks=4)
