@@ -26,18 +26,14 @@ from tools.reproduce import suite
 
 def machine() -> dict[str, Any]:
   """The CPU, core count, host, jax version, backend and device the commands run on."""
-  cpu = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  import jax  # local: only a real queue needs it, not a dry run, --list or the report
+  # Local imports: only a real queue needs jax, not a dry run, --list or the report.
+  import jax
+
+  from metajax.platform.cpu import cpu_info
 
   device = jax.devices()[0]
-  return {"cpu": cpu, "cores": os.cpu_count(), "host": platform.node(), "jax": jax.__version__,
+  info = cpu_info()
+  return {"cpu": info.model, "cores": info.cores, "host": platform.node(), "jax": jax.__version__,
           "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device))}
 
 
