@@ -26,6 +26,7 @@ import functools
 import os
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,14 +108,32 @@ def _builder_class() -> type:
 def _examples(
   source: Path, archive: str, *, read: bool
 ) -> Iterator[tuple[str, int, int, str, bytes | None]]:
-  """Yields (alphabet, alphabet_char_id, label, file name, PNG bytes or None) of an archive."""
+  """Yields (alphabet, alphabet_char_id, label, file name, PNG bytes or None) of an archive.
+
+  Raises:
+    CorruptDataError: a corrupt archive, or a member that cannot be read (a failed CRC check, a
+      corrupt deflate stream), naming the member and the archive.
+  """
   import zipfile
+
+  def contents(alphabet: str, character: str, name: str, reader) -> bytes:
+    try:
+      return reader()
+    # a damaged member: a failed CRC check, a corrupt deflate stream, a mangled header
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError) as e:
+      if isinstance(e, (FileNotFoundError, PermissionError)):
+        raise
+      raise CorruptDataError(
+        f"cannot read {archive}/{alphabet}/{character}/{name} from {str(source)!r} ({e}); "
+        f"replace it with an intact copy of {source.name}"
+      ) from e
 
   def from_entries(entries):
     for alphabet, character, name, reader in sorted(entries, key=lambda e: e[:3]):
       character_id = int(character[len("character") :]) - 1
       label = int(name.split("_")[0]) - 1
-      yield alphabet, character_id, label, name, (reader() if read else None)
+      raw = contents(alphabet, character, name, reader) if read else None
+      yield alphabet, character_id, label, name, raw
 
   if source.is_dir():
     yield from from_entries(list(omniglot_lib.dir_entries(source)))
@@ -122,7 +141,7 @@ def _examples(
   try:
     with zipfile.ZipFile(source) as zf:
       yield from from_entries(list(omniglot_lib.zip_entries(source, archive, zf)))
-  except (zipfile.BadZipFile, EOFError) as e:
+  except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
     raise CorruptDataError(f"corrupt Omniglot archive {str(source)!r}: {e}") from e
 
 

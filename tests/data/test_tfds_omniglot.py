@@ -152,3 +152,30 @@ def test_bad_input(tmp_path, tfds_data_dir):
     load_tfds_omniglot(tfds_data_dir, splits=("validation",))
   with pytest.raises(ValueError, match="only 'array_record' can be written without TensorFlow"):
     prepare_tfds_omniglot(tmp_path, file_format="tfrecord")
+
+
+
+def test_a_corrupt_deflate_stream_names_the_member_and_the_archive(tmp_path, omniglot_dir):
+  """prepare_tfds_omniglot on a copy of the archives whose first member's deflate stream is
+  damaged: one CorruptDataError naming the member and the archive (not zlib's bare error)."""
+  import zlib
+
+  from metajax.data import CorruptDataError
+  from tests.data.test_omniglot import _break_deflate
+
+  data = tmp_path / "data"
+  data.mkdir()
+  for archive in ("images_evaluation", "images_background_small1", "images_background_small2"):
+    (data / f"{archive}.zip").symlink_to(Path(omniglot_dir) / f"{archive}.zip")
+  path = data / "images_background.zip"
+  shutil.copyfile(Path(omniglot_dir) / "images_background.zip", path)
+  with zipfile.ZipFile(path) as zf:  # the first member the builder reads
+    member = min((n for n in zf.namelist() if n.endswith(".png")), key=lambda n: n.split("/")[1:])
+  _break_deflate(path, member)
+  with pytest.raises(CorruptDataError) as error:
+    prepare_tfds_omniglot(tmp_path / "tfds", data)
+  assert isinstance(error.value.__cause__, zlib.error)
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"cannot read {member} from {str(path)!r} (Error -3 ")
+  assert message.endswith("); replace it with an intact copy of images_background.zip")
