@@ -5,7 +5,9 @@ The public API, re-exported from its modules:
 - models: `conv4`, `kao_conv`, `mlp`, `resnet12`, `model_from_encoder`, `Model`
 - inner loop: `adapt`
 - outer loop: `MAML`, `with_zeroing`, `meta_loss`, `make_meta_step`, `compile_step`, `MetaState`, `map_tasks`
-- variants: `zero_head`, `head_mask`, `encoder_mask` (and `..._for(head)` for any params layout)
+  (MAML++'s options: `multi_step_loss_weights`, `MAML(learn_inner_lr="step", per_step_params=...)`)
+- variants: `zero_head`, `head_mask`, `encoder_mask` (and `..._for(head)` for any params layout),
+  `norm_mask`
 - adapters: `linen_model`, `nnx_model` (your own Flax model)
 - losses: `cross_entropy`, `mse_onehot`, `mse`, `accuracy`, `make_loss_fn`
 - evaluation: `evaluate`, `evaluate_tasks`, `mean_confidence_interval`
@@ -35,14 +37,15 @@ from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, sum
 from metajax.inner import adapt
 from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
 from metajax.meta import (MAML, MetaState, MetaStep, compile_step, make_meta_step, map_tasks,
-                          meta_loss, with_zeroing)
+                          meta_loss, multi_step_loss_weights, with_zeroing)
 from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.reptile import Reptile, make_reptile_step
 from metajax.nn.adapters import linen_model, nnx_model
 from metajax.nn.models import Model, conv4, kao_conv, mlp, model_from_encoder
 from metajax.nn.resnet import resnet12
 from metajax.types import Task
-from metajax.variants import encoder_mask, head_mask, head_mask_for, zero_head, zero_head_for
+from metajax.variants import (encoder_mask, head_mask, head_mask_for, norm_mask, zero_head,
+                              zero_head_for)
 
 from importlib import metadata as _metadata
 
@@ -87,8 +90,10 @@ __all__ = [
   "model_from_encoder",
   "mse",
   "mse_onehot",
+  "multi_step_loss_weights",
   "nn",
   "nnx_model",
+  "norm_mask",
   "platform",
   "resnet12",
   "summarize",

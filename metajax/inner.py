@@ -109,7 +109,10 @@ def adapt(
   unroll: int | bool = 1,
   return_losses: bool = False,
   allow_nonpositive_inner_lr: bool = False,
-) -> Params | tuple[Params, Array]:
+  per_step_lr: bool = False,
+  per_step: Mask | None = None,
+  observe: Callable[[Params], Any] | None = None,
+) -> Params | tuple[Any, ...]:
   """Adapts `params` to one task by `num_inner_steps` gradient steps on `loss_fn(params, x, y)`.
 
   The steps run in `lax.scan`, so the program size does not grow with the number of steps.
@@ -145,9 +148,22 @@ def adapt(
     return_losses: also return the support loss before each step, `[num_inner_steps]`.
     allow_nonpositive_inner_lr: accept a Python-number `inner_lr` <= 0 (refused by default: a
       step of that size ascends the support loss or does nothing).
+    per_step_lr: every leaf of `inner_lr` has a leading axis of learning rates, one per step:
+      step k uses entry k (the last entry for steps beyond it). With a learned `inner_lr` of
+      shape `[num_inner_steps]` per tensor, the per-layer per-step learning rates of MAML++
+      (Antoniou et al. 2019).
+    per_step: which leaves of `params` carry a leading axis of values, one per step (a mask as
+      `adapt_mask`, e.g. `metajax.norm_mask` for MAML++'s per-step BatchNorm weights and biases):
+      step k computes its support loss with entry k of each (the last entry for steps beyond
+      it), and the params returned hold the entry of the last step. These leaves never adapt in
+      the inner loop; the outer loop learns them.
+    observe: `params -> pytree`, evaluated at the params after each step (e.g. the query loss,
+      for MAML++'s multi-step loss); its values are returned stacked along a leading step axis.
 
   Returns:
-    The adapted params (same structure as `params`), and the inner losses if asked for.
+    The adapted params (the structure of `params`; `per_step` leaves without their step axis),
+    then the inner losses if `return_losses`, then the observed values if `observe`: the params
+    alone, or a tuple of these.
 
   Raises:
     ValueError: `x` and `y` disagree on the number of examples (their leading axis), or an
@@ -167,6 +183,11 @@ def adapt(
                      f"{remat!r}")
   check_examples({"x": x, "y": y})
   flags = resolve_mask(adapt_mask, params)
+  if per_step is not None or per_step_lr or observe is not None:
+    return _adapt_by_step(params, x, y, flags, loss_fn=loss_fn, num_inner_steps=num_inner_steps,
+                          inner_lr=inner_lr, optimizer=optimizer, first_order=first_order,
+                          remat=remat, unroll=unroll, return_losses=return_losses,
+                          per_step_lr=per_step_lr, per_step=per_step, observe=observe)
   adapted, merge = _partition(params, flags)
 
   def support_loss(leaves: list[Array]) -> Array:
@@ -196,11 +217,92 @@ def adapt(
 
     carry = (adapted, optimizer.init(adapted))
 
-  if callable(remat):
-    step = jax.checkpoint(step, policy=remat)
-  elif remat:
-    step = jax.checkpoint(step)
+  step = _rematerialised(step, remat)
   carry, losses = jax.lax.scan(step, carry, None, length=num_inner_steps, unroll=unroll)
   leaves = carry if optimizer is None else carry[0]
   new_params = merge(leaves)
   return (new_params, losses) if return_losses else new_params
+
+
+def _rematerialised(step: Callable, remat: bool | Callable[..., Any]) -> Callable:
+  if callable(remat):
+    return jax.checkpoint(step, policy=remat)
+  return jax.checkpoint(step) if remat else step
+
+
+def _at_step(leaf: Array, k: Array) -> Array:
+  """Entry `k` of a per-step leaf's leading axis (its last entry for `k` beyond it)."""
+  return jax.lax.dynamic_index_in_dim(leaf, jnp.minimum(k, jnp.shape(leaf)[0] - 1),
+                                      keepdims=False)
+
+
+def per_step_flags(per_step: Mask | None, params: Params) -> list[bool]:
+  """Flattens a `per_step` mask against `params` (all False when None); refuses scalar leaves."""
+  leaves, treedef = jax.tree.flatten(params)
+  if per_step is None:
+    return [False] * len(leaves)
+  mask = per_step(params) if callable(per_step) else per_step
+  try:
+    flags = [bool(f) for f in treedef.flatten_up_to(mask)]
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"per_step must have the structure of params ({treedef}); got {mask!r}"
+                     ) from e
+  flat = [f"leaf {i} {jnp.shape(leaf)}" for i, (leaf, f) in enumerate(zip(leaves, flags))
+          if f and not jnp.ndim(leaf)]
+  if flat:
+    raise ValueError(f"per_step leaves need a leading step axis; scalars: {', '.join(flat)}")
+  return flags
+
+
+def _adapt_by_step(params: Params, x: Array, y: Array, flags: list[bool], *, loss_fn: LossFn,
+                   num_inner_steps: int, inner_lr: Any,
+                   optimizer: optax.GradientTransformation | None, first_order: bool,
+                   remat: bool | Callable[..., Any], unroll: int | bool, return_losses: bool,
+                   per_step_lr: bool, per_step: Mask | None,
+                   observe: Callable[[Params], Any] | None) -> Params | tuple[Any, ...]:
+  """`adapt` with what depends on the step index: per-step lrs and leaves, and observations."""
+  leaves, treedef = jax.tree.flatten(params)
+  step_flags = per_step_flags(per_step, params)
+  flags = [f and not s for f, s in zip(flags, step_flags)]  # per-step leaves stay fixed
+  if not any(flags):
+    raise ValueError("adapt_mask selects no parameter to adapt besides the per_step ones")
+  lrs = None if optimizer is not None else _lr_leaves(inner_lr, params, flags)
+  if per_step_lr:
+    if lrs is None:
+      raise ValueError("per_step_lr needs inner_lr (plain gradient descent), not an optimizer")
+    bad = [jnp.shape(lr) for lr in lrs if not jnp.ndim(lr)]
+    if bad:
+      raise ValueError("per_step_lr needs a leading step axis on every inner_lr leaf, got "
+                       f"scalar learning rates: {bad}")
+
+  def merge_at(new_adapted: list[Array], k: Array) -> Params:
+    it = iter(new_adapted)
+    return treedef.unflatten([next(it) if f else _at_step(w, k) if s else w
+                              for w, f, s in zip(leaves, flags, step_flags)])
+
+  def support_loss(adapted: list[Array], k: Array) -> Array:
+    return loss_fn(merge_at(adapted, k), x, y)
+
+  grad_fn = jax.value_and_grad(support_loss)
+
+  def step(carry, k):
+    adapted, opt_state = carry
+    loss, grads = grad_fn(adapted, k)
+    if first_order:
+      grads = jax.lax.stop_gradient(grads)
+    if optimizer is None:
+      step_lrs = [_at_step(lr, k) for lr in lrs] if per_step_lr else lrs
+      adapted = [w - lr * g for w, lr, g in zip(adapted, step_lrs, grads)]
+    else:
+      updates, opt_state = optimizer.update(grads, opt_state, adapted)
+      adapted = optax.apply_updates(adapted, updates)
+    out = (loss, observe(merge_at(adapted, k))) if observe is not None else (loss,)
+    return (adapted, opt_state), out
+
+  start = [w for w, f in zip(leaves, flags) if f]
+  carry = (start, None if optimizer is None else optimizer.init(start))
+  (adapted, _), outs = jax.lax.scan(_rematerialised(step, remat), carry,
+                                    jnp.arange(num_inner_steps), unroll=unroll)
+  new_params = merge_at(adapted, jnp.asarray(num_inner_steps - 1))
+  extra = ((outs[0],) if return_losses else ()) + ((outs[1],) if observe is not None else ())
+  return (new_params, *extra) if extra else new_params

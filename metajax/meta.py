@@ -52,11 +52,25 @@ class MAML:
       `metajax.adapt`. None (the default): rolled, except in `make_meta_step`'s step, which
       compiles with `metajax.platform.xla.jit` and unrolls up to `MAX_AUTO_UNROLL` steps (fastest
       measured; plain `jax.jit` miscompiles unrolled Conv-4 meta-gradients on CPU).
-    learn_inner_lr: None (fixed), "tensor" (one learned lr per param tensor) or "element" (one per
-      parameter entry, Meta-SGD); the learned lrs start at `inner_lr`.
+    learn_inner_lr: None (fixed), "tensor" (one learned lr per param tensor), "element" (one per
+      parameter entry, Meta-SGD) or "step" (one per param tensor and inner step: MAML++'s
+      per-layer per-step lrs); the learned lrs start at `inner_lr`.
     params_transforms: functions applied, in order, to the model params before the inner loop and
       before any prediction (e.g. `zero_head`; see `with_zeroing`).
     allow_nonpositive_inner_lr: accept an `inner_lr` <= 0 (refused by default).
+    per_step_params: which params get one copy per inner step (a mask as `adapt_mask`, e.g.
+      `metajax.norm_mask`: MAML++'s per-step BatchNorm weights and biases). `init` stacks them
+      along a leading step axis; inner step k and the query after it use copy k; they do not
+      adapt in the inner loop (the outer loop learns them). Predictions before adaptation use
+      copy 0, after it the copy of the last step (of the last learned one, for more steps).
+    step_loss_weights: MAML++'s multi-step loss: the outer loss is the sum over inner steps k of
+      weight k times the query loss after step k. A `[num_inner_steps]` array, or a function of
+      the outer step (`multi_step_loss_weights` gives the paper's annealing). None: the query
+      loss after the last step only. A function applies in `make_meta_step` (which passes the
+      outer step through `at_step`); elsewhere the loss is the last step's.
+    first_order_steps: MAML++'s derivative-order annealing: in `make_meta_step`, the first this
+      many outer steps are first-order, the rest second-order (0: never first-order).
+    outer_step: the outer step that `at_step` set (traced); None outside the meta-step.
   """
 
   apply_fn: ApplyFn
@@ -71,6 +85,10 @@ class MAML:
   learn_inner_lr: Literal["tensor", "element"] | None = None
   params_transforms: tuple[Callable[[Params], Params], ...] = ()
   allow_nonpositive_inner_lr: bool = False
+  per_step_params: Any = None
+  step_loss_weights: Any = None
+  first_order_steps: int = 0
+  outer_step: Any = None
 
   def __post_init__(self):
     if not isinstance(self.num_inner_steps, int) or self.num_inner_steps < 1:
@@ -80,28 +98,71 @@ class MAML:
                        f"inner_lr={self.inner_lr!r}, optimizer={self.optimizer!r}")
     if self.inner_lr is not None:
       inner_lib.check_inner_lr(self.inner_lr, allow_nonpositive=self.allow_nonpositive_inner_lr)
-    if self.learn_inner_lr not in (None, "tensor", "element"):
-      raise ValueError(f"learn_inner_lr must be None, 'tensor' or 'element', got "
+    if self.learn_inner_lr not in (None, "tensor", "element", "step"):
+      raise ValueError(f"learn_inner_lr must be None, 'tensor', 'element' or 'step', got "
                        f"{self.learn_inner_lr!r}")
     if self.learn_inner_lr is not None and self.inner_lr is None:
       raise ValueError("learn_inner_lr needs an initial scalar inner_lr")
+    if (not isinstance(self.first_order_steps, int) or isinstance(self.first_order_steps, bool)
+        or self.first_order_steps < 0):
+      raise ValueError(f"first_order_steps must be an int >= 0, got {self.first_order_steps!r}")
+    if self.first_order_steps and self.first_order:
+      raise ValueError("first_order_steps anneals first-order into second-order MAML: it needs "
+                       f"first_order=False, got first_order=True and first_order_steps="
+                       f"{self.first_order_steps}")
+    weights = self.step_loss_weights
+    if weights is not None and not callable(weights):
+      if jnp.shape(weights) != (self.num_inner_steps,):
+        raise ValueError(f"step_loss_weights must have one weight per inner step, shape "
+                         f"({self.num_inner_steps},), got shape {jnp.shape(weights)}")
+
+  def at_step(self, step: Array) -> MAML:
+    """This learner at outer step `step` (for the annealed `step_loss_weights` and
+    `first_order_steps`; `make_meta_step` calls it). Without them, the learner itself."""
+    if self.first_order_steps or callable(self.step_loss_weights):
+      return dataclasses.replace(self, outer_step=step)
+    return self
 
   def init(self, params: Params) -> MetaParams:
-    """Model params -> meta-params (adds the learned inner lrs if any)."""
+    """Model params -> meta-params (per-step copies and learned inner lrs, if any)."""
+    if self.per_step_params is not None:
+      flags = self._per_step_flags(params)
+      leaves, treedef = jax.tree.flatten(params)
+      params = treedef.unflatten([
+        jnp.broadcast_to(w, (self.num_inner_steps, *jnp.shape(w))) if f else w
+        for w, f in zip(leaves, flags)])
     if self.learn_inner_lr is None:
       return params
     lr = jnp.asarray(self.inner_lr, jnp.result_type(*jax.tree.leaves(params)))
-    shape = (lambda p: jnp.shape(p)) if self.learn_inner_lr == "element" else (lambda p: ())
+    shapes = {"element": jnp.shape, "tensor": lambda p: (), "step": lambda p: (self.num_inner_steps,)}
+    shape = shapes[self.learn_inner_lr]
     return {"params": params, "inner_lr": jax.tree.map(lambda p: jnp.full(shape(p), lr), params)}
 
-  def model_params(self, meta_params: MetaParams) -> Params:
-    """The model params that the inner loop starts from (transforms such as zeroing applied)."""
+  def _per_step_flags(self, params: Params) -> list[bool]:
+    flags = inner_lib.per_step_flags(self.per_step_params, params)
+    if not any(flags):
+      raise ValueError("per_step_params selects no leaf of params: a mask such as "
+                       "metajax.norm_mask needs the model's norm layers under their names")
+    return flags
+
+  def _start_params(self, meta_params: MetaParams) -> Params:
+    """The params the inner loop starts from: per-step leaves still stacked, transforms applied."""
     if self.learn_inner_lr:
       self._check_meta_params(meta_params)
     params = meta_params["params"] if self.learn_inner_lr else meta_params
     for transform in self.params_transforms:
       params = transform(params)
     return params
+
+  def model_params(self, meta_params: MetaParams) -> Params:
+    """The model params predictions start from before adaptation (transforms such as zeroing
+    applied; per-step leaves at their first step)."""
+    params = self._start_params(meta_params)
+    if self.per_step_params is None:
+      return params
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten([w[0] if f else w
+                              for w, f in zip(leaves, self._per_step_flags(params))])
 
   def _check_meta_params(self, meta_params: MetaParams) -> None:
     if not (isinstance(meta_params, dict) and set(meta_params) == {"params", "inner_lr"}):
@@ -117,27 +178,71 @@ class MAML:
     Raises:
       ValueError, TypeError: as `check_support`, before anything is traced.
     """
+    return self._adapt(meta_params, x, y, return_losses=return_losses)
+
+  def _adapt(self, meta_params: MetaParams, x: Array, y: Array, *, return_losses: bool = False,
+             observe: Callable[[Params], Any] | None = None) -> Any:
     if self.learn_inner_lr:
       self._check_meta_params(meta_params)
     check_support(self, meta_params, x, y)
     inner_lr = meta_params["inner_lr"] if self.learn_inner_lr else self.inner_lr
+    by_step = {}
+    if self.per_step_params is not None or self.learn_inner_lr == "step" or observe is not None:
+      by_step = {"per_step_lr": self.learn_inner_lr == "step", "per_step": self.per_step_params,
+                 "observe": observe}
     return inner_lib.adapt(
-      self.model_params(meta_params), x, y,
+      self._start_params(meta_params), x, y,
       loss_fn=losses_lib.make_loss_fn(self.apply_fn, self.loss),
       num_inner_steps=self.num_inner_steps, inner_lr=inner_lr, optimizer=self.optimizer,
       first_order=self.first_order, adapt_mask=self.adapt_mask, remat=self.remat,
       unroll=1 if self.unroll is None else self.unroll, return_losses=return_losses,
-      allow_nonpositive_inner_lr=self.allow_nonpositive_inner_lr)
+      allow_nonpositive_inner_lr=self.allow_nonpositive_inner_lr, **by_step)
 
   def task_loss(self, meta_params: MetaParams, task: Task) -> tuple[Array, dict[str, Array]]:
-    """Query loss of one task at the adapted params, and per-task metrics."""
+    """Query loss of one task at the adapted params, and per-task metrics.
+
+    `inner/support_loss_before` is the support loss before the first inner step.
+    """
+    if self.first_order_steps and self.outer_step is not None:
+      # Derivative-order annealing: both programs are compiled, one runs (the predicate is the
+      # outer step, the same for every task, so `vmap` keeps it a branch).
+      first = dataclasses.replace(self, first_order=True, first_order_steps=0)
+      second = dataclasses.replace(self, first_order_steps=0)
+      return jax.lax.cond(self.outer_step < self.first_order_steps, first.task_loss,
+                          second.task_loss, meta_params, task)
+    weights = self.step_loss_weights
+    if callable(weights):
+      weights = None if self.outer_step is None else weights(self.outer_step)
+    if weights is not None:
+      return self._multi_step_loss(meta_params, task, weights)
     adapted, inner_losses = self.adapt(meta_params, task.support_x, task.support_y,
                                        return_losses=True)
     outputs = self.apply_fn(adapted, task.query_x)
     loss = self.loss(outputs, task.query_y)
-    metrics = {"inner/support_loss": inner_losses[0], "outer/query_loss": loss}
+    metrics = {"inner/support_loss_before": inner_losses[0], "outer/query_loss": loss}
     if is_classification(task.query_y):
       metrics["outer/query_accuracy"] = losses_lib.accuracy(outputs, task.query_y)
+    return loss, metrics
+
+  def _multi_step_loss(self, meta_params: MetaParams, task: Task,
+                       weights: Array) -> tuple[Array, dict[str, Array]]:
+    """MAML++'s outer loss: the query losses after every inner step, weighted."""
+    classification = is_classification(task.query_y)
+
+    def query(params: Params) -> dict[str, Array]:
+      outputs = self.apply_fn(params, task.query_x)
+      out = {"loss": self.loss(outputs, task.query_y)}
+      if classification:
+        out["accuracy"] = losses_lib.accuracy(outputs, task.query_y)
+      return out
+
+    _, inner_losses, queried = self._adapt(meta_params, task.support_x, task.support_y,
+                                           return_losses=True, observe=query)
+    loss = jnp.sum(jnp.asarray(weights, queried["loss"].dtype) * queried["loss"])
+    metrics = {"inner/support_loss_before": inner_losses[0],
+               "outer/query_loss": queried["loss"][-1]}
+    if classification:
+      metrics["outer/query_accuracy"] = queried["accuracy"][-1]
     return loss, metrics
 
 
@@ -156,6 +261,38 @@ def with_zeroing(learner: L, head: Any = None) -> L:
 
   zero = zero_head if head is None else zero_head_for(head)
   return dataclasses.replace(learner, params_transforms=(*learner.params_transforms, zero))
+
+
+def multi_step_loss_weights(num_inner_steps: int, num_epochs: int, *, steps_per_epoch: int = 500,
+                            min_weight: float = 0.03) -> Callable[[Array], Array]:
+  """MAML++'s annealed weights of the query loss after each inner step (Antoniou et al. 2019).
+
+  At epoch e = outer_step // steps_per_epoch, with N = num_inner_steps and d = 1 / (N num_epochs):
+  every step but the last weighs max(1/N - e d, min_weight / N), the last min(1/N + e (N-1) d,
+  1 - (N-1) min_weight / N); from epoch `num_epochs` on, the last step alone weighs 1 (the paper's
+  code drops the other steps' losses then). The weights sum to 1 throughout.
+
+  Returns:
+    `outer_step -> [N]` weights, for `MAML(step_loss_weights=...)`.
+  """
+  for name, value in (("num_inner_steps", num_inner_steps), ("num_epochs", num_epochs),
+                      ("steps_per_epoch", steps_per_epoch)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+  if not 0 <= min_weight <= 1:
+    raise ValueError(f"min_weight must be in [0, 1], got {min_weight!r}")
+  n = num_inner_steps
+  decay, floor = 1.0 / n / num_epochs, min_weight / n
+  last = jnp.arange(n) == n - 1
+
+  def weights(outer_step: Array) -> Array:
+    epoch = jnp.asarray(outer_step) // steps_per_epoch
+    early = jnp.maximum(1.0 / n - epoch * decay, floor)
+    final = jnp.minimum(1.0 / n + epoch * (n - 1) * decay, 1.0 - (n - 1) * floor)
+    annealed = jnp.where(last, final, early)
+    return jnp.where(epoch < num_epochs, annealed, last.astype(annealed.dtype))
+
+  return weights
 
 
 def is_classification(y: Array) -> bool:
@@ -280,8 +417,10 @@ def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
     return MetaState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32))
 
   def step(state: MetaState, tasks: Task) -> tuple[MetaState, dict[str, Array]]:
+    # A learner annealed by outer step (MAML++) sees this step; any other is itself.
+    at_step = learner.at_step(state.step) if hasattr(learner, "at_step") else learner
     (loss, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(
-      state.params, tasks, learner, task_map=task_map, has_aux=True)
+      state.params, tasks, at_step, task_map=task_map, has_aux=True)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "outer/loss": loss, "outer/grad_norm": optax.tree.norm(grads)}

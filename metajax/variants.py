@@ -5,6 +5,7 @@
   random initial head adds to MAML's encoder gradient.
 - `head_mask`: the inner-loop mask of ANIL (Raghu et al. 2020): only the head adapts.
 - `encoder_mask`: its complement, e.g. to adapt only the body.
+- `norm_mask`: the normalisation layers' scales and biases (MAML++'s per-step BatchNorm).
 
 Which leaves are the head is a parameter (`head=`), not a layout. A `HeadSpec` is one of:
 
@@ -187,3 +188,15 @@ def head_mask_for(head: HeadSpec) -> Callable[[Params], PyTree]:
 def zero_head_for(head: HeadSpec) -> Callable[[Params], Params]:
   """`zero_head` bound to a head spec: `params -> params`, a `params_transforms` entry."""
   return functools.partial(zero_head, head=head)
+
+
+def norm_mask(params: Params) -> PyTree:
+  """Mask with True on the leaves of normalisation layers: those below a key whose name contains
+  "norm" (any case: metajax's `norm0`, Flax's `BatchNorm_0`, `LayerNorm_0`) or is `bn` followed
+  by digits, as PyTorch ports name them. For `MAML(per_step_params=metajax.norm_mask)`."""
+  def is_norm(name: Hashable) -> bool:
+    name = str(name).lower()
+    return "norm" in name or (name.startswith("bn") and name[2:].isdigit())
+
+  flags = [any(is_norm(name) for name in path[:-1]) for path in leaf_paths(params)]
+  return jax.tree.structure(params).unflatten(flags)

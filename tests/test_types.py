@@ -59,7 +59,7 @@ class OneStepLearner:
     adapted, support_loss = self.adapt(meta_params, task.support_x, task.support_y,
                                        return_losses=True)
     loss = self.loss(self.apply_fn(adapted, task.query_x), task.query_y)
-    return loss, {"inner/support_loss": support_loss[0], "outer/query_loss": loss}
+    return loss, {"inner/support_loss_before": support_loss[0], "outer/query_loss": loss}
 
 
 def test_library_learners_implement_the_protocol():

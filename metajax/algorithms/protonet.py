@@ -138,7 +138,7 @@ def episode_task_loss(learner: Any, meta_params: Any, task: Task) -> tuple[Array
                                         return_losses=True)
   logits = learner.apply_fn(adapted, task.query_x)
   loss = learner.loss(logits, task.query_y)
-  return loss, {"inner/support_loss": support_loss[0], "outer/query_loss": loss,
+  return loss, {"inner/support_loss_before": support_loss[0], "outer/query_loss": loss,
                 "outer/query_accuracy": losses_lib.accuracy(logits, task.query_y)}
 
 

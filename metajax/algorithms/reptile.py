@@ -72,7 +72,7 @@ class Reptile(MAML):
     grads = jax.tree.map(jnp.subtract, theta, adapted)
     outputs = self.apply_fn(adapted, task.query_x)
     query_loss = self.loss(outputs, task.query_y)
-    metrics = {"inner/support_loss": inner_losses[0],
+    metrics = {"inner/support_loss_before": inner_losses[0],
                "inner/support_loss_last": inner_losses[-1],
                "outer/query_loss": query_loss}
     if meta_lib.is_classification(task.query_y):
@@ -144,7 +144,7 @@ def make_reptile_step(learner: Reptile, optimizer: optax.GradientTransformation,
   Returns:
     `MetaStep` (`init`, `step`, `steps`); `step(state, tasks) -> (state, metrics)` with metrics
     averaged over tasks: `outer/loss` (= `outer/query_loss`, after adaptation), `outer/query_accuracy` for
-    labels, `inner/support_loss` (before the first inner step), `inner/support_loss_last` (before
+    labels, `inner/support_loss_before` (before the first inner step), `inner/support_loss_last` (before
     the last one) and `outer/grad_norm` (norm of the mean pseudo-gradient).
   """
   if not isinstance(learner, Reptile):

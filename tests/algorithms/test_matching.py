@@ -73,7 +73,7 @@ class MatchingNetTest(chex.TestCase):
       expected = np.log(attention @ np.eye(WAYS)[np.asarray(task.support_y)])  # QS,SN->QN
       np.testing.assert_allclose(log_probs, expected, rtol=F64_TOL, atol=F64_TOL)
       np.testing.assert_allclose(loss, _np_cross_entropy(expected, task.query_y), rtol=F64_TOL)
-      self.assertEqual(set(metrics), {"inner/support_loss", "outer/query_loss",
+      self.assertEqual(set(metrics), {"inner/support_loss_before", "outer/query_loss",
                                       "outer/query_accuracy"})
 
   def test_one_shot_sharp_temperature_is_cosine_nearest_neighbour(self):
@@ -177,7 +177,7 @@ class MatchingNetTest(chex.TestCase):
     np.testing.assert_array_equal(wide_lp[:, WAYS:], -np.inf)
     np.testing.assert_allclose(wide_lp[:, :WAYS], exact_lp, rtol=F32_TOL, atol=F32_TOL)
     np.testing.assert_allclose(wide_loss, _np_cross_entropy(exact_lp, task.query_y), rtol=F32_TOL)
-    self.assertTrue(np.isfinite(metrics["inner/support_loss"]))
+    self.assertTrue(np.isfinite(metrics["inner/support_loss_before"]))
     self.assertTrue(all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)))
 
   def test_meta_step_trains_and_evaluation_starts_at_chance(self):

@@ -55,7 +55,7 @@ class ProtoNetTest(chex.TestCase):
       np.testing.assert_allclose(logits, expected, rtol=F64_TOL, atol=F64_TOL)
       loss, metrics = learner.task_loss(params, task)
       np.testing.assert_allclose(loss, mj.cross_entropy(expected, task.query_y), rtol=F64_TOL)
-      self.assertEqual(set(metrics), {"inner/support_loss", "outer/query_loss",
+      self.assertEqual(set(metrics), {"inner/support_loss_before", "outer/query_loss",
                                       "outer/query_accuracy"})
 
   @parameterized.parameters([(2, 0, 1)], [(1, 2, 0)])

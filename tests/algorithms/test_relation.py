@@ -134,9 +134,9 @@ class RelationNetTest(chex.TestCase):
     exact_scores = 1 / (1 + np.exp(-np.asarray(exact_logits)))
     expected_loss = np.mean(np.sum((exact_scores - np.eye(WAYS)[task.query_y]) ** 2, -1))
     np.testing.assert_allclose(wide_loss, expected_loss, rtol=F32_TOL)
-    self.assertEqual(set(metrics), {"inner/support_loss", "outer/query_loss",
+    self.assertEqual(set(metrics), {"inner/support_loss_before", "outer/query_loss",
                                     "outer/query_accuracy"})
-    self.assertTrue(np.isfinite(metrics["inner/support_loss"]))
+    self.assertTrue(np.isfinite(metrics["inner/support_loss_before"]))
     self.assertTrue(all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)))
 
   def test_meta_step_trains_and_evaluation_starts_at_chance(self):

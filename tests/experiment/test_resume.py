@@ -74,7 +74,7 @@ def test_the_reference_has_what_a_resume_must_reproduce(uninterrupted):
   assert [r["step"] for r in records if "outer/loss" in r] == [3, 6, 8]
   assert [r["step"] for r in records if "eval/loss_after" in r] == [4, 8]
   assert [r["step"] for r in records if "test/loss_after" in r] == [8]
-  assert {"inner/support_loss", "outer/loss", "outer/grad_norm", "eval/loss_after",
+  assert {"inner/support_loss_before", "outer/loss", "outer/grad_norm", "eval/loss_after",
           "test/loss_after"} <= set(uninterrupted["results"])
   assert sorted(uninterrupted["checkpoints"]) == [2, 4, 6, 8]
 

@@ -307,7 +307,7 @@ def test_loop_writes_metrics_checkpoints_and_results(tmp_path):
   assert checkpoint.best_step(tmp_path / train.CHECKPOINT_DIR, train.best_of(config)) == 2
   records = metrics.read_metrics(tmp_path)
   names = set().union(*records)
-  assert {"outer/loss", "outer/grad_norm", "inner/support_loss", "eval/loss_after",
+  assert {"outer/loss", "outer/grad_norm", "inner/support_loss_before", "eval/loss_after",
           "test/loss_after"} <= names
   assert [r["step"] for r in records if "outer/loss" in r] == [1, 2, 3, 4]
   if importlib.util.find_spec("tensorboardX"):
