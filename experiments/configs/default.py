@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.widths = (64, 160, 320, 640)    # resnet12 only: channels of its 4 blocks
   # algorithm
   c.algorithm = "maml"              # one of build.ALGORITHMS: maml, fomaml, anil, metasgd,
-                                    # reptile, protonet, umtra, pretrain, simclr, supcon
+                                    # mamlpp, reptile, protonet, umtra, pretrain, simclr,
+                                    # supcon
   c.reptile_serial = False          # reptile: tasks in turn, one outer update each
   c.pretrain_eval = ""              # pretrain/simclr/supcon: finetune, linear_probe, prototypes
                                     # ("": finetune for pretrain, prototypes for the others)
@@ -47,6 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.inner_lr = 0.4
   c.meta_lr = 1e-3
   c.optimizer = "adam"              # one of build.OPTIMIZERS: adam, sgd
+  c.meta_lr_schedule = "constant"   # or "cosine": from meta_lr to min_meta_lr over num_steps
+  c.min_meta_lr = 0.0
+  # MAML++ (algorithm="mamlpp", Antoniou et al. 2019); an "epoch" is mamlpp_epoch_steps steps
+  c.mamlpp_msl_epochs = 10          # epochs of the annealed multi-step loss (0: last step only)
+  c.mamlpp_epoch_steps = 500
+  c.mamlpp_first_order_epochs = 0   # derivative-order annealing: first-order epochs first
+  c.mamlpp_step_lrs = True          # per-layer per-step learned inner lrs
+  c.mamlpp_step_norm = True         # per-step BatchNorm weights and biases
   # schedule
   c.num_steps = 60_000              # outer steps
   c.eval_every = 1_000              # 0: only the final evaluation
@@ -69,4 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
   # replicated; one device runs the single-device program), or "N" for the first N (N must
   # divide it). A string: --config.devices=2.
   c.devices = "all"
+  # divergence: a finite meta-loss above this multiple of the first step's (0: no bound), a
+  # meta-gradient norm above this (0: no bound); "warn" prints one line, "stop" stops the run as a
+  # NaN does (the newest checkpoint is the last good state). All may change on resume.
+  c.divergence_loss_ratio = 1_000.0
+  c.divergence_grad_norm = 0.0
+  c.on_divergence = "warn"
   return c

@@ -56,11 +56,12 @@ from metajax.algorithms.reptile import Reptile, make_reptile_step
 from metajax.algorithms.siamese import SiameseNet
 from metajax.data.augment import make_affine_augment
 from metajax.data.umtra import make_umtra_sampler
-from metajax.meta import MAML, MetaStep, TaskMap, compile_step, make_meta_step, with_zeroing
+from metajax.meta import (MAML, MetaStep, TaskMap, compile_step, make_meta_step,
+                          multi_step_loss_weights, with_zeroing)
 from metajax.nn import models as models_lib
 from metajax.nn import resnet as resnet_lib
 from metajax.types import Array, PRNGKey, Task
-from metajax.variants import head_mask
+from metajax.variants import head_mask, norm_mask
 
 Config = ml_collections.ConfigDict | ml_collections.FrozenConfigDict
 Learner = MAML  # any object with MAML's interface: init, model_params, adapt, task_loss, ...
@@ -80,6 +81,17 @@ class UnknownConfigError(flags.Error, LookupError):
 
 def _maml_kwargs(config: Config, num_inner_steps: int) -> dict[str, Any]:
   return {"num_inner_steps": num_inner_steps, "inner_lr": config.inner_lr, "remat": config.remat}
+
+
+def _mamlpp(model: models_lib.Model, loss: losses_lib.Loss, config: Config, k: int) -> MAML:
+  """MAML++ (Antoniou et al. 2019): the options that the `mamlpp_*` fields switch on."""
+  epochs, per_epoch = config.mamlpp_msl_epochs, config.mamlpp_epoch_steps
+  weights = (multi_step_loss_weights(k, epochs, steps_per_epoch=per_epoch) if epochs else None)
+  return MAML(model.apply, loss, step_loss_weights=weights,
+              learn_inner_lr="step" if config.mamlpp_step_lrs else None,
+              per_step_params=norm_mask if config.mamlpp_step_norm else None,
+              first_order_steps=config.mamlpp_first_order_epochs * per_epoch,
+              **_maml_kwargs(config, k))
 
 
 def train_ways(config: Config) -> int:
@@ -281,6 +293,9 @@ ALGORITHMS: dict[str, Algorithm] = {
   # Li et al. 2017: one learned inner learning rate per parameter entry, starting at inner_lr.
   "metasgd": Algorithm(lambda model, loss, c, k: MAML(model.apply, loss, learn_inner_lr="element",
                                                       **_maml_kwargs(c, k))),
+  # Antoniou et al. 2019: multi-step loss, per-layer per-step inner lrs, per-step BatchNorm
+  # weights and biases, derivative-order annealing (the `mamlpp_*` fields).
+  "mamlpp": Algorithm(_mamlpp),
   # Nichol et al. 2018: k inner SGD steps, the outer optimiser fed theta - theta' (batched, or
   # serial with `reptile_serial`).
   "reptile": Algorithm(lambda model, loss, c, k: Reptile(model.apply, loss, **_maml_kwargs(c, k)),
@@ -454,7 +469,13 @@ def _load_omniglot(config: Config, splits: tuple[str, ...]) -> dict[str, TaskSou
   pool = data_lib.load_omniglot(config.data_dir or None, cache_dir=config.cache_dir or None,
                                 image_size=config.image_size, dtype=np.uint8,
                                 download=bool(config.get("download", False)))
-  pools = data_lib.omniglot_split(pool, config.split, rotations=_omniglot_rotations(config))
+  try:
+    pools = data_lib.omniglot_split(pool, config.split, rotations=_omniglot_rotations(config))
+  except ValueError as e:  # e.g. alphabets of one's own in Omniglot's layout: not the 1623
+    where = data_lib.find_omniglot_dir(config.data_dir or None)
+    raise ConfigError(f"split={config.split!r} cannot split the Omniglot data in {str(where)!r} "
+                      f"({pool.num_classes} characters): {e}; pass --config.data_dir=<a folder "
+                      f"with the published archives>") from None
   return _episode_sources(config, pools, splits)
 
 
@@ -562,6 +583,11 @@ FIELDS = frozenset({
   "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints", "seed",
   # execution
   "task_map", "remat", "steps_per_call", "devices",
+  # the meta learning rate's schedule; MAML++'s options
+  "meta_lr_schedule", "min_meta_lr", "mamlpp_msl_epochs", "mamlpp_epoch_steps",
+  "mamlpp_first_order_epochs", "mamlpp_step_lrs", "mamlpp_step_norm",
+  # divergence
+  "divergence_loss_ratio", "divergence_grad_norm", "on_divergence",
 })
 
 # Fields that configs stored by older versions lack, with the value those runs ran with (one
@@ -569,7 +595,13 @@ FIELDS = frozenset({
 # defaults, unused before them).
 ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False, "devices": "1",
                              "matching_temperature": 1.0, "fce_steps": 1,
-                             "widths": resnet_lib.DEFAULT_WIDTHS}
+                             "widths": resnet_lib.DEFAULT_WIDTHS,
+                             "meta_lr_schedule": "constant", "min_meta_lr": 0.0,
+                             "mamlpp_msl_epochs": 10, "mamlpp_epoch_steps": 500,
+                             "mamlpp_first_order_epochs": 0, "mamlpp_step_lrs": True,
+                             "mamlpp_step_norm": True,
+                             "divergence_loss_ratio": 0.0, "divergence_grad_norm": 0.0,
+                             "on_divergence": "warn"}
 
 # Fields that may differ between a checkpoint's config and the config of a run resuming from it:
 # schedule, logging, evaluation and where the data lives. Every other field defines the run.
@@ -577,7 +609,13 @@ RESUMABLE_FIELDS = frozenset({
   "num_steps", "eval_every", "eval_split", "eval_num_tasks", "test_num_tasks", "eval_batch_size",
   "eval_num_inner_steps", "eval_seed", "log_every", "checkpoint_every", "keep_checkpoints",
   "data_dir", "cache_dir", "download", "task_map", "remat", "steps_per_call", "devices",
+  "divergence_loss_ratio", "divergence_grad_norm", "on_divergence",
 })
+
+# Fields that may differ on resume when the run is told so (`train.py --allow_config_change=...`;
+# the change is recorded in the workdir's `config_history.jsonl`): the learning rates. The
+# training state does not depend on them (optax's adam and sgd keep no learning rate in theirs).
+CHANGEABLE_FIELDS = frozenset({"meta_lr", "inner_lr"})
 
 
 def config_to_dict(config: Config | Mapping[str, Any]) -> dict[str, Any]:
@@ -679,6 +717,34 @@ def parse_devices(value: Any) -> int | None:
   return int(text)
 
 
+# What a finite divergence (`divergence_loss_ratio`, `divergence_grad_norm`) does to the run.
+DIVERGENCE_ACTIONS = ("warn", "stop")
+
+
+META_LR_SCHEDULES = ("constant", "cosine")
+
+
+def _mamlpp_problems(config: Config) -> Problems:
+  """The `mamlpp_*` fields: in range, and left at their defaults unless algorithm="mamlpp"."""
+  problems = (_int_at_least(config, "mamlpp_msl_epochs", 0)
+              + _int_at_least(config, "mamlpp_epoch_steps", 1)
+              + _int_at_least(config, "mamlpp_first_order_epochs", 0))
+  for field in ("mamlpp_step_lrs", "mamlpp_step_norm"):
+    if not isinstance(config.get(field), bool):
+      problems.append(f"{field}={config.get(field)!r} must be True or False")
+  if config.get("algorithm") != "mamlpp":
+    changed = sorted(f for f in ("mamlpp_msl_epochs", "mamlpp_epoch_steps",
+                                 "mamlpp_first_order_epochs", "mamlpp_step_lrs",
+                                 "mamlpp_step_norm") if config.get(f) != ABSENT[f])
+    if changed:
+      problems.append(f"{', '.join(changed)} only apply to algorithm='mamlpp', not "
+                      f"algorithm={config.get('algorithm')!r}")
+  elif config.get("mamlpp_step_norm") is True and config.get("model") == "mlp":
+    problems.append("mamlpp_step_norm=True needs a model with BatchNorm (conv4, kao_conv, "
+                    "resnet12), not model='mlp'; pass --config.mamlpp_step_norm=False")
+  return problems
+
+
 def validate_config(config: Config) -> None:
   """Checks a config before anything is loaded or compiled.
 
@@ -733,6 +799,21 @@ def validate_config(config: Config) -> None:
   positive("inner_lr")
   positive("meta_lr")
   positive("matching_temperature")
+  need(config.get("meta_lr_schedule") in META_LR_SCHEDULES,
+       f"meta_lr_schedule={config.get('meta_lr_schedule')!r} is not one of "
+       + ", ".join(META_LR_SCHEDULES))
+  min_lr, meta_lr = config.get("min_meta_lr"), config.get("meta_lr")
+  need(isinstance(min_lr, (int, float)) and not isinstance(min_lr, bool)
+       and (0 <= min_lr <= meta_lr if isinstance(meta_lr, (int, float)) else min_lr >= 0),
+       f"min_meta_lr={min_lr!r} must be a number in [0, meta_lr={meta_lr!r}]")
+  problems += _mamlpp_problems(config)
+  for field in ("divergence_loss_ratio", "divergence_grad_norm"):
+    value = config.get(field)
+    need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+         f"{field}={value!r} must be a number >= 0 (0: no bound)")
+  need(config.get("on_divergence") in DIVERGENCE_ACTIONS,
+       f"on_divergence={config.get('on_divergence')!r} is not one of "
+       + ", ".join(DIVERGENCE_ACTIONS))
   try:
     parse_task_map(config.get("task_map"))
   except ValueError as e:
@@ -809,8 +890,17 @@ def build_learner(config: Config, model: models_lib.Model, *,
   return learner
 
 
+def meta_lr_schedule(config: Config) -> float | optax.Schedule:
+  """`meta_lr`, or with `meta_lr_schedule="cosine"` a cosine decay from it to `min_meta_lr` over
+  `num_steps` outer steps (MAML++'s annealing, per step rather than per epoch)."""
+  if config.meta_lr_schedule == "constant":
+    return config.meta_lr
+  return optax.cosine_decay_schedule(config.meta_lr, max(config.num_steps, 1),
+                                     alpha=config.min_meta_lr / config.meta_lr)
+
+
 def build_optimizer(config: Config) -> optax.GradientTransformation:
-  return OPTIMIZERS[config.optimizer](config.meta_lr)
+  return OPTIMIZERS[config.optimizer](meta_lr_schedule(config))
 
 
 def build_meta_step(config: Config, model: models_lib.Model, learner: Learner, *,

@@ -73,20 +73,24 @@ class CheckpointError(ValueError):
   """A checkpoint that does not exist, cannot be read, or does not fit the run."""
 
 
-class CheckpointWarning(UserWarning):
+class OneLineWarning(UserWarning):
+  """A warning about the user's run or files, which the binaries print as one line."""
+
+
+class CheckpointWarning(OneLineWarning):
   """A broken checkpoint was skipped, and another good one read instead."""
 
 
 def one_line_warnings() -> None:
-  """Makes `CheckpointWarning`s print as one `warning: <message>` line (for binaries: the
-  message names the checkpoint; the source line that warned means nothing to their user).
-  Other warnings print as before."""
+  """Makes `OneLineWarning`s (`CheckpointWarning`, `train.DivergenceWarning`) print as one
+  `warning: <message>` line (for binaries: the message names the checkpoint or the step; the
+  source line that warned means nothing to their user). Other warnings print as before."""
   default = warnings.formatwarning
   if getattr(default, "_one_line", False):
     return
 
   def format_warning(message, category, filename, lineno, line=None):
-    if issubclass(category, CheckpointWarning):  # orbax's errors inside may span lines
+    if issubclass(category, OneLineWarning):  # orbax's errors inside may span lines
       return f"warning: {' '.join(str(message).split())}\n"
     return default(message, category, filename, lineno, line)
 

@@ -11,6 +11,9 @@ and the nearest one that exists; `exit_on_bad_config_overrides` is the call a bi
 
 `split_error` checks an evaluation split against the splits of the run's dataset, before any
 data is loaded; `stored_config` reads the config a workdir's newest checkpoint holds, for it.
+`stop_message` is the line a run stopped at a bad step ends with: what happened, the last good
+checkpoint and the exact command that resumes from it with a lower learning rate
+(`resume_command`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Collection, Sequence
+import shlex
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 from absl import flags
@@ -125,3 +130,60 @@ def stored_config(workdir: str | os.PathLike[str]) -> build.Config | None:
       return build.config_from_dict(saved)
     except (ckpt_lib.CheckpointError, build.ConfigError, OSError):
       return None
+
+
+ALLOW_FLAG = "allow_config_change"  # train.py's flag of the fields that may change on resume
+
+
+def resume_command(argv: Sequence[str], values: Mapping[str, Any], *, allow: bool = True) -> str:
+  """`argv` as one shell line with `--config.<field>=<value>` for each of `values` (the field's
+  own overrides dropped) and, with `allow`, those fields added to `--allow_config_change`.
+
+  Args:
+    argv: the command as it was run (`sys.orig_argv`: the interpreter, the script, the flags);
+      parsing stops at `--`.
+    values: e.g. `{"meta_lr": 1e-4}`.
+    allow: add the fields to `--allow_config_change` (resuming from a checkpoint of the old
+      values); False when there is no checkpoint to resume from.
+  """
+  fields = set(values)
+  allowed: list[str] = []
+  out: list[str] = []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg == "--":
+      out.extend(args[i:])
+      break
+    match = _OVERRIDE.match(arg)
+    name, has_value = arg.lstrip("-").partition("=")[0], "=" in arg
+    if match is not None and match.group("path") in fields:
+      # `--config.meta_lr 0.1`: the value is the next argument
+      i += 1 if has_value or i + 1 >= len(args) or args[i + 1].startswith("-") else 2
+      continue
+    if arg.startswith("-") and name == ALLOW_FLAG:
+      value = arg.partition("=")[2] if has_value else (args[i + 1] if i + 1 < len(args) else "")
+      allowed += [f for f in value.split(",") if f]
+      i += 1 if has_value else 2
+      continue
+    out.append(arg)
+    i += 1
+  out += [f"--config.{k}={v!r}" for k, v in values.items()]
+  if allow:
+    allowed += [f for f in values if f not in allowed]
+  if allowed:
+    out.append(f"--{ALLOW_FLAG}={','.join(dict.fromkeys(allowed))}")
+  return shlex.join(out)
+
+
+def stop_message(error: train.TrainingStopped, argv: Sequence[str]) -> str:
+  """The one line a binary ends with when a bad step stopped training: what was wrong at which
+  step, the last good checkpoint, and the exact command that resumes from it with the lower
+  learning rates of `error.lower` (or starts again when no checkpoint was written)."""
+  if not error.lower:
+    return str(error)
+  lower = " and ".join(f"a {train.LOWER_BY}x lower {k}" for k in error.lower)
+  resume = error.checkpoint_step is not None
+  return (f"{error.summary}; to {'resume from it' if resume else 'start again'} with {lower}: "
+          f"{resume_command(argv, error.lower, allow=resume)}")

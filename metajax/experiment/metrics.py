@@ -131,6 +131,26 @@ class JsonlWriter:
     pass
 
 
+def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+  """Appends `record` as one JSON line to `path`, durably (flushed and fsynced).
+
+  A line torn by a crash before it (no final newline) is cut off first, so the new line never
+  joins it. The line goes out in one `write` on a file opened for appending.
+  """
+  path = Path(path)
+  line = (json.dumps(dict(record), allow_nan=True) + "\n").encode()
+  with open(path, "ab+") as f:
+    size = f.seek(0, os.SEEK_END)
+    if size:
+      f.seek(size - 1)
+      if f.read(1) != b"\n":  # a torn last line: keep up to the newline before it
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
+    f.write(line)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _temporary(path: Path) -> Path:
   """The file `truncate_after` writes before renaming it over the metrics file `path`."""
   return path.with_name(path.name + ".tmp")

@@ -18,9 +18,15 @@ its final parameters are bit-identical. Evaluation tasks come from `jax.random.k
 instead (task i from `fold_in(eval_key, i)`), so that runs with different seeds, and any two
 checkpoints, are evaluated on the very same tasks.
 
-A non-finite meta-loss or meta-gradient stops the run with a `NonFiniteError` naming the step;
-checkpoints are only written after checking every step since the last one, so the newest
-checkpoint is always a good one. A checkpoint also holds the host side of the metrics (the
+A non-finite meta-loss or meta-gradient stops the run with a `NonFiniteError` naming the step, as
+labels outside the episode's classes do (`BadLabelsError`, from the meta-step's
+`inputs/bad_labels` count where it reports one); a finite divergence (a meta-loss above
+`divergence_loss_ratio` times the first step's, a meta-gradient norm above `divergence_grad_norm`)
+warns once (`DivergenceWarning`), or stops the run likewise with `on_divergence="stop"`
+(`DivergenceError`). Checkpoints are only written after checking every step since the last one,
+so the newest checkpoint is always a good one. A run resumes with other learning rates
+(`build.CHANGEABLE_FIELDS`) only when told so (`allow_config_change`); each change is a line of
+`config_history.jsonl`, and the checkpoints written afterwards hold the new values. A checkpoint also holds the host side of the metrics (the
 per-step metrics since the last log line, the latest logged and evaluated values), so a resumed
 run, or a rerun of a finished one, writes the very lines and `results.json` an uninterrupted run
 writes. Ctrl-C (SIGINT) lets a checkpoint being written complete, then raises `Interrupted`
@@ -29,7 +35,8 @@ newest, the run keeps its best checkpoint by the dataset's validation metric
 (`DatasetSpec.best`, e.g. `eval/accuracy_after`).
 
 Workdir layout: `checkpoints/checkpoint_<step>/` (orbax folders, `metajax.experiment.checkpoint`),
-`metrics.jsonl`, `tensorboard/`, `config.json`, `versions.json` (per invocation: the versions of
+`metrics.jsonl`, `tensorboard/`, `config.json`, `config_history.jsonl` (the learning-rate
+changes made on resume, one JSON line each), `versions.json` (per invocation: the versions of
 jax, jaxlib, flax, optax, numpy, orbax-checkpoint, metajax, and metajax's git revision), and
 `results.json` (the final metrics), and `.lock` (`metajax.experiment.lock`: one training process
 per workdir; a second one is refused with the holder named). Files are written by the primary
@@ -39,6 +46,7 @@ process only.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib.metadata
 import json
@@ -47,8 +55,9 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Collection, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,14 +81,69 @@ CHECKPOINT_DIR = "checkpoints"
 RESULTS_FILE = "results.json"
 LOG_STATE = "log"  # the key of `_Log.state()` in a checkpoint's extra JSON
 VERSIONS_FILE = "versions.json"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
 # outer metrics that must stay finite
 WATCHED = ("outer/loss", "outer/grad_norm")
+# the meta-step's count of labels outside [0, ways) in a step's meta-batch (classification only):
+# any stops the run; it is never logged (it is 0 on every step a run gets past)
+BAD_LABELS = "inputs/bad_labels"
+LOWER_BY = 10  # the learning-rate reduction the stop advice suggests
 # what versions.json records, besides python and the git revision
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "metajax")
 
 
-class NonFiniteError(FloatingPointError):
+class TrainingStopped(Exception):
+  """A step's metrics stopped the run; the newest checkpoint is the last good state.
+
+  Attributes:
+    what: what was wrong, e.g. "outer/loss = nan".
+    step: the step it was seen at.
+    ckpt_dir: the run's checkpoint directory.
+    checkpoint_step: its newest (good) checkpoint's step, which a rerun resumes from (None: none
+      was written; a rerun starts afresh).
+    lower: learning rates to resume with, e.g. `{"meta_lr": 1e-4}` (a tenth of the run's); empty
+      where a learning rate is not the likely cause.
+  """
+
+  def __init__(self, what: str, step: int, ckpt_dir: Path, *, advice: str = "",
+               lower: Mapping[str, float] | None = None):
+    self.what, self.step, self.ckpt_dir = what, int(step), Path(ckpt_dir)
+    self.checkpoint_step = ckpt_lib.latest_step(ckpt_dir)
+    self.lower = dict(lower or {})
+    if self.lower:
+      values = ", ".join(f"{k}={v!r}" for k, v in self.lower.items())
+      flags = " ".join(f"--config.{k}={v!r}" for k, v in self.lower.items())
+      allow = ",".join(self.lower)
+      advice = (f"To {'resume from it' if self.checkpoint_step is not None else 'start again'} "
+                f"with a lower learning rate, rerun with {values}"
+                + (f" and allow_config_change=({', '.join(map(repr, self.lower))},) (train.py: "
+                   f"{flags} --allow_config_change={allow})" if self.checkpoint_step is not None
+                   else f" (train.py: {flags})"))
+    super().__init__(f"{self.summary}. {advice}".rstrip(". ") + ("." if advice else ""))
+
+  @property
+  def summary(self) -> str:
+    """`<what> at step <step>: training stopped; <where the last good checkpoint is>`."""
+    where = (f"the last good checkpoint is step {self.checkpoint_step} in {str(self.ckpt_dir)!r}"
+             if self.checkpoint_step is not None else "no checkpoint was written")
+    return f"{self.what} at step {self.step}: training stopped; {where}"
+
+
+class NonFiniteError(TrainingStopped, FloatingPointError):
   """The meta-loss (or meta-gradient) became NaN or infinite; the run was stopped."""
+
+
+class DivergenceError(TrainingStopped, FloatingPointError):
+  """A finite divergence (`divergence_loss_ratio`, `divergence_grad_norm`) stopped the run
+  (`on_divergence="stop"`)."""
+
+
+class BadLabelsError(TrainingStopped, ValueError):
+  """A meta-batch held labels outside `[0, ways)` (`inputs/bad_labels > 0`); the run was stopped."""
+
+
+class DivergenceWarning(ckpt_lib.OneLineWarning):
+  """A finite divergence was seen (`on_divergence="warn"`); the run goes on."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -98,7 +162,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 # Errors that are the user's to fix (binaries print them without a traceback).
-USER_ERRORS = (build.ConfigError, ckpt_lib.CheckpointError, NonFiniteError, PermissionError,
+USER_ERRORS = (build.ConfigError, ckpt_lib.CheckpointError, TrainingStopped, PermissionError,
                NotADirectoryError, FileNotFoundError, data_lib.CorruptDataError,
                data_lib.DownloadError, lock_lib.WorkdirBusyError)
 
@@ -220,23 +284,79 @@ def _unstack_metrics(records: list[tuple[int, int, Any]]) -> list[tuple[int, Map
   return out
 
 
-def _check_finite(records: list[tuple[int, Mapping[str, Any]]], ckpt_dir: Path) -> None:
-  for step, scalars in records:
+def lower_learning_rates(config: build.Config) -> dict[str, float]:
+  """What the stop advice suggests resuming with: a `LOWER_BY`th of the run's meta_lr."""
+  return {"meta_lr": float(config.meta_lr) / LOWER_BY}
+
+
+class Guards:
+  """The per-step checks of a run's metrics on the host: NaN/Inf (`WATCHED`), labels outside the
+  episode's classes (`BAD_LABELS`), and a finite divergence (`divergence_loss_ratio` times the
+  first step's `outer/loss`, `divergence_grad_norm`), which warns once per bound or stops as
+  `on_divergence` says.
+
+  Args:
+    config: the run's config.
+    ckpt_dir: the run's checkpoint directory (named when the run is stopped).
+    initial_loss: the first step's `outer/loss` (None: taken from the first step checked).
+  """
+
+  def __init__(self, config: build.Config, ckpt_dir: Path, initial_loss: float | None = None):
+    self.ckpt_dir = ckpt_dir
+    self.ratio = float(config.get("divergence_loss_ratio", 0.0))
+    self.grad_bound = float(config.get("divergence_grad_norm", 0.0))
+    self.stop = config.get("on_divergence", "warn") == "stop"
+    self.ways = build.train_ways(config) if (
+      build.DATASETS[config.dataset].kind == "classification") else None
+    self.lower = lower_learning_rates(config)
+    self.initial_loss = initial_loss
+    self._warned: set[str] = set()
+
+  def check(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Raises `NonFiniteError`, `BadLabelsError` or `DivergenceError` for a bad step; warns
+    (`DivergenceWarning`) for a divergence the run goes on after."""
     for name in WATCHED:
       if name in scalars and not math.isfinite(float(scalars[name])):
-        last = ckpt_lib.latest_step(ckpt_dir)
-        where = (f"the last good checkpoint is step {last} in {str(ckpt_dir)!r}" if last is not None
-                 else "no checkpoint was written")
-        raise NonFiniteError(
-          f"{name} = {float(scalars[name])} at step {step}: training stopped; {where}. Lower "
-          "meta_lr or inner_lr (or check the data) and rerun the command to resume from it.")
+        raise NonFiniteError(f"{name} = {float(scalars[name])}", step, self.ckpt_dir,
+                             lower=self.lower)
+    if BAD_LABELS in scalars and int(scalars[BAD_LABELS]) > 0:
+      count = int(scalars[BAD_LABELS])
+      allowed = (f"[0, {self.ways}) (the {self.ways} classes of an episode)" if self.ways
+                 else "[0, ways)")
+      raise BadLabelsError(f"{BAD_LABELS} = {count}: {count} label(s) of that step's meta-batch "
+                           f"outside {allowed}", step, self.ckpt_dir,
+                           advice="Check the data and the dataset's task sampler.")
+    if "outer/loss" in scalars and self.initial_loss is None:
+      self.initial_loss = float(scalars["outer/loss"])
+    if self.ratio and self.initial_loss is not None and self.initial_loss > 0 and (
+        "outer/loss" in scalars):
+      loss, bound = float(scalars["outer/loss"]), self.ratio * self.initial_loss
+      if loss > bound:
+        self._diverged("loss", f"outer/loss = {loss:.6g} is above divergence_loss_ratio = "
+                       f"{self.ratio:g} times the first step's {self.initial_loss:.6g}", step)
+    if self.grad_bound and "outer/grad_norm" in scalars:
+      norm = float(scalars["outer/grad_norm"])
+      if norm > self.grad_bound:
+        self._diverged("grad_norm", f"outer/grad_norm = {norm:.6g} is above "
+                       f"divergence_grad_norm = {self.grad_bound:g}", step)
+
+  def _diverged(self, kind: str, what: str, step: int) -> None:
+    if self.stop:
+      raise DivergenceError(what, step, self.ckpt_dir, lower=self.lower)
+    if kind not in self._warned:
+      self._warned.add(kind)
+      lower = ", ".join(f"{k}={v!r}" for k, v in self.lower.items())
+      warnings.warn(DivergenceWarning(
+        f"{what} at step {step}: the run may be diverging (this bound is not reported again in "
+        f"this process); on_divergence='stop' stops it, and resuming with a lower learning rate "
+        f"(e.g. {lower}, allow_config_change) may help"), stacklevel=2)
 
 
-def _check_params_finite(params: Any, step: int) -> None:
+def _check_params_finite(params: Any, step: int, ckpt_dir: Path, config: build.Config) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     if not np.all(np.isfinite(leaf)):
-      raise NonFiniteError(f"non-finite meta-parameter {jax.tree_util.keystr(path)} at step "
-                           f"{step}; not saving a checkpoint")
+      raise NonFiniteError(f"non-finite meta-parameter {jax.tree_util.keystr(path)} (not saved)",
+                           step, ckpt_dir, lower=lower_learning_rates(config))
 
 
 def make_evaluator(learner: build.Learner, source: build.TaskSource, *, num_tasks: int,
@@ -291,14 +411,74 @@ def best_of(config: build.Config) -> ckpt_lib.Best:
   return ckpt_lib.Best(f"eval/{metric}", mode)
 
 
-def check_resumable(config: build.Config, saved: Mapping[str, Any], ckpt_dir: Path) -> None:
-  """Raises a ConfigError if `saved` (a checkpoint's config) is another run's config."""
+def check_config_changes(fields: Collection[str], learner: Any = None) -> tuple[str, ...]:
+  """The fields of `allow_config_change`, checked: each must be one of
+  `build.CHANGEABLE_FIELDS` (or a resumable field, which may change anyway).
+
+  Args:
+    fields: field names (`train.py --allow_config_change=meta_lr,inner_lr`).
+    learner: the run's learner; one that learns its inner learning rates (Meta-SGD) refuses
+      `inner_lr`, which only initialises them.
+
+  Raises:
+    ConfigError: one line naming the field and what may change.
+  """
+  fields = tuple(dict.fromkeys(f.strip() for f in fields if f.strip()))
+  changeable = ", ".join(sorted(build.CHANGEABLE_FIELDS))
+  for field in fields:
+    if field not in build.FIELDS:
+      close = difflib.get_close_matches(field, sorted(build.FIELDS), n=1)
+      hint = f"did you mean {close[0]}?" if close else f"changeable: {changeable}"
+      raise build.ConfigError(f"allow_config_change: {field!r} is not a config field ({hint})")
+    if field not in build.CHANGEABLE_FIELDS | build.RESUMABLE_FIELDS:
+      raise build.ConfigError(
+        f"allow_config_change: {field!r} cannot change on resume, it defines the run (changeable: "
+        f"{changeable}; schedule, logging and evaluation fields change without it); train with "
+        f"another {field} in another --workdir")
+    if field == "inner_lr" and getattr(learner, "learn_inner_lr", None):
+      raise build.ConfigError(
+        "allow_config_change: 'inner_lr' cannot change on resume for a learner that learns its "
+        "inner learning rates (Meta-SGD): inner_lr only initialises them, and they are in the "
+        "checkpoint; change meta_lr instead")
+  return fields
+
+
+def check_resumable(config: build.Config, saved: Mapping[str, Any], ckpt_dir: Path,
+                    allow_config_change: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+  """Checks that `saved` (a checkpoint's config) is this run's, up to the resumable fields and
+  those of `allow_config_change`; returns the allowed fields that differ,
+  `{field: {"from": saved value, "to": value now}}`.
+
+  Raises:
+    ConfigError: `saved` is another run's config (a changeable field among the differences names
+      the flag that allows it).
+  """
   saved = build.config_to_dict(build.config_from_dict(saved))
-  diff = build.config_diff(saved, build.config_to_dict(config))
+  current = build.config_to_dict(config)
+  allowed = frozenset(allow_config_change)
+  diff = build.config_diff(saved, current, ignore=build.RESUMABLE_FIELDS | allowed)
   if diff:
+    changeable = sorted(f for f in build.CHANGEABLE_FIELDS - allowed
+                        if saved.get(f) != current.get(f))
+    hint = (f" To resume with the new {' and '.join(changeable)}, allow the change: "
+            f"--allow_config_change={','.join(changeable)}." if changeable else "")
     raise build.ConfigError(f"{str(ckpt_dir)!r} holds a checkpoint of a different run; use "
-                            "another --workdir, or the same config. Differences:\n  "
+                            f"another --workdir, or the same config.{hint} Differences:\n  "
                             + "\n  ".join(diff))
+  return {f: {"from": saved.get(f), "to": current.get(f)} for f in sorted(allowed)
+          if f in build.CHANGEABLE_FIELDS and saved.get(f) != current.get(f)}
+
+
+def record_config_changes(workdir: Path, step: int, changes: Mapping[str, Any]) -> bool:
+  """Appends `{"step", "time", "changes"}` to `workdir/config_history.jsonl`, unless its last line
+  records the same changes at the same step (a rerun of a resume killed before its next
+  checkpoint). Returns whether a line was written."""
+  path = workdir / CONFIG_HISTORY_FILE
+  history = metrics_lib.read_metrics(path) if path.exists() else []
+  if history and history[-1].get("step") == step and history[-1].get("changes") == changes:
+    return False
+  metrics_lib.append_jsonl(path, {"step": int(step), "time": time.time(), "changes": changes})
+  return True
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -391,15 +571,17 @@ def _fresh_state(run: Run) -> TrainState:
                     jax.random.key_data(run.train_key))
 
 
-def restore(run: Run, checkpoints: ckpt_lib.Checkpoints, print_fn: PrintFn
+def restore(run: Run, checkpoints: ckpt_lib.Checkpoints, print_fn: PrintFn,
+            allow_config_change: Collection[str] = ()
             ) -> tuple[TrainState, Mapping[str, Any] | None]:
   """The state of the newest good checkpoint (broken newer ones are removed, as training writes
   those steps again) and the metrics state stored with it (`_Log.state`; None in checkpoints
   written before it was stored), or a fresh state and None when there is none. What killed
-  writes left is removed first.
+  writes left is removed first. Allowed changes of the config (`allow_config_change`) are
+  recorded in `config_history.jsonl` and printed.
 
   Raises:
-    ConfigError: the checkpoint is another config's.
+    ConfigError: the checkpoint is another config's (up to `allow_config_change`).
     CheckpointError: no readable checkpoint, or one that does not fit the model.
   """
   removed = [*checkpoints.removed, *ckpt_lib.remove_temporaries(run.workdir),
@@ -409,11 +591,17 @@ def restore(run: Run, checkpoints: ckpt_lib.Checkpoints, print_fn: PrintFn
   if ckpt_lib.latest_step(run.ckpt_dir) is None:
     return jax.jit(lambda: _fresh_state(run))(), None
   checkpoint = ckpt_lib.read_checkpoint(run.ckpt_dir)
-  check_resumable(run.config, checkpoint.config, run.ckpt_dir)
+  changes = check_resumable(run.config, checkpoint.config, run.ckpt_dir, allow_config_change)
   state = ckpt_lib.restore_into(jax.eval_shape(lambda: _fresh_state(run)), checkpoint.state)
   for broken in [s for s in ckpt_lib.all_steps(run.ckpt_dir) if s > checkpoint.step]:
     checkpoints.discard(broken)
   print_fn(f"resuming from checkpoint step {checkpoint.step} in {str(run.ckpt_dir)!r}")
+  if changes:
+    if _is_primary():
+      record_config_changes(run.workdir, checkpoint.step, changes)
+    print_fn("changed on resume (recorded in "
+             f"{str(run.workdir / CONFIG_HISTORY_FILE)!r}): "
+             + ", ".join(f"{k} {v['from']!r} -> {v['to']!r}" for k, v in changes.items()))
   logged = (checkpoint.extra or {}).get(LOG_STATE)
   return jax.tree.map(jnp.asarray, state), logged
 
@@ -478,11 +666,15 @@ class _Log:
     # (last step, steps, metrics) not yet checked; metrics of a multi-step call are stacked
     self._pending: list[tuple[int, int, Any]] = []
     self._checked = metrics_lib.IntervalMeans()  # since the last log line
+    initial_loss = None
     if state is not None:  # before any writer is opened
       try:
         self._checked = metrics_lib.IntervalMeans.from_state(state["since_log"])
         self.final = {k: float(v) for k, v in state["final"].items()}
         self.eval_step = None if state["eval_step"] is None else int(state["eval_step"])
+        # absent in checkpoints written before the divergence bound
+        initial_loss = state.get("initial_loss")
+        initial_loss = None if initial_loss is None else float(initial_loss)
       except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ckpt_lib.CheckpointError(f"the metrics state in {str(run.ckpt_dir)!r} does not "
                                        f"fit this version ({type(e).__name__}: {e})") from e
@@ -497,6 +689,10 @@ class _Log:
       writers = [jsonl, tensorboard]
       if state is None and step_offset and jsonl.path.exists():
         self._replay(metrics_lib.read_metrics(jsonl.path))
+      if initial_loss is None and step_offset and jsonl.path.exists():
+        initial_loss = next((float(r["outer/loss"]) for r in metrics_lib.read_metrics(jsonl.path)
+                             if "outer/loss" in r), None)  # the first logged one, then
+    self.guards = Guards(run.config, run.ckpt_dir, initial_loss)
     self.files = metrics_lib.MultiWriter(writers)
     self.progress = metrics_lib.ProgressLine(run.config.num_steps, step_offset, print_fn)
 
@@ -512,18 +708,20 @@ class _Log:
   def state(self) -> dict[str, Any]:
     """The metrics state as JSON (call `check` first: metrics not yet fetched are not in it)."""
     return {"since_log": self._checked.state(), "final": dict(self.final),
-            "eval_step": self.eval_step}
+            "eval_step": self.eval_step, "initial_loss": self.guards.initial_loss}
 
   def add(self, done: int, n: int, metrics: Any) -> None:
     self._pending.append((done, n if n > 1 else 0, metrics))
 
   def check(self) -> None:
-    """Fetches the pending metrics; stops the run on a non-finite one."""
+    """Fetches the pending metrics and checks each step's (`Guards`): stops the run on a bad
+    one, warns of a divergence."""
     host = _unstack_metrics(jax.device_get(self._pending))
     self._pending.clear()
-    _check_finite(host, self.ckpt_dir)
     for step, scalars in host:
-      self._checked.add(step, scalars)
+      self.guards.check(step, scalars)
+    for step, scalars in host:
+      self._checked.add(step, {k: v for k, v in scalars.items() if k != BAD_LABELS})
 
   def log(self, step: int) -> None:
     """Writes the averages of the metrics since the last log line."""
@@ -609,7 +807,7 @@ def train(run: Run, state: TrainState, checkpoints: ckpt_lib.Checkpoints,
     if done % config.checkpoint_every == 0 or last:
       log.check()
       host_state = jax.device_get(state)
-      _check_params_finite(host_state.meta.params, done)
+      _check_params_finite(host_state.meta.params, done, run.ckpt_dir, config)
       checkpoints.save(done, host_state, config=config_dict, metrics=scalars,
                        extra={LOG_STATE: log.state()})
   log.log(config.num_steps)
@@ -646,7 +844,8 @@ def finish(run: Run, state: TrainState, final: Mapping[str, float],
 
 def train_and_evaluate(config: build.Config | Mapping[str, Any],
                        workdir: str | os.PathLike[str], *,
-                       print_fn: PrintFn = _print) -> dict[str, float]:
+                       print_fn: PrintFn = _print,
+                       allow_config_change: Collection[str] = ()) -> dict[str, float]:
   """Meta-trains as `config` says, in `workdir` (resuming from its newest checkpoint), then
   evaluates on `test_num_tasks` tasks of the test split.
 
@@ -654,6 +853,9 @@ def train_and_evaluate(config: build.Config | Mapping[str, Any],
     config: every field of `build.FIELDS` (`experiments/configs/` has the defaults).
     workdir: where checkpoints, metrics and results go; rerunning in it resumes.
     print_fn: where progress lines go.
+    allow_config_change: fields of `build.CHANGEABLE_FIELDS` (the learning rates) that may
+      differ from the checkpoint's config when resuming; a change is recorded in
+      `config_history.jsonl`, and the checkpoints written from then on hold the new values.
 
   Returns:
     The final metrics: `step`, the last logged `inner/...` and `outer/...` averages, the last
@@ -664,18 +866,21 @@ def train_and_evaluate(config: build.Config | Mapping[str, Any],
     WorkdirBusyError: another live process trains in `workdir` (the message names it).
     CheckpointError: a checkpoint that does not fit the model, or of the earlier format.
     PermissionError: a non-writable workdir.
-    NonFiniteError: a NaN/Inf meta-loss; the newest checkpoint is the last good state.
+    TrainingStopped: a bad step; the newest checkpoint is the last good state. NonFiniteError
+      (a NaN/Inf meta-loss or meta-gradient), BadLabelsError (labels outside the episode's
+      classes), DivergenceError (a finite divergence, with `on_divergence="stop"`).
     Interrupted: SIGINT (Ctrl-C), once a checkpoint being written was complete; it names the
       newest checkpoint.
   """
   try:
     run = setup(config, workdir)
+    allow_config_change = check_config_changes(allow_config_change, run.learner)
     # one writer per workdir: taken before anything is written there, released on any exit
     workdir_lock = (lock_lib.WorkdirLock(run.workdir, purpose="train") if _is_primary()
                     else contextlib.nullcontext())
     with workdir_lock, ckpt_lib.Checkpoints(run.ckpt_dir, keep=run.config.keep_checkpoints,
                                             best=best_of(run.config)) as checkpoints:
-      state, log_state = restore(run, checkpoints, print_fn)
+      state, log_state = restore(run, checkpoints, print_fn, allow_config_change)
       step_offset = int(state.meta.step)
       if _is_primary():
         ckpt_lib.write_json_atomic(run.workdir / "config.json", build.config_to_dict(run.config))

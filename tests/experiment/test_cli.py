@@ -90,3 +90,26 @@ def test_stored_config_is_the_newest_checkpoints(tmp_path):
   stored = cli.stored_config(tmp_path)
   assert stored is not None and stored.split == "lake"
   assert cli.split_error(stored, "val").endswith("its splits are: train, test")
+
+
+def test_resume_command_sets_the_fields_and_allows_their_change():
+  argv = ["python", "experiments/train.py", "--config=c.py:smoke", "--config.meta_lr=10.0",
+          "--config.meta_lr", "5", "--allow_config_change=inner_lr", "--workdir=/tmp/a b"]
+  assert cli.resume_command(argv, {"meta_lr": 1.0}) == (
+    "python experiments/train.py --config=c.py:smoke '--workdir=/tmp/a b' --config.meta_lr=1.0 "
+    "--allow_config_change=inner_lr,meta_lr")
+  assert cli.resume_command(argv[:3], {"meta_lr": 1e-4}, allow=False) == (
+    "python experiments/train.py --config=c.py:smoke --config.meta_lr=0.0001")
+
+
+def test_stop_message_names_the_command_that_resumes(tmp_path):
+  from metajax.experiment import train
+
+  checkpoint.save(tmp_path, 2, {"w": np.zeros(2, np.float32)})
+  error = train.NonFiniteError("outer/loss = nan", 4, tmp_path, lower={"meta_lr": 1e-4})
+  assert cli.stop_message(error, ["python", "train.py", "--config.meta_lr=0.001"]) == (
+    f"outer/loss = nan at step 4: training stopped; the last good checkpoint is step 2 in "
+    f"{str(tmp_path)!r}; to resume from it with a 10x lower meta_lr: python train.py "
+    "--config.meta_lr=0.0001 --allow_config_change=meta_lr")
+  labels = train.BadLabelsError("inputs/bad_labels = 1: ...", 4, tmp_path, advice="Check it.")
+  assert cli.stop_message(labels, ["train.py"]) == str(labels)
