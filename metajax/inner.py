@@ -128,7 +128,8 @@ def adapt(
       arrays as in Meta-SGD). Differentiable, so it can be meta-learned. Exclusive with
       `optimizer`.
     optimizer: any optax transformation to use instead of gradient descent; its state starts
-      fresh for each task. Differentiating through `optax.adam` needs `eps_root > 0` (sqrt at 0
+      fresh for each task; one that takes extra arguments gets the support loss as `value=`.
+      Differentiating through `optax.adam` needs `eps_root > 0` (sqrt at 0
       has an infinite derivative; https://github.com/google-deepmind/optax/issues/882).
     first_order: if True, the inner gradients are treated as constants (FOMAML): the
       meta-gradient is then the query gradient at the adapted params.
@@ -212,7 +213,7 @@ def adapt(
       loss, grads = grad_fn(leaves)
       if first_order:
         grads = jax.lax.stop_gradient(grads)
-      updates, opt_state = optimizer.update(grads, opt_state, leaves)
+      updates, opt_state = _update(optimizer, grads, opt_state, leaves, loss)
       return (optax.apply_updates(leaves, updates), opt_state), loss
 
     carry = (adapted, optimizer.init(adapted))
@@ -222,6 +223,15 @@ def adapt(
   leaves = carry if optimizer is None else carry[0]
   new_params = merge(leaves)
   return (new_params, losses) if return_losses else new_params
+
+
+def _update(optimizer: optax.GradientTransformation, grads: Any, state: Any, params: Any,
+            loss: Array) -> tuple[Any, Any]:
+  """`optimizer.update`, given the support loss as `value=` where it takes extra arguments (as
+  optax's line searches and metajax's learned optimizers do; other optax transforms ignore it)."""
+  if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+    return optimizer.update(grads, state, params, value=loss)
+  return optimizer.update(grads, state, params)
 
 
 def _rematerialised(step: Callable, remat: bool | Callable[..., Any]) -> Callable:
@@ -294,7 +304,7 @@ def _adapt_by_step(params: Params, x: Array, y: Array, flags: list[bool], *, los
       step_lrs = [_at_step(lr, k) for lr in lrs] if per_step_lr else lrs
       adapted = [w - lr * g for w, lr, g in zip(adapted, step_lrs, grads)]
     else:
-      updates, opt_state = optimizer.update(grads, opt_state, adapted)
+      updates, opt_state = _update(optimizer, grads, opt_state, adapted, loss)
       adapted = optax.apply_updates(adapted, updates)
     out = (loss, observe(merge_at(adapted, k))) if observe is not None else (loss,)
     return (adapted, opt_state), out

@@ -36,7 +36,8 @@ class MAML:
   """Model-agnostic meta-learning (Finn et al. 2017) and its inner-loop variants.
 
   The meta-parameters are the model params, or, with `learn_inner_lr`, the dict
-  `{"params": model_params, "inner_lr": lrs}` (Li et al. 2017's Meta-SGD for `"element"`).
+  `{"params": model_params, "inner_lr": lrs}` (Li et al. 2017's Meta-SGD for `"element"`), or,
+  with `learned_optimizer`, `{"params": model_params, "optimizer": its params}`.
 
   Attributes:
     apply_fn: `(params, x) -> outputs`.
@@ -45,6 +46,9 @@ class MAML:
     inner_lr: inner step size (scalar or pytree, see `metajax.adapt`); exclusive with optimizer.
     optimizer: an optax transformation for the inner loop instead of gradient descent.
     first_order: FOMAML: no gradient through the inner gradients.
+    learned_optimizer: an inner optimizer whose own parameters the outer loop learns
+      (`metajax.algorithms.learned_optimizers`: `lstm_optimizer`, `meta_lstm`); exclusive with
+      inner_lr and optimizer. `init` draws its parameters from `jax.random.key(seed)`.
     adapt_mask: which params adapt in the inner loop (e.g. `metajax.head_mask` for ANIL).
     remat: rematerialise each inner step in the backward pass (memory flat in inner steps); True,
       or a `jax.checkpoint_policies` policy (see `metajax.adapt`).
@@ -72,6 +76,9 @@ class MAML:
       many outer steps are first-order, the rest second-order (0: never first-order).
     outer_step: the outer step that `at_step` set (traced); None outside the meta-step.
   """
+    learn_init: False: the initialisation is not meta-learned (no outer gradient reaches the
+      model params), only what else the meta-params hold (learned lrs, a learned optimizer).
+    seed: of a `learned_optimizer`'s initial parameters.
 
   apply_fn: ApplyFn
   loss: Callable[[Array, Array], Array]
@@ -82,7 +89,7 @@ class MAML:
   adapt_mask: Any = None
   remat: bool | Callable[..., Any] = False
   unroll: int | bool | None = None
-  learn_inner_lr: Literal["tensor", "element"] | None = None
+  learn_inner_lr: Literal["tensor", "element", "step"] | None = None
   params_transforms: tuple[Callable[[Params], Params], ...] = ()
   allow_nonpositive_inner_lr: bool = False
   per_step_params: Any = None
@@ -90,12 +97,22 @@ class MAML:
   first_order_steps: int = 0
   outer_step: Any = None
 
+  learned_optimizer: Any = None
+  learn_init: bool = True
+  seed: int = 0
   def __post_init__(self):
     if not isinstance(self.num_inner_steps, int) or self.num_inner_steps < 1:
       raise ValueError(f"num_inner_steps must be an int >= 1, got {self.num_inner_steps!r}")
-    if (self.inner_lr is None) == (self.optimizer is None):
-      raise ValueError("give exactly one of inner_lr or optimizer, got "
-                       f"inner_lr={self.inner_lr!r}, optimizer={self.optimizer!r}")
+    given = [x is not None for x in (self.inner_lr, self.optimizer, self.learned_optimizer)]
+    if sum(given) != 1:
+      raise ValueError("give exactly one of inner_lr, optimizer or learned_optimizer, got "
+                       f"inner_lr={self.inner_lr!r}, optimizer={self.optimizer!r}, "
+                       f"learned_optimizer={self.learned_optimizer!r}")
+    if self.learned_optimizer is not None and not (
+        hasattr(self.learned_optimizer, "init") and hasattr(self.learned_optimizer, "bind")):
+      raise TypeError("learned_optimizer must have init(key) and bind(opt_params) (a "
+                      "metajax.algorithms.learned_optimizers.LearnedOptimizer), got "
+                      f"{type(self.learned_optimizer).__name__}")
     if self.inner_lr is not None:
       inner_lib.check_inner_lr(self.inner_lr, allow_nonpositive=self.allow_nonpositive_inner_lr)
     if self.learn_inner_lr not in (None, "tensor", "element", "step"):
@@ -132,6 +149,9 @@ class MAML:
         jnp.broadcast_to(w, (self.num_inner_steps, *jnp.shape(w))) if f else w
         for w, f in zip(leaves, flags)])
     if self.learn_inner_lr is None:
+    if self.learned_optimizer is not None:
+      return {"params": params,
+              "optimizer": self.learned_optimizer.init(jax.random.key(self.seed))}
       return params
     lr = jnp.asarray(self.inner_lr, jnp.result_type(*jax.tree.leaves(params)))
     shapes = {"element": jnp.shape, "tensor": lambda p: (), "step": lambda p: (self.num_inner_steps,)}
@@ -147,9 +167,11 @@ class MAML:
 
   def _start_params(self, meta_params: MetaParams) -> Params:
     """The params the inner loop starts from: per-step leaves still stacked, transforms applied."""
-    if self.learn_inner_lr:
+    if self._meta_keys():
       self._check_meta_params(meta_params)
-    params = meta_params["params"] if self.learn_inner_lr else meta_params
+    params = meta_params["params"] if self._meta_keys() else meta_params
+    if not self.learn_init:
+      params = jax.lax.stop_gradient(params)
     for transform in self.params_transforms:
       params = transform(params)
     return params
@@ -165,11 +187,21 @@ class MAML:
                               for w, f in zip(leaves, self._per_step_flags(params))])
 
   def _check_meta_params(self, meta_params: MetaParams) -> None:
-    if not (isinstance(meta_params, dict) and set(meta_params) == {"params", "inner_lr"}):
+  def _meta_keys(self) -> tuple[str, ...]:
+    """The keys of the meta-params dict; () when the meta-params are the model params."""
+    if self.learned_optimizer is not None:
+      return ("optimizer", "params")
+    return ("inner_lr", "params") if self.learn_inner_lr else ()
+
+    keys = self._meta_keys()
+    if not (isinstance(meta_params, dict) and tuple(sorted(meta_params)) == keys):
       got = sorted(meta_params) if isinstance(meta_params, dict) else type(meta_params).__name__
-      raise ValueError(f"a learner with learn_inner_lr={self.learn_inner_lr!r} (Meta-SGD) takes "
-                       f"meta-params {{'params', 'inner_lr'}} from learner.init(params), got "
-                       f"{got}: pass learner.init(model_params), not the model params")
+      which = (f"learned_optimizer={getattr(self.learned_optimizer, 'name', '?')!r}"
+               if self.learned_optimizer is not None
+               else f"learn_inner_lr={self.learn_inner_lr!r} (Meta-SGD)")
+      raise ValueError(f"a learner with {which} takes meta-params {{{', '.join(map(repr, keys))}}}"
+                       f" from learner.init(params), got {got}: pass "
+                       f"learner.init(model_params), not the model params")
 
   def adapt(self, meta_params: MetaParams, x: Array, y: Array, *,
             return_losses: bool = False) -> Params | tuple[Params, Array]:
@@ -182,18 +214,21 @@ class MAML:
 
   def _adapt(self, meta_params: MetaParams, x: Array, y: Array, *, return_losses: bool = False,
              observe: Callable[[Params], Any] | None = None) -> Any:
-    if self.learn_inner_lr:
+    if self._meta_keys():
       self._check_meta_params(meta_params)
     check_support(self, meta_params, x, y)
     inner_lr = meta_params["inner_lr"] if self.learn_inner_lr else self.inner_lr
     by_step = {}
+    optimizer = self.optimizer
+    if self.learned_optimizer is not None:
+      optimizer = self.learned_optimizer.bind(meta_params["optimizer"])
     if self.per_step_params is not None or self.learn_inner_lr == "step" or observe is not None:
       by_step = {"per_step_lr": self.learn_inner_lr == "step", "per_step": self.per_step_params,
                  "observe": observe}
     return inner_lib.adapt(
       self._start_params(meta_params), x, y,
       loss_fn=losses_lib.make_loss_fn(self.apply_fn, self.loss),
-      num_inner_steps=self.num_inner_steps, inner_lr=inner_lr, optimizer=self.optimizer,
+      num_inner_steps=self.num_inner_steps, inner_lr=inner_lr, optimizer=optimizer,
       first_order=self.first_order, adapt_mask=self.adapt_mask, remat=self.remat,
       unroll=1 if self.unroll is None else self.unroll, return_losses=return_losses,
       allow_nonpositive_inner_lr=self.allow_nonpositive_inner_lr, **by_step)

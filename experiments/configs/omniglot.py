@@ -76,6 +76,18 @@ BatchNorm statistics per step; here the decay is per step and BatchNorm uses bat
   mamlpp20way1shot, mamlpp5way1shot (the same in 5-way)
     python experiments/train.py --config=experiments/configs/omniglot.py:mamlpp20way1shot --workdir=runs/mamlpp_20w1s
 
+Learned inner optimizers (`metajax.algorithms.learned_optimizers`), learned with the
+initialisation: meta_lstm (Ravi & Larochelle 2017's meta-learner LSTM; its input gate starts at
+inner_lr, its forget gate near 1) and lstm_optimizer (Andrychowicz et al. 2016's coordinate-wise
+two-layer LSTM); `--config.lstm_hidden` sets their width (20 as the papers).
+
+Inner-loop methods at one budget: Kao et al.'s 5-way 1-shot setting above (kao split, kao_conv,
+2 inner steps in training and 3 at test, inner lr 0.4, meta-batch 32, Adam 1e-3, 3,000 steps),
+second order, 600 test tasks: methods_maml, methods_mamlpp (its epochs 100 steps long, the
+multi-step loss annealed over the first 1,000 steps, the meta lr decayed to 1e-5),
+methods_meta_lstm, methods_lstm_optimizer.
+    python experiments/train.py --config=experiments/configs/omniglot.py:methods_mamlpp --workdir=runs/methods_mamlpp
+
 ResNet-12 (MetaOptNet's network, `metajax.nn.resnet`) at the narrower widths 16-32-64-128 for the
 28x28 characters, in the MAML paper's 5-way settings above (no paper number of its own here):
 
@@ -83,6 +95,7 @@ ResNet-12 (MetaOptNet's network, `metajax.nn.resnet`) at the narrower widths 16-
     python experiments/train.py --config=experiments/configs/omniglot.py:resnet12_5way1shot --workdir=runs/resnet12_5w1s
   `--config.widths=(64,160,320,640)` for the full width; any algorithm with `--config.algorithm`.
 
+meta_lstm_smoke, lstm_optimizer_smoke: 2 steps of each learned optimizer.
 mamlpp_smoke: 3 steps of MAML++ with every option on, its schedules shortened to 1-step epochs.
 reptile_smoke, protonet_smoke, umtra_smoke, pretrain_smoke, simclr_smoke, supcon_smoke,
 resnet12_smoke: 2 steps of a tiny model (serial Reptile; ProtoNet with 10-way training episodes;
@@ -180,6 +193,15 @@ def _mamlpp(ways: int) -> ml_collections.ConfigDict:
   return c
 
 
+def _method(algorithm: str) -> ml_collections.ConfigDict:
+  c = _kao(1, zeroing=False)
+  c.algorithm, c.test_num_tasks = algorithm, 600
+  if algorithm == "mamlpp":
+    c.mamlpp_epoch_steps, c.mamlpp_msl_epochs = 100, 10
+    c.meta_lr_schedule, c.min_meta_lr = "cosine", 1e-5
+  return c
+
+
 def _smoke(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
   """Two steps of a tiny Kao et al. network on real Omniglot, evaluated on 4 test tasks."""
   c.split, c.rotations, c.model = "kao", False, "kao_conv"
@@ -233,6 +255,12 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "supcon5way1shot": lambda: _pretrain("supcon"),
   # CI (smoke keeps Kao et al.'s 3 test steps)
   "smoke": lambda: _smoke(_kao(1, zeroing=False), eval_num_inner_steps=3),
+  "methods_maml": lambda: _method("maml"),
+  "methods_mamlpp": lambda: _method("mamlpp"),
+  "methods_meta_lstm": lambda: _method("meta_lstm"),
+  "methods_lstm_optimizer": lambda: _method("lstm_optimizer"),
+  "meta_lstm_smoke": lambda: _smoke(_method("meta_lstm"), lstm_hidden=4),
+  "lstm_optimizer_smoke": lambda: _smoke(_method("lstm_optimizer"), lstm_hidden=4),
   "mamlpp_smoke": lambda: _smoke(_mamlpp(5), num_steps=3, eval_every=3, mamlpp_epoch_steps=1,
                                  mamlpp_msl_epochs=2, mamlpp_first_order_epochs=1),
   "reptile_smoke": lambda: _smoke(_reptile(1), reptile_serial=True),

@@ -47,6 +47,7 @@ from absl import flags
 from metajax import data as data_lib
 from metajax import losses as losses_lib
 from metajax.algorithms import contrastive_pretrain as contrastive_lib
+from metajax.algorithms import learned_optimizers as learned_lib
 from metajax.algorithms import pretrain as pretrain_lib
 from metajax.algorithms import selfsup_pretrain
 from metajax.algorithms.matching import FullContextEmbeddings, MatchingNet
@@ -81,6 +82,15 @@ class UnknownConfigError(flags.Error, LookupError):
 
 def _maml_kwargs(config: Config, num_inner_steps: int) -> dict[str, Any]:
   return {"num_inner_steps": num_inner_steps, "inner_lr": config.inner_lr, "remat": config.remat}
+
+
+def _learned_optimizer(model: models_lib.Model, loss: losses_lib.Loss, config: Config, k: int, *,
+                       kind: str) -> MAML:
+  """MAML with a learned inner optimizer (its params drawn from `config.seed`)."""
+  optimizer = (learned_lib.meta_lstm(hidden=config.lstm_hidden, inner_lr=config.inner_lr)
+               if kind == "meta_lstm" else learned_lib.lstm_optimizer(hidden=config.lstm_hidden))
+  return MAML(model.apply, loss, num_inner_steps=k, learned_optimizer=optimizer,
+              remat=config.remat, seed=config.seed)
 
 
 def _mamlpp(model: models_lib.Model, loss: losses_lib.Loss, config: Config, k: int) -> MAML:
@@ -296,6 +306,12 @@ ALGORITHMS: dict[str, Algorithm] = {
   # Antoniou et al. 2019: multi-step loss, per-layer per-step inner lrs, per-step BatchNorm
   # weights and biases, derivative-order annealing (the `mamlpp_*` fields).
   "mamlpp": Algorithm(_mamlpp),
+  # Ravi & Larochelle 2017: the meta-learner LSTM as the inner optimizer (input gate from
+  # inner_lr at the start), learned with the initialisation.
+  "meta_lstm": Algorithm(functools.partial(_learned_optimizer, kind="meta_lstm")),
+  # Andrychowicz et al. 2016: a coordinate-wise two-layer LSTM optimizer, learned with the
+  # initialisation.
+  "lstm_optimizer": Algorithm(functools.partial(_learned_optimizer, kind="lstm_optimizer")),
   # Nichol et al. 2018: k inner SGD steps, the outer optimiser fed theta - theta' (batched, or
   # serial with `reptile_serial`).
   "reptile": Algorithm(lambda model, loss, c, k: Reptile(model.apply, loss, **_maml_kwargs(c, k)),
@@ -586,6 +602,8 @@ FIELDS = frozenset({
   # the meta learning rate's schedule; MAML++'s options
   "meta_lr_schedule", "min_meta_lr", "mamlpp_msl_epochs", "mamlpp_epoch_steps",
   "mamlpp_first_order_epochs", "mamlpp_step_lrs", "mamlpp_step_norm",
+  # the learned inner optimizers
+  "lstm_hidden",
   # divergence
   "divergence_loss_ratio", "divergence_grad_norm", "on_divergence",
 })
@@ -599,7 +617,7 @@ ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False, "devices": 
                              "meta_lr_schedule": "constant", "min_meta_lr": 0.0,
                              "mamlpp_msl_epochs": 10, "mamlpp_epoch_steps": 500,
                              "mamlpp_first_order_epochs": 0, "mamlpp_step_lrs": True,
-                             "mamlpp_step_norm": True,
+                             "mamlpp_step_norm": True, "lstm_hidden": 20,
                              "divergence_loss_ratio": 0.0, "divergence_grad_norm": 0.0,
                              "on_divergence": "warn"}
 
@@ -613,9 +631,10 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 # Fields that may differ on resume when the run is told so (`train.py --allow_config_change=...`;
-# the change is recorded in the workdir's `config_history.jsonl`): the learning rates. The
-# training state does not depend on them (optax's adam and sgd keep no learning rate in theirs).
-CHANGEABLE_FIELDS = frozenset({"meta_lr", "inner_lr"})
+# the change is recorded in the workdir's `config_history.jsonl`): the learning rates (meta_lr is
+# the cosine schedule's peak, min_meta_lr its floor). The training state does not depend on them
+# (optax's adam and sgd, and the schedule's step count, keep no learning rate in theirs).
+CHANGEABLE_FIELDS = frozenset({"meta_lr", "min_meta_lr", "inner_lr"})
 
 
 def config_to_dict(config: Config | Mapping[str, Any]) -> dict[str, Any]:
@@ -807,6 +826,11 @@ def validate_config(config: Config) -> None:
        and (0 <= min_lr <= meta_lr if isinstance(meta_lr, (int, float)) else min_lr >= 0),
        f"min_meta_lr={min_lr!r} must be a number in [0, meta_lr={meta_lr!r}]")
   problems += _mamlpp_problems(config)
+  problems += _int_at_least(config, "lstm_hidden", 1)
+  if config.get("algorithm") == "meta_lstm":
+    need(not isinstance(meta_lr, bool) and isinstance(config.get("inner_lr"), (int, float))
+         and 0 < config.inner_lr < 1, f"inner_lr={config.get('inner_lr')!r}: meta_lstm starts "
+         "its input gate (a sigmoid) at inner_lr, which must be in (0, 1)")
   for field in ("divergence_loss_ratio", "divergence_grad_norm"):
     value = config.get(field)
     need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
