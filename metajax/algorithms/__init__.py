@@ -1,5 +1,8 @@
 """Meta-learners beside MAML, each implementing the `metajax.types.Learner` protocol.
 
+- `learned_optimizers`: inner optimizers with learned parameters: Ravi & Larochelle's
+  meta-learner LSTM (`meta_lstm`) and Andrychowicz et al.'s coordinate-wise LSTM
+  (`lstm_optimizer`), for `metajax.MAML(learned_optimizer=...)`.
 - `reptile`: Reptile (Nichol et al. 2018), the first-order method that moves the initialisation
   towards the adapted weights; `make_reptile_step`.
 - `protonet`: Prototypical Networks (Snell et al. 2017), classification by the nearest class mean.
@@ -19,11 +22,13 @@
 - `selfsup_pretrain`: BYOL pre-training of an encoder with its EMA target in the training state,
   then few-shot by prototypes or a linear probe on the online encoder.
 
-MAML itself, its first-order variant, ANIL and Meta-SGD are `metajax.MAML` (`metajax.meta`).
+MAML itself, its first-order variant, ANIL, Meta-SGD and MAML++ are `metajax.MAML`
+(`metajax.meta`).
 """
 
 from metajax.algorithms import (
   contrastive_pretrain,
+  learned_optimizers,
   matching,
   pretrain,
   protonet,
@@ -34,5 +39,5 @@ from metajax.algorithms import (
   siamese,
 )
 
-__all__ = ["contrastive_pretrain", "matching", "pretrain", "protonet", "relation", "reptile",
-           "selfsup", "selfsup_pretrain", "siamese"]
+__all__ = ["contrastive_pretrain", "learned_optimizers", "matching", "pretrain", "protonet",
+           "relation", "reptile", "selfsup", "selfsup_pretrain", "siamese"]
