@@ -177,6 +177,7 @@ class PerStepLearningRatesTest(chex.TestCase):
                  lambda k, path: paths[jax.tree_util.keystr(path)][k])[-1]
       chex.assert_trees_all_close(adapted, want, rtol=F64_TOL, atol=F64_TOL)
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_the_meta_gradient_of_the_lrs_matches_central_differences(self):
     with jax.enable_x64(True):
       params, tasks = _params(jax.random.key(8)), _tasks(jax.random.key(9))
@@ -186,7 +187,7 @@ class PerStepLearningRatesTest(chex.TestCase):
       def loss(lrs):
         return mj.meta_loss({"params": meta["params"], "inner_lr": lrs}, tasks, learner)
 
-      check_grads(loss, (meta["inner_lr"],), order=1, modes=["rev"], eps=FD_EPS, atol=FD_TOL,
+      check_grads(self.variant(loss), (meta["inner_lr"],), order=1, modes=["rev"], eps=FD_EPS, atol=FD_TOL,
                   rtol=FD_TOL)
 
   def test_more_evaluation_steps_reuse_the_last_learned_lr(self):
@@ -226,6 +227,7 @@ class PerStepParamsTest(chex.TestCase):
       chex.assert_trees_all_close(adapted, want, rtol=F64_TOL, atol=F64_TOL)
       chex.assert_trees_all_close(learner.model_params(meta), at(params, 0))
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_the_meta_gradient_matches_central_differences(self):
     with jax.enable_x64(True):
       params, tasks = _params(jax.random.key(14)), _tasks(jax.random.key(15))
@@ -234,7 +236,7 @@ class PerStepParamsTest(chex.TestCase):
       meta = learner.init(params)
       meta["params"]["norm"] = jax.tree.map(lambda w: w + 0.1 * jnp.arange(STEPS)[:, None],
                                             meta["params"]["norm"])
-      check_grads(lambda m: mj.meta_loss(m, tasks, learner), (meta,), order=1, modes=["rev"],
+      check_grads(self.variant(lambda m: mj.meta_loss(m, tasks, learner)), (meta,), order=1, modes=["rev"],
                   eps=FD_EPS, atol=FD_TOL, rtol=FD_TOL)
 
   def test_a_mask_that_selects_nothing_is_refused(self):

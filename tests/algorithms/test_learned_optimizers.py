@@ -87,12 +87,13 @@ class MetaLSTMTest(chex.TestCase):
         want = jax.tree.map(lambda w, g: w - LR * g, want, grads)
       chex.assert_trees_all_close(adapted, want, rtol=F64_TOL, atol=F64_TOL)
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_the_meta_gradient_matches_central_differences(self):
     with jax.enable_x64(True):
       params, tasks = _params(jax.random.key(2)), _tasks(jax.random.key(3))
       learner = _learner(lo.meta_lstm(hidden=3, inner_lr=LR, dtype=jnp.float64))
       meta = learner.init(params)
-      check_grads(lambda m: mj.meta_loss(m, tasks, learner), (meta,), order=1, modes=["rev"],
+      check_grads(self.variant(lambda m: mj.meta_loss(m, tasks, learner)), (meta,), order=1, modes=["rev"],
                   eps=FD_EPS, atol=FD_TOL, rtol=FD_TOL)
 
   def test_inner_lr_sets_the_input_gate(self):
@@ -112,12 +113,13 @@ class MetaLSTMTest(chex.TestCase):
 
 class LSTMOptimizerTest(chex.TestCase):
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_the_meta_gradient_matches_central_differences(self):
     with jax.enable_x64(True):
       params, tasks = _params(jax.random.key(6)), _tasks(jax.random.key(7))
       learner = _learner(lo.lstm_optimizer(hidden=3, dtype=jnp.float64))
       meta = learner.init(params)
-      check_grads(lambda m: mj.meta_loss(m, tasks, learner), (meta,), order=1, modes=["rev"],
+      check_grads(self.variant(lambda m: mj.meta_loss(m, tasks, learner)), (meta,), order=1, modes=["rev"],
                   eps=FD_EPS, atol=FD_TOL, rtol=FD_TOL)
 
   @chex.variants(with_jit=True, without_jit=True)
