@@ -12,7 +12,7 @@ The public API, re-exported from its modules:
 - losses: `cross_entropy`, `mse_onehot`, `mse`, `accuracy`, `make_loss_fn`
 - evaluation: `evaluate`, `evaluate_tasks`, `mean_confidence_interval`
 - contrastive losses: `info_nce`, `supcon`, `clip_loss`, `triplet`, `batch_hard_triplet`
-- the family: `Reptile`, `make_reptile_step`, `ProtoNet`
+- the family: `Reptile`, `make_reptile_step`, `ProtoNet`, `IMAML` (implicit MAML)
 - types: `Task`
 
 Subpackages, by kind:
@@ -38,6 +38,7 @@ from metajax.inner import adapt
 from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
 from metajax.meta import (MAML, MetaState, MetaStep, compile_step, make_meta_step, map_tasks,
                           meta_loss, multi_step_loss_weights, with_zeroing)
+from metajax.algorithms.imaml import IMAML
 from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.reptile import Reptile, make_reptile_step
 from metajax.nn.adapters import linen_model, nnx_model
@@ -55,6 +56,7 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
   __version__ = "0+unknown"
 
 __all__ = [
+  "IMAML",
   "MAML",
   "MetaState",
   "MetaStep",
