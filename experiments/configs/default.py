@@ -28,8 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.widths = (64, 160, 320, 640)    # resnet12 only: channels of its 4 blocks
   # algorithm
   c.algorithm = "maml"              # one of build.ALGORITHMS: maml, fomaml, anil, metasgd,
-                                    # mamlpp, meta_lstm, lstm_optimizer, reptile, protonet,
-                                    # umtra, pretrain, simclr, supcon
+                                    # mamlpp, meta_lstm, lstm_optimizer, imaml, reptile,
+                                    # protonet, umtra, pretrain, simclr, supcon
   c.reptile_serial = False          # reptile: tasks in turn, one outer update each
   c.pretrain_eval = ""              # pretrain/simclr/supcon: finetune, linear_probe, prototypes
                                     # ("": finetune for pretrain, prototypes for the others)
@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mamlpp_step_lrs = True          # per-layer per-step learned inner lrs
   c.mamlpp_step_norm = True         # per-step BatchNorm weights and biases
   c.lstm_hidden = 20                # meta_lstm, lstm_optimizer: units per LSTM layer
+  # implicit MAML (algorithm="imaml", Rajeswaran et al. 2019)
+  c.imaml_lambda = 1.0              # proximal regularisation lambda of the inner problem
+  c.imaml_cg_steps = 5              # conjugate-gradient steps of the implicit meta-gradient
+  c.imaml_cg_damping = 0.0          # delta: solves ((1 + delta) I + H / lambda) g = grad L_q
   # schedule
   c.num_steps = 60_000              # outer steps
   c.eval_every = 1_000              # 0: only the final evaluation

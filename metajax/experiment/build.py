@@ -50,6 +50,7 @@ from metajax.algorithms import contrastive_pretrain as contrastive_lib
 from metajax.algorithms import learned_optimizers as learned_lib
 from metajax.algorithms import pretrain as pretrain_lib
 from metajax.algorithms import selfsup_pretrain
+from metajax.algorithms.imaml import IMAML
 from metajax.algorithms.matching import FullContextEmbeddings, MatchingNet
 from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.relation import RelationNet, relation_mse, relation_module
@@ -102,6 +103,14 @@ def _mamlpp(model: models_lib.Model, loss: losses_lib.Loss, config: Config, k: i
               per_step_params=norm_mask if config.mamlpp_step_norm else None,
               first_order_steps=config.mamlpp_first_order_epochs * per_epoch,
               **_maml_kwargs(config, k))
+
+
+def _imaml(model: models_lib.Model, loss: losses_lib.Loss, config: Config, k: int) -> IMAML:
+  """Implicit MAML (Rajeswaran et al. 2019): k gradient steps of inner_lr on the proximally
+  regularised support loss (`imaml_lambda`), the meta-gradient by conjugate gradient."""
+  return IMAML(model.apply, loss, num_inner_steps=k, inner_lr=config.inner_lr,
+               lam=config.imaml_lambda, cg_steps=config.imaml_cg_steps,
+               cg_damping=config.imaml_cg_damping)
 
 
 def train_ways(config: Config) -> int:
@@ -312,6 +321,10 @@ ALGORITHMS: dict[str, Algorithm] = {
   # Andrychowicz et al. 2016: a coordinate-wise two-layer LSTM optimizer, learned with the
   # initialisation.
   "lstm_optimizer": Algorithm(functools.partial(_learned_optimizer, kind="lstm_optimizer")),
+  # Rajeswaran et al. 2019: the implicit meta-gradient of a proximally regularised inner problem
+  # (`imaml_lambda`), by conjugate gradient (`imaml_cg_steps`, `imaml_cg_damping`); memory flat in
+  # the inner steps.
+  "imaml": Algorithm(_imaml),
   # Nichol et al. 2018: k inner SGD steps, the outer optimiser fed theta - theta' (batched, or
   # serial with `reptile_serial`).
   "reptile": Algorithm(lambda model, loss, c, k: Reptile(model.apply, loss, **_maml_kwargs(c, k)),
@@ -604,6 +617,8 @@ FIELDS = frozenset({
   "mamlpp_first_order_epochs", "mamlpp_step_lrs", "mamlpp_step_norm",
   # the learned inner optimizers
   "lstm_hidden",
+  # implicit MAML's options
+  "imaml_lambda", "imaml_cg_steps", "imaml_cg_damping",
   # divergence
   "divergence_loss_ratio", "divergence_grad_norm", "on_divergence",
 })
@@ -618,6 +633,7 @@ ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False, "devices": 
                              "mamlpp_msl_epochs": 10, "mamlpp_epoch_steps": 500,
                              "mamlpp_first_order_epochs": 0, "mamlpp_step_lrs": True,
                              "mamlpp_step_norm": True, "lstm_hidden": 20,
+                             "imaml_lambda": 1.0, "imaml_cg_steps": 5, "imaml_cg_damping": 0.0,
                              "divergence_loss_ratio": 0.0, "divergence_grad_norm": 0.0,
                              "on_divergence": "warn"}
 
@@ -764,6 +780,22 @@ def _mamlpp_problems(config: Config) -> Problems:
   return problems
 
 
+def _imaml_problems(config: Config) -> Problems:
+  """The `imaml_*` fields: in range, and left at their defaults unless algorithm="imaml"."""
+  problems = _int_at_least(config, "imaml_cg_steps", 1)
+  lam, damping = config.get("imaml_lambda"), config.get("imaml_cg_damping")
+  if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0):
+    problems.append(f"imaml_lambda={lam!r} must be a number > 0")
+  if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
+    problems.append(f"imaml_cg_damping={damping!r} must be a number >= 0")
+  fields = ("imaml_lambda", "imaml_cg_steps", "imaml_cg_damping")
+  changed = sorted(f for f in fields if config.get(f) != ABSENT[f])
+  if config.get("algorithm") != "imaml" and changed:
+    problems.append(f"{', '.join(changed)} only apply to algorithm='imaml', not "
+                    f"algorithm={config.get('algorithm')!r}")
+  return problems
+
+
 def validate_config(config: Config) -> None:
   """Checks a config before anything is loaded or compiled.
 
@@ -826,6 +858,7 @@ def validate_config(config: Config) -> None:
        and (0 <= min_lr <= meta_lr if isinstance(meta_lr, (int, float)) else min_lr >= 0),
        f"min_meta_lr={min_lr!r} must be a number in [0, meta_lr={meta_lr!r}]")
   problems += _mamlpp_problems(config)
+  problems += _imaml_problems(config)
   problems += _int_at_least(config, "lstm_hidden", 1)
   if config.get("algorithm") == "meta_lstm":
     need(not isinstance(meta_lr, bool) and isinstance(config.get("inner_lr"), (int, float))
