@@ -1,13 +1,13 @@
 """Implicit MAML (Rajeswaran, Finn, Kakade and Levine 2019): meta-gradients through the solution.
 
 Each task adapts by (approximately) solving a proximally regularised inner problem that starts
-from, and is pulled towards, the meta-parameters theta (the paper's Eq. 3 and 4):
+from, and is pulled towards, the meta-parameters theta (the paper's Section 3):
 
     phi*(theta) = argmin_phi  G(phi, theta),   G(phi, theta) = L_s(phi) + lam/2 |phi - theta|^2
 
 with `L_s` the support loss. At the solution `grad_phi G = 0`, so by the implicit function
 theorem `d phi* / d theta = (I + H / lam)^{-1}`, `H = hess L_s(phi*)` (the paper's Lemma 1), and
-the meta-gradient of the query loss `L_q(phi*(theta))` is (its Eq. 5 and 6)
+the meta-gradient of the query loss `L_q(phi*(theta))` is
 
     g_theta = (I + H / lam)^{-1} grad L_q(phi*).
 
@@ -15,8 +15,8 @@ It depends on the inner solution only, not on the path that found it: the inner 
 `metajax.adapt`'s solvers: `num_inner_steps` gradient steps of `inner_lr`, or an optax
 `optimizer`) runs forward only, with no gradient through it, and the linear system is solved by
 `cg_steps` steps of conjugate gradient with Hessian-vector products (forward-over-reverse:
-`jax.linearize` of `jax.grad`). Memory therefore does not grow with the number of inner steps
-(the paper's Theorem 1 and Table 1); the cost of the backward pass is `cg_steps` HVPs.
+`jax.jvp` of `jax.grad`). Memory therefore does not grow with the number of inner steps; the
+backward pass costs `cg_steps` HVPs and one second-order vector-Jacobian product.
 
 `IMAML` implements `metajax.types.Learner`: `metajax.make_meta_step`, `metajax.evaluate`,
 `metajax.with_zeroing`, the training loop and its checkpoints take it as they take `MAML`, and
