@@ -101,7 +101,7 @@ class Workload:
   meta_batch: int
   inner_steps: int  # 0 for the plain forward+backward baselines
   inner_lr: float
-  mode: str  # "second" | "first" | "anil" | "fwdbwd"
+  mode: str  # "second" | "first" | "anil" | "imaml" | "mamlpp" | "fwdbwd"
   baseline: str | None = None
   description: str = ""
   image: tuple[int, int, int] = (28, 28, 1)  # (H, W, C) of one image
@@ -124,6 +124,12 @@ WORKLOADS = {
        ("M1", 1, 4, 5, "second", "FBM1", "mini-ImageNet 2nd-order 5w1s, 5 steps"),
        ("M1FO", 1, 4, 5, "first", "FBM1", "mini-ImageNet first-order 5w1s, 5 steps"),
        ("M5", 5, 2, 5, "second", "FBM5", "mini-ImageNet 2nd-order 5w5s, 5 steps"),
+  # Implicit MAML (lambda 1, 5 CG steps): not among the defaults (the PyTorch peers have no
+  # counterpart); `--workloads=WIM`, and `--memory --memory_workload=WIM` for memory against steps.
+  "WIM": Workload("conv4", 5, 1, 15, 32, 5, 0.4, "imaml", "FB5", "iMAML 5w1s, 5 steps, 5 CG steps"),
+  # MAML++ (multi-step loss, per-layer per-step lrs, per-step BatchNorm, second order): not among
+  # the defaults either (no PyTorch peer); `--workloads=WPP`.
+  "WPP": Workload("conv4", 5, 1, 15, 32, 5, 0.4, "mamlpp", "FB5", "MAML++ 5w1s, 5 steps"),
        ("M5FO", 5, 2, 5, "first", "FBM5", "mini-ImageNet first-order 5w5s, 5 steps"),
        ("FBM1", 1, 4, 0, "fwdbwd", None, "fwd+bwd Conv-4/32, 4x80 84x84x3 images"),
        ("FBM5", 5, 2, 0, "fwdbwd", None, "fwd+bwd Conv-4/32, 2x100 84x84x3 images")]},
@@ -260,12 +266,21 @@ def build_workload(w: Workload, spec: dict):
     twin = jax.jit(make_step("vmap"))
     return compiled, state, tasks, twin, {"steps": compiled}
 
-  learner = metajax.MAML(
-    model.apply, metajax.cross_entropy, num_inner_steps=inner_steps, inner_lr=w.inner_lr,
-    first_order=(w.mode == "first"),
-    adapt_mask=metajax.head_mask if w.mode == "anil" else None,
-    remat=_remat(spec.get("remat", False)),
-    **({} if spec.get("unroll") is None else {"unroll": spec["unroll"] or True}))
+  if w.mode == "imaml":
+    learner = metajax.IMAML(model.apply, metajax.cross_entropy, num_inner_steps=inner_steps,
+                            inner_lr=w.inner_lr, lam=1.0, cg_steps=5)
+  elif w.mode == "mamlpp":  # every option on, the multi-step loss at its first epoch's weights
+    learner = metajax.MAML(
+      model.apply, metajax.cross_entropy, num_inner_steps=inner_steps, inner_lr=w.inner_lr,
+      learn_inner_lr="step", per_step_params=metajax.norm_mask,
+      step_loss_weights=metajax.multi_step_loss_weights(inner_steps, 10))
+  else:
+    learner = metajax.MAML(
+      model.apply, metajax.cross_entropy, num_inner_steps=inner_steps, inner_lr=w.inner_lr,
+      first_order=(w.mode == "first"),
+      adapt_mask=metajax.head_mask if w.mode == "anil" else None,
+      remat=_remat(spec.get("remat", False)),
+      **({} if spec.get("unroll") is None else {"unroll": spec["unroll"] or True}))
   shardings = None
   mesh = None
   if spec.get("devices", 1) > 1:
