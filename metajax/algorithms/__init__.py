@@ -1,5 +1,7 @@
 """Meta-learners beside MAML, each implementing the `metajax.types.Learner` protocol.
 
+- `imaml`: implicit MAML (Rajeswaran et al. 2019), the meta-gradient of a proximally regularised
+  inner problem by conjugate gradient with Hessian-vector products; memory flat in the inner steps.
 - `learned_optimizers`: inner optimizers with learned parameters: Ravi & Larochelle's
   meta-learner LSTM (`meta_lstm`) and Andrychowicz et al.'s coordinate-wise LSTM
   (`lstm_optimizer`), for `metajax.MAML(learned_optimizer=...)`.
@@ -28,6 +30,7 @@ MAML itself, its first-order variant, ANIL, Meta-SGD and MAML++ are `metajax.MAM
 
 from metajax.algorithms import (
   contrastive_pretrain,
+  imaml,
   learned_optimizers,
   matching,
   pretrain,
@@ -39,5 +42,5 @@ from metajax.algorithms import (
   siamese,
 )
 
-__all__ = ["contrastive_pretrain", "learned_optimizers", "matching", "pretrain", "protonet",
-           "relation", "reptile", "selfsup", "selfsup_pretrain", "siamese"]
+__all__ = ["contrastive_pretrain", "imaml", "learned_optimizers", "matching", "pretrain",
+           "protonet", "relation", "reptile", "selfsup", "selfsup_pretrain", "siamese"]
