@@ -17,6 +17,19 @@ from metajax.types import ApplyFn, Array, ArrayLike, LossFn, Params
 Loss = Callable[[Array, Array], Array]
 
 
+def _check_class_labels(loss: str, outputs: ArrayLike, labels: ArrayLike) -> None:
+  """Integer labels, one per row of `outputs`: from dtypes and shapes alone (trace-safe; the
+  values, `[0, C)`, are checked by the entry points that see concrete labels)."""
+  dtype = jnp.result_type(labels)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{loss} takes integer class labels in [0, C), got labels of dtype {dtype} "
+                    "(cast them with .astype(jnp.int32))")
+  out_shape, label_shape = jnp.shape(outputs), jnp.shape(labels)
+  if out_shape[:-1] != label_shape:
+    raise ValueError(f"{loss} takes outputs [..., C] and labels [...] of the same leading shape, "
+                     f"got outputs {out_shape} and labels {label_shape}")
+
+
 def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> Array:
   """Mean softmax cross-entropy.
 
@@ -26,7 +39,11 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> Array:
 
   Returns:
     Scalar mean over the N examples.
+
+  Raises:
+    TypeError, ValueError: labels that are not integers, or not one per row of `logits`.
   """
+  _check_class_labels("cross_entropy", logits, labels)
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
@@ -39,7 +56,11 @@ def mse_onehot(outputs: ArrayLike, labels: ArrayLike) -> Array:
   Args:
     outputs: `[N, C]` predictions (the linear head's outputs, no softmax).
     labels: `[N]` integer labels in `[0, C)`.
+
+  Raises:
+    TypeError, ValueError: as `cross_entropy`.
   """
+  _check_class_labels("mse_onehot", outputs, labels)
   outputs = jnp.asarray(outputs)
   onehot = jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
   return 0.5 * jnp.mean(jnp.sum(jnp.square(outputs - onehot), axis=-1))

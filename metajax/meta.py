@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, Literal, NamedTuple, TypeVar
 
 import jax
@@ -45,10 +46,10 @@ class MAML:
     num_inner_steps: inner gradient steps per task (>= 1).
     inner_lr: inner step size (scalar or pytree, see `metajax.adapt`); exclusive with optimizer.
     optimizer: an optax transformation for the inner loop instead of gradient descent.
-    first_order: FOMAML: no gradient through the inner gradients.
     learned_optimizer: an inner optimizer whose own parameters the outer loop learns
       (`metajax.algorithms.learned_optimizers`: `lstm_optimizer`, `meta_lstm`); exclusive with
       inner_lr and optimizer. `init` draws its parameters from `jax.random.key(seed)`.
+    first_order: FOMAML: no gradient through the inner gradients.
     adapt_mask: which params adapt in the inner loop (e.g. `metajax.head_mask` for ANIL).
     remat: rematerialise each inner step in the backward pass (memory flat in inner steps); True,
       or a `jax.checkpoint_policies` policy (see `metajax.adapt`).
@@ -75,10 +76,10 @@ class MAML:
     first_order_steps: MAML++'s derivative-order annealing: in `make_meta_step`, the first this
       many outer steps are first-order, the rest second-order (0: never first-order).
     outer_step: the outer step that `at_step` set (traced); None outside the meta-step.
-  """
     learn_init: False: the initialisation is not meta-learned (no outer gradient reaches the
       model params), only what else the meta-params hold (learned lrs, a learned optimizer).
     seed: of a `learned_optimizer`'s initial parameters.
+  """
 
   apply_fn: ApplyFn
   loss: Callable[[Array, Array], Array]
@@ -96,10 +97,10 @@ class MAML:
   step_loss_weights: Any = None
   first_order_steps: int = 0
   outer_step: Any = None
-
   learned_optimizer: Any = None
   learn_init: bool = True
   seed: int = 0
+
   def __post_init__(self):
     if not isinstance(self.num_inner_steps, int) or self.num_inner_steps < 1:
       raise ValueError(f"num_inner_steps must be an int >= 1, got {self.num_inner_steps!r}")
@@ -148,10 +149,10 @@ class MAML:
       params = treedef.unflatten([
         jnp.broadcast_to(w, (self.num_inner_steps, *jnp.shape(w))) if f else w
         for w, f in zip(leaves, flags)])
-    if self.learn_inner_lr is None:
     if self.learned_optimizer is not None:
       return {"params": params,
               "optimizer": self.learned_optimizer.init(jax.random.key(self.seed))}
+    if self.learn_inner_lr is None:
       return params
     lr = jnp.asarray(self.inner_lr, jnp.result_type(*jax.tree.leaves(params)))
     shapes = {"element": jnp.shape, "tensor": lambda p: (), "step": lambda p: (self.num_inner_steps,)}
@@ -186,13 +187,13 @@ class MAML:
     return treedef.unflatten([w[0] if f else w
                               for w, f in zip(leaves, self._per_step_flags(params))])
 
-  def _check_meta_params(self, meta_params: MetaParams) -> None:
   def _meta_keys(self) -> tuple[str, ...]:
     """The keys of the meta-params dict; () when the meta-params are the model params."""
     if self.learned_optimizer is not None:
       return ("optimizer", "params")
     return ("inner_lr", "params") if self.learn_inner_lr else ()
 
+  def _check_meta_params(self, meta_params: MetaParams) -> None:
     keys = self._meta_keys()
     if not (isinstance(meta_params, dict) and tuple(sorted(meta_params)) == keys):
       got = sorted(meta_params) if isinstance(meta_params, dict) else type(meta_params).__name__
@@ -218,10 +219,10 @@ class MAML:
       self._check_meta_params(meta_params)
     check_support(self, meta_params, x, y)
     inner_lr = meta_params["inner_lr"] if self.learn_inner_lr else self.inner_lr
-    by_step = {}
     optimizer = self.optimizer
     if self.learned_optimizer is not None:
       optimizer = self.learned_optimizer.bind(meta_params["optimizer"])
+    by_step = {}
     if self.per_step_params is not None or self.learn_inner_lr == "step" or observe is not None:
       by_step = {"per_step_lr": self.learn_inner_lr == "step", "per_step": self.per_step_params,
                  "observe": observe}
@@ -438,8 +439,14 @@ def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
 
   Returns:
     A `MetaStep(init, step, steps, update)`. `step` returns metrics averaged over tasks, plus
-    `outer/grad_norm`; `steps` runs K steps over K stacked meta-batches in one call (faster on
-    CPU, see `compile_step`).
+    `outer/grad_norm` and, for integer labels, `BAD_LABELS` (`inputs/bad_labels`: the number of
+    that meta-batch's labels outside `[0, num_outputs)`, counted on the device, so that every
+    batch is checked without a host sync; the first batch is also checked on the host, which
+    raises); `steps` runs K steps over K stacked meta-batches in one call (faster on CPU, see
+    `compile_step`).
+
+  A batch of new shapes (or dtypes) compiles the step again, once, with a `RecompileWarning`
+  that names the old and the new shapes; each shape seen compiles once.
   """
 
   if jit and isinstance(learner, MAML) and learner.unroll is None:
@@ -458,7 +465,8 @@ def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
       state.params, tasks, at_step, task_map=task_map, has_aux=True)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "outer/loss": loss, "outer/grad_norm": optax.tree.norm(grads)}
+    metrics = {**metrics, "outer/loss": loss, "outer/grad_norm": optax.tree.norm(grads),
+               **bad_label_metrics(learner, state.params, tasks)}
     return MetaState(params, opt_state, state.step + 1), metrics
 
   check = functools.partial(check_first_batch, learner, [])
@@ -494,6 +502,12 @@ def compile_step(init: Callable[[MetaParams], MetaState],
     donate: let XLA reuse the old state's buffers for the new state.
     shardings: optional `(state_sharding, batch_sharding)`; `steps` shards its stacked batches
       the same way along their second axis.
+
+  Retracing: with `jit`, each set of input shapes and dtypes compiles once. A batch of other
+  shapes than the last compiled one (e.g. a smaller final meta-batch) compiles again, with one
+  `RecompileWarning` naming the arrays whose shapes changed, old and new; shapes seen before reuse
+  their program. A second trace for shapes already compiled (the state's weak types or
+  shardings changed: a recompile on every call) raises an AssertionError.
   """
   def scanned(state: MetaState, batches: Any) -> tuple[MetaState, dict[str, Array]]:
     return jax.lax.scan(step, state, batches)
@@ -506,8 +520,8 @@ def compile_step(init: Callable[[MetaParams], MetaState],
       kwargs["out_shardings"] = (shardings[0], None)
       stacked_kwargs["in_shardings"] = (shardings[0], _stacked_sharding(shardings[1]))
       stacked_kwargs["out_shardings"] = (shardings[0], None)
-    compiled = xla.jit(_max_traces(step, 1), **kwargs)
-    compiled_steps = xla.jit(_one_trace_per_length(scanned), **stacked_kwargs)
+    compiled = xla.jit(_trace_guard(step), **kwargs)
+    compiled_steps = xla.jit(_trace_guard(scanned, stacked=True), **stacked_kwargs)
   else:
     compiled = step
 
@@ -553,37 +567,63 @@ def _stacked_sharding(sharding: Any) -> Any:
   raise TypeError(f"steps can stack only NamedSharding batch shardings, got {sharding!r}")
 
 
-def _one_trace_per_length(fn: Callable) -> Callable:
-  """Like `_max_traces(fn, 1)` per length K of the stacked axis: each K compiles once."""
-  seen: set = set()
+class RecompileWarning(UserWarning):
+  """A compiled meta-step was given inputs of new shapes or dtypes and compiles again."""
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[Any, dict[str, tuple[tuple[int, ...], str]]]:
+  """The tree structure and each leaf's `(shape, dtype)` by name (`state...`, `batch...`), of
+  the args `(state, batch)` of a traced step."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(args)
+  names = ("state", "batch")
+  return treedef, {
+    (names[path[0].idx] if path[0].idx < 2 else f"arg{path[0].idx}")
+    + jax.tree_util.keystr(path[1:]): (tuple(jnp.shape(x)), str(jnp.result_type(x)))
+    for path, x in leaves}
+
+
+def _describe_change(old: Any, new: Any) -> str:
+  """The leaves whose shape or dtype differ, as `name (old) -> (new)`."""
+  (old_tree, old_leaves), (new_tree, new_leaves) = old, new
+  if old_tree != new_tree:
+    return f"the inputs' structure changed from {old_tree} to {new_tree}"
+  changed = [f"{name} {_shape_text(old_leaves[name])} -> {_shape_text(leaf)}"
+             for name, leaf in new_leaves.items() if leaf != old_leaves[name]]
+  return ", ".join(changed)
+
+
+def _shape_text(leaf: tuple[tuple[int, ...], str]) -> str:
+  shape, dtype = leaf
+  return f"{shape} {dtype}"
+
+
+def _trace_guard(fn: Callable, *, stacked: bool = False) -> Callable:
+  """Traces `fn` once per input signature (shapes, dtypes): a new one warns
+  (`RecompileWarning`, naming both shapes), a repeated one raises an AssertionError (a retrace
+  per call would mean a recompile per step). `stacked`: K stacked meta-batches, for which a new K
+  alone (the same meta-batch shapes) compiles without a warning. (chex.assert_max_traces counts
+  per code object, i.e. across every meta-step ever built.)"""
+  seen: list = []
 
   @functools.wraps(fn)
-  def wrapped(state, batches):
-    key = (_stack_length(batches), str(jax.tree.map(lambda x: (jnp.shape(x)[1:], x.dtype),
-                                                    batches)))
-    if key in seen:
-      raise AssertionError(f"{fn.__name__} was traced twice for {key[0]} stacked batches of the "
-                           "same shapes: the state's shapes, dtypes or shardings changed")
-    seen.add(key)
-    return fn(state, batches)
+  def wrapped(*args):
+    signature = _signature(args)
+    if signature in seen:
+      raise AssertionError(f"{fn.__name__} was traced twice for the same input shapes and dtypes "
+                           f"(traced {len(seen) + 1} times): the state's weak types or shardings "
+                           "changed between calls")
+    if seen:
+      last = seen[-1]
+      per_batch = (lambda sig: (sig[0], {k: (v[0][1:], v[1]) for k, v in sig[1].items()}))
+      if not (stacked and per_batch(last) == per_batch(signature)):
+        warnings.warn(f"{fn.__name__} compiles again for inputs of new shapes: "
+                      f"{_describe_change(last, signature)} (each shape compiles once; keep "
+                      "the batch shapes fixed to compile only once)", RecompileWarning,
+                      stacklevel=2)
+    seen.append(signature)
+    return fn(*args)
 
-  return wrapped
-
-
-def _max_traces(fn: Callable, n: int) -> Callable:
-  """Raises if `fn` is traced more than n times: a retrace per step would mean a recompile per
-  step. (chex.assert_max_traces counts per code object, i.e. across every meta-step ever built.)"""
-  traces = [0]
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    traces[0] += 1
-    if traces[0] > n:
-      raise AssertionError(f"{fn.__name__} was traced {traces[0]} times (at most {n} allowed): its "
-                           "input shapes, dtypes or shardings changed between calls")
-    return fn(*args, **kwargs)
-
-  wrapped.num_traces = lambda: traces[0]
+  wrapped.num_traces = lambda: len(seen)
   return wrapped
 
 
@@ -682,20 +722,59 @@ def _local_values(y: Any) -> np.ndarray:
   return np.asarray(y)
 
 
+def num_outputs(learner: Learner, meta_params: MetaParams, x_shape: tuple[int, ...],
+                x_dtype: Any) -> int:
+  """The width of the learner's outputs (the number of classes, `ways`) for examples of shape
+  `x_shape`, from shapes alone: nothing is computed and the meta-params may be tracers."""
+  # On two dummy examples: BatchNorm with batch statistics needs a batch.
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "dtype") else a, meta_params)
+  x2 = jax.ShapeDtypeStruct((2, *x_shape), x_dtype)
+  outputs = jax.eval_shape(lambda p, x: learner.apply_fn(learner.model_params(p), x),
+                           abstract, x2)
+  return int(outputs.shape[-1])
+
+
+BAD_LABELS = "inputs/bad_labels"
+
+
+def count_bad_labels(learner: Learner, meta_params: MetaParams, tasks: Task, *,
+                     batched: bool = True) -> Array:
+  """The number of support and query labels outside `[0, num_outputs)`, on the device.
+
+  The value check of every batch that costs no host sync: jit-safe (the labels may be traced),
+  a scalar the caller fetches with the other metrics (`make_meta_step` reports it as
+  `BAD_LABELS`); `check_labels` is the host-side check that raises.
+
+  Args:
+    learner: the learner, whose model's output width (`num_outputs`) is the number of classes.
+    meta_params: what the learner is given.
+    tasks: a `Task` of integer labels, with a leading task axis when `batched`.
+
+  Returns:
+    An int32 scalar, 0 for a valid batch.
+  """
+  x_shape = jnp.shape(tasks.query_x)[1 + int(batched):]
+  ways = num_outputs(learner, meta_params, x_shape, jnp.result_type(tasks.query_x))
+  return sum(jnp.sum((y < 0) | (y >= ways), dtype=jnp.int32)
+             for y in (tasks.support_y, tasks.query_y))
+
+
+def bad_label_metrics(learner: Learner, meta_params: MetaParams, tasks: Any) -> dict[str, Array]:
+  """`{BAD_LABELS: count_bad_labels(...)}` for a meta-batch of integer labels; `{}` otherwise
+  (regression targets, or a batch that is not a `Task`)."""
+  if not (isinstance(tasks, Task) and is_classification(tasks.support_y)):
+    return {}
+  return {BAD_LABELS: count_bad_labels(learner, meta_params, tasks, batched=True)}
+
+
 def _check_label_values(learner: Learner, meta_params: MetaParams, x_shape: tuple[int, ...],
                         x_dtype: Any, labels: dict[str, Any]) -> None:
   labels = {name: y for name, y in labels.items()
             if is_classification(y) and not isinstance(y, jax.core.Tracer)}
   if not labels:
     return
-  # The model's outputs, abstractly (the meta-params may be tracers, e.g. under jax.grad), on two
-  # dummy examples: BatchNorm with batch statistics needs a batch.
-  abstract = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "dtype") else a, meta_params)
-  x2 = jax.ShapeDtypeStruct((2, *x_shape), x_dtype)
-  outputs = jax.eval_shape(lambda p, x: learner.apply_fn(learner.model_params(p), x),
-                           abstract, x2)
-  num_classes = outputs.shape[-1]
+  num_classes = num_outputs(learner, meta_params, x_shape, x_dtype)
   for name, y in labels.items():
     y = _local_values(y)
     if y.size and (y.min() < 0 or y.max() >= num_classes):

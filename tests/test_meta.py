@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -101,10 +103,44 @@ class MetaStepTest(chex.TestCase):
       losses.append(float(metrics["outer/loss"]))
     self.assertEqual(int(state.step), 8)
     self.assertLess(losses[-1], losses[0])  # same batch every step: the meta-loss must fall
-    # A new shape means a retrace, which the guard reports instead of silently recompiling.
+
+  def test_a_new_batch_shape_compiles_once_with_a_warning_naming_both_shapes(self):
+    model, params, tasks = _problem(jax.random.key(3))
+    meta_step = mj.make_meta_step(_learners(model)["maml"], optax.adam(1e-2))
+    state, _ = meta_step.step(meta_step.init(params), tasks)
     small = jax.tree.map(lambda x: x[:2], tasks)
-    with self.assertRaisesRegex(AssertionError, "traced 2 times"):
-      meta_step.step(state, small)
+    with self.assertWarnsRegex(mj.meta.RecompileWarning,
+                               r"^step compiles again for inputs of new shapes: batch.support_x "
+                               r"\(4, 6, 2\) float32 -> \(2, 6, 2\) float32, batch.support_y "
+                               r"\(4, 6\) int32 -> \(2, 6\) int32, batch.query_x \(4, 9, 2\) "
+                               r"float32 -> \(2, 9, 2\) float32, batch.query_y \(4, 9\) int32 -> "
+                               r"\(2, 9\) int32 \(each shape compiles once"):
+      state, metrics = meta_step.step(state, small)
+    self.assertTrue(np.isfinite(float(metrics["outer/loss"])))
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # shapes seen before: their program, no warning
+      state, _ = meta_step.step(state, small)
+      state, _ = meta_step.step(state, tasks)
+    self.assertEqual(int(state.step), 4)
+    # A second trace for shapes already compiled (here a weakly typed step counter) would
+    # recompile on every call: refused.
+    with self.assertRaisesRegex(AssertionError, "step was traced twice for the same input shapes "
+                                r"and dtypes \(traced 3 times\)"):
+      meta_step.step(state._replace(step=int(state.step)), tasks)
+
+  def test_steps_warn_for_new_batch_shapes_not_for_a_new_length(self):
+    model, params, tasks = _problem(jax.random.key(3))
+    meta_step = mj.make_meta_step(_learners(model)["maml"], optax.adam(1e-2))
+    stack = lambda t, k: jax.tree.map(lambda x: jnp.stack([x] * k), t)  # noqa: E731
+    state, _ = meta_step.steps(meta_step.init(params), stack(tasks, 2))
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      state, _ = meta_step.steps(state, stack(tasks, 3))  # K steps of the same batches
+    with self.assertWarnsRegex(mj.meta.RecompileWarning, r"scanned compiles again for inputs of "
+                               r"new shapes: batch.support_x \(3, 4, 6, 2\) float32 -> "
+                               r"\(3, 2, 6, 2\) float32"):
+      state, _ = meta_step.steps(state, stack(jax.tree.map(lambda x: x[:2], tasks), 3))
+    self.assertEqual(int(state.step), 8)
 
   @parameterized.parameters("maml", "anil", "maml_zero", "metasgd")
   def test_jit_equals_no_jit(self, name):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,33 @@ class TemperatureTest(parameterized.TestCase):
       mj.info_nce(z[:2], z[2:], temperature=t)
     with self.assertRaisesRegex(ValueError, rf"temperature must be a number > 0, got {t!r}"):
       mj.supcon(z, jnp.arange(4), temperature=t)
+    with self.assertRaisesRegex(ValueError, rf"temperature must be a number > 0, got {t!r}"):
+      mj.clip_loss(z[:2], z[2:], temperature=t)
+
+
+class ClassLossTest(parameterized.TestCase):
+  """The losses of integer labels, called directly (outside any learner)."""
+
+  @parameterized.parameters("cross_entropy", "mse_onehot")
+  def test_float_labels(self, name):
+    with self.assertRaisesRegex(TypeError, rf"^{name} takes integer class labels in \[0, C\), "
+                                r"got labels of dtype float32 \(cast them with "
+                                r"\.astype\(jnp\.int32\)\)$"):
+      getattr(mj, name)(jnp.zeros((4, 3)), jnp.zeros(4, jnp.float32))
+
+  @parameterized.parameters("cross_entropy", "mse_onehot")
+  def test_labels_not_one_per_row(self, name):
+    with self.assertRaisesRegex(ValueError, rf"^{name} takes outputs \[\.\.\., C\] and labels "
+                                r"\[\.\.\.\] of the same leading shape, got outputs \(4, 3\) "
+                                r"and labels \(4, 1\)$"):
+      getattr(mj, name)(jnp.zeros((4, 3)), jnp.zeros((4, 1), jnp.int32))
+
+  @parameterized.parameters("cross_entropy", "mse_onehot")
+  def test_checked_under_jit_too(self, name):
+    loss = jax.jit(getattr(mj, name))
+    with self.assertRaisesRegex(TypeError, "takes integer class labels"):
+      loss(jnp.zeros((4, 3)), jnp.zeros(4, jnp.float32))
+    self.assertTrue(np.isfinite(float(loss(jnp.zeros((4, 3)), jnp.arange(4) % 3))))
 
 
 # ------------------------------------------------------------------ tasks at every entry point
@@ -199,3 +228,60 @@ class BadSupportTest(parameterized.TestCase):
     learner, params, tasks, _ = _problem()
     adapted = learner.adapt(params, tasks.support_x[0], tasks.support_y[0])
     self.assertEqual(jax.tree.structure(adapted), jax.tree.structure(params))
+
+
+class LabelsOfEveryBatchTest(parameterized.TestCase):
+  """`inputs/bad_labels`: every meta-batch's labels counted on the device (the host checks and
+  raises on the first batch only)."""
+
+  @parameterized.parameters("make_meta_step", "make_reptile_step")
+  def test_a_bad_later_batch_is_counted_at_its_step(self, builder):
+    learner, params, tasks, _ = _problem()
+    if builder == "make_reptile_step":
+      learner = mj.Reptile(learner.apply_fn, mj.cross_entropy, num_inner_steps=1, inner_lr=0.1)
+    meta_step = getattr(mj, builder)(learner, optax.sgd(0.1))
+    bad = tasks._replace(support_y=tasks.support_y.at[0, 0].set(WAYS),
+                         query_y=tasks.query_y.at[1, 2].set(-1).at[1, 3].set(WAYS + 4))
+    state = meta_step.init(params)
+    counts = []
+    for batch in (tasks, tasks, bad, tasks):
+      state, metrics = meta_step.step(state, batch)
+      self.assertEqual(metrics[mj.meta.BAD_LABELS].dtype, jnp.int32)
+      counts.append(int(metrics[mj.meta.BAD_LABELS]))
+    self.assertEqual(counts, [0, 0, 3, 0])
+    _, metrics = meta_step.steps(state, jax.tree.map(lambda *xs: jnp.stack(xs), tasks, bad))
+    np.testing.assert_array_equal(metrics[mj.meta.BAD_LABELS], [0, 3])
+
+  def test_later_batches_are_not_read_on_the_host(self):
+    learner, params, tasks, _ = _problem()
+    meta_step = mj.make_meta_step(learner, optax.sgd(0.1))
+    reads = []
+    host_values = mj.meta._local_values
+
+    def recorded(y):
+      reads.append(np.shape(y))
+      return host_values(y)
+
+    with mock.patch.object(mj.meta, "_local_values", recorded):
+      state, _ = meta_step.step(meta_step.init(params), tasks)  # the first batch: on the host
+      self.assertEqual(reads, [(2, 6), (2, 9)])
+      bad = tasks._replace(support_y=tasks.support_y.at[0, 0].set(WAYS))
+      state, metrics = meta_step.step(state, bad)
+    self.assertEqual(reads, [(2, 6), (2, 9)])  # no sync: counted on the device
+    self.assertEqual(int(metrics[mj.meta.BAD_LABELS]), 1)
+
+  def test_the_count_is_jit_safe_and_exact(self):
+    learner, params, tasks, _ = _problem()
+    count = jax.jit(lambda p, t: mj.meta.count_bad_labels(learner, p, t))
+    self.assertEqual(int(count(params, tasks)), 0)
+    labels = np.random.default_rng(1).integers(-2, WAYS + 2, size=tasks.query_y.shape)
+    expected = int(np.sum((labels < 0) | (labels >= WAYS)))
+    self.assertGreater(expected, 0)
+    self.assertEqual(int(count(params, tasks._replace(query_y=jnp.asarray(labels)))), expected)
+
+  def test_regression_has_no_count(self):
+    _, params, tasks, _ = _problem()
+    learner = mj.MAML(lambda p, x: x @ p["w"][:, :1], mj.mse, inner_lr=0.1)
+    targets = tasks._replace(support_y=jnp.zeros((2, 6, 1)), query_y=jnp.ones((2, 9, 1)))
+    _, metrics = _meta_step(learner, params, targets)
+    self.assertNotIn(mj.meta.BAD_LABELS, metrics)

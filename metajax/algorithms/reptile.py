@@ -145,7 +145,8 @@ def make_reptile_step(learner: Reptile, optimizer: optax.GradientTransformation,
     `MetaStep` (`init`, `step`, `steps`); `step(state, tasks) -> (state, metrics)` with metrics
     averaged over tasks: `outer/loss` (= `outer/query_loss`, after adaptation), `outer/query_accuracy` for
     labels, `inner/support_loss_before` (before the first inner step), `inner/support_loss_last` (before
-    the last one) and `outer/grad_norm` (norm of the mean pseudo-gradient).
+    the last one) and `outer/grad_norm` (norm of the mean pseudo-gradient); `inputs/bad_labels` as
+    `make_meta_step`.
   """
   if not isinstance(learner, Reptile):
     raise TypeError(f"make_reptile_step needs a metajax.algorithms.reptile.Reptile learner, got "
@@ -161,7 +162,8 @@ def make_reptile_step(learner: Reptile, optimizer: optax.GradientTransformation,
     params, opt_state, grads, metrics = update(state, tasks)
     metrics = jax.tree.map(jnp.mean, metrics)
     metrics = {**metrics, "outer/loss": metrics["outer/query_loss"],
-               "outer/grad_norm": optax.tree.norm(grads)}
+               "outer/grad_norm": optax.tree.norm(grads),
+               **meta_lib.bad_label_metrics(learner, state.params, tasks)}
     return MetaState(params, opt_state, state.step + 1), metrics
 
   check = functools.partial(meta_lib.check_first_batch, learner, [])

@@ -135,6 +135,18 @@ def check_count(name: str, value: object, minimum: int) -> int:
   return count
 
 
+def check_float_dtype(name: str, dtype: object) -> np.dtype:
+  """`dtype` as a floating numpy dtype; a TypeError naming `name` otherwise."""
+  try:
+    resolved = np.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"{name} must be a floating dtype (e.g. jnp.float32), got {dtype!r}") from None
+  if not jnp.issubdtype(resolved, jnp.floating):  # bfloat16 too
+    raise TypeError(f"{name} must be a floating dtype (e.g. jnp.float32), got {resolved} "
+                    "(images are sampled as floats in [0, 1])")
+  return resolved
+
+
 def pool_shape(pool: ClassPool | ArrayLike | Sequence[int]) -> tuple[int, ...]:
   """The `[classes, per class, H, W(, C)]` shape of a pool, its images array, or a shape."""
   if isinstance(pool, ClassPool):
@@ -259,6 +271,7 @@ def sample_episode(
     query_x [ways*queries, H, W, D], query_y int32 [ways*queries])`.
   """
   ways, shots, queries = validate_episode_spec(jnp.shape(images), ways, shots, queries)
+  check_float_dtype("dtype", dtype)
   images = jnp.asarray(images)
   num_classes, per_class = images.shape[0], images.shape[1]
   class_key, image_key = jax.random.split(key)
@@ -305,9 +318,11 @@ def make_episode_sampler(
     dtype: dtype of the sampled images.
 
   Raises:
-    ValueError / TypeError: as `validate_episode_spec`.
+    ValueError / TypeError: as `validate_episode_spec`; TypeError: a `dtype` that is not a
+      floating dtype.
   """
   ways, shots, queries = validate_episode_spec(pool_shape(pool), ways, shots, queries)
+  check_float_dtype("dtype", dtype)
 
   def sample(key: PRNGKey, images: ArrayLike) -> Task:
     return sample_episode(key, images, ways=ways, shots=shots, queries=queries, dtype=dtype)

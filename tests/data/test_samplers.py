@@ -185,10 +185,48 @@ class BadEpisodeSpecTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"ways=10 is more than the 4 classes"):
       jax.jit(sample)(jax.random.key(0), jnp.asarray(_coded_pool(num_classes=4)))
 
-  def test_num_tasks(self):
-    sample = make_episode_sampler(_coded_pool(), 2, 1, 1)
-    with self.assertRaisesRegex(ValueError, r"num_tasks must be an int >= 1, got 0"):
-      sample_meta_batch(sample, jax.random.key(0), _coded_pool(), num_tasks=0)
+  @parameterized.parameters(
+    (0, ValueError, r"num_tasks must be an int >= 1, got 0"),
+    (-3, ValueError, r"num_tasks must be an int >= 1, got -3"),
+    (2.0, TypeError, r"num_tasks must be an int, got 2.0 \(float\)"),
+    ("4", TypeError, r"num_tasks must be an int, got '4' \(str\)"),
+  )
+  def test_num_tasks(self, num_tasks, error, message):
+    calls = []
+
+    def sample(key, images):
+      calls.append(key)
+      return make_episode_sampler(_coded_pool(), 2, 1, 1)(key, images)
+
+    with self.assertRaisesRegex(error, message):
+      sample_meta_batch(sample, jax.random.key(0), _coded_pool(), num_tasks=num_tasks)
+    self.assertEqual(calls, [])  # refused before anything was traced
+
+  @parameterized.parameters(
+    ("5", TypeError, r"ways must be an int, got '5' \(str\)"),
+    (5.0, TypeError, r"ways must be an int, got 5.0 \(float\)"),
+    (None, TypeError, r"ways must be an int, got None \(NoneType\)"),
+  )
+  def test_ways_of_another_type(self, ways, error, message):
+    with self.assertRaisesRegex(error, message):
+      make_episode_sampler(_coded_pool(), ways, 1, 1)
+    with self.assertRaisesRegex(error, message):
+      sample_episode(jax.random.key(0), _coded_pool(), ways=ways, shots=1, queries=1)
+
+  def test_image_dtype_must_be_floating(self):
+    message = (r"dtype must be a floating dtype \(e.g. jnp.float32\), got int32 \(images are "
+               r"sampled as floats in \[0, 1\]\)")
+    with self.assertRaisesRegex(TypeError, message):
+      make_episode_sampler(_coded_pool(), 2, 1, 1, dtype=jnp.int32)
+    with self.assertRaisesRegex(TypeError, message):
+      sample_episode(jax.random.key(0), _coded_pool(), ways=2, shots=1, queries=1,
+                     dtype=jnp.int32)
+    with self.assertRaisesRegex(TypeError, r"dtype must be a floating dtype \(e.g. "
+                                r"jnp.float32\), got 'pixels'"):
+      make_episode_sampler(_coded_pool(), 2, 1, 1, dtype="pixels")
+    task = make_episode_sampler(_coded_pool(), 2, 1, 1, dtype=jnp.bfloat16)(
+      jax.random.key(0), _coded_pool())
+    self.assertEqual(task.support_x.dtype, jnp.bfloat16)
 
 
 def test_real_omniglot_episodes(omniglot_finn):
