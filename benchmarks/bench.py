@@ -17,7 +17,12 @@ Workloads (Omniglot 28x28x1, Conv-4 with 64 filters unless said; outer optimiser
          queries, meta-batch 4, 5 inner steps, lr 0.01 (Finn et al.'s and Kao et al.'s setting);
   M5     the same 5-shot, meta-batch 2;  M1FO / M5FO: first order.  `--workloads=mini`: all four
          (not in the default set: run them with `--workloads=mini`)
-  FB5 / FB20 / FBP / FBM1 / FBM5  the baselines: a plain forward+backward (+ Adam) of the same network over
+  WR     ResNet-12 (metajax.resnet12) at the Omniglot configs' widths 16-32-64-128: W1's
+         second-order 5-way 1-shot, meta-batch 32, 1 inner step of 0.4
+  MR1    mini-ImageNet ResNet-12 at the standard widths 64-160-320-640 (12.4M params): M1's
+         second-order 5-way 1-shot, meta-batch 4, 5 inner steps of 0.01.  `--workloads=resnet`:
+         both (not in the default set; MR1 alone takes minutes per step on a 2-core CPU)
+  FB5 / FB20 / FBP / FBM1 / FBM5 / FBR / FBMR1  the baselines: a plain forward+backward (+ Adam) of the same network over
          the same images (every task's support+query images, BatchNorm per task as in MAML)
 
 What is measured, per workload, each in its own fresh subprocess:
@@ -94,7 +99,7 @@ _MINI = (84, 84, 3)
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  net: str  # "conv4" | "kao"
+  net: str  # "conv4" | "kao" | "resnet12"
   ways: int
   shots: int
   queries: int
@@ -105,7 +110,8 @@ class Workload:
   baseline: str | None = None
   description: str = ""
   image: tuple[int, int, int] = (28, 28, 1)  # (H, W, C) of one image
-  filters: int = 64
+  filters: int = 64  # conv4 / kao
+  widths: tuple[int, int, int, int] = (64, 160, 320, 640)  # resnet12's four blocks
 
 
 WORKLOADS = {
@@ -116,6 +122,12 @@ WORKLOADS = {
   "W20": Workload("conv4", 20, 1, 5, 16, 5, 0.1, "second", "FB20", "2nd-order 20w1s, 5 steps"),
   "WP": Workload("kao", 5, 1, 15, 32, 2, 0.4, "second", "FBP", "Kao net, 2nd order, 2 steps"),
   "WPFO": Workload("kao", 5, 1, 15, 32, 2, 0.4, "first", "FBP", "Kao net, first order, 2 steps"),
+  # Implicit MAML (lambda 1, 5 CG steps): not among the defaults (the PyTorch peers have no
+  # counterpart); `--workloads=WIM`, and `--memory --memory_workload=WIM` for memory against steps.
+  "WIM": Workload("conv4", 5, 1, 15, 32, 5, 0.4, "imaml", "FB5", "iMAML 5w1s, 5 steps, 5 CG steps"),
+  # MAML++ (multi-step loss, per-layer per-step lrs, per-step BatchNorm, second order): not among
+  # the defaults either (no PyTorch peer); `--workloads=WPP`.
+  "WPP": Workload("conv4", 5, 1, 15, 32, 5, 0.4, "mamlpp", "FB5", "MAML++ 5w1s, 5 steps"),
   "FB5": Workload("conv4", 5, 1, 15, 32, 0, 0.0, "fwdbwd", None, "fwd+bwd Conv-4, 32x80 images"),
   "FB20": Workload("conv4", 20, 1, 5, 16, 0, 0.0, "fwdbwd", None, "fwd+bwd Conv-4, 16x120 images"),
   "FBP": Workload("kao", 5, 1, 15, 32, 0, 0.0, "fwdbwd", None, "fwd+bwd Kao net, 32x80 images"),
@@ -124,22 +136,27 @@ WORKLOADS = {
        ("M1", 1, 4, 5, "second", "FBM1", "mini-ImageNet 2nd-order 5w1s, 5 steps"),
        ("M1FO", 1, 4, 5, "first", "FBM1", "mini-ImageNet first-order 5w1s, 5 steps"),
        ("M5", 5, 2, 5, "second", "FBM5", "mini-ImageNet 2nd-order 5w5s, 5 steps"),
-  # Implicit MAML (lambda 1, 5 CG steps): not among the defaults (the PyTorch peers have no
-  # counterpart); `--workloads=WIM`, and `--memory --memory_workload=WIM` for memory against steps.
-  "WIM": Workload("conv4", 5, 1, 15, 32, 5, 0.4, "imaml", "FB5", "iMAML 5w1s, 5 steps, 5 CG steps"),
-  # MAML++ (multi-step loss, per-layer per-step lrs, per-step BatchNorm, second order): not among
-  # the defaults either (no PyTorch peer); `--workloads=WPP`.
-  "WPP": Workload("conv4", 5, 1, 15, 32, 5, 0.4, "mamlpp", "FB5", "MAML++ 5w1s, 5 steps"),
        ("M5FO", 5, 2, 5, "first", "FBM5", "mini-ImageNet first-order 5w5s, 5 steps"),
        ("FBM1", 1, 4, 0, "fwdbwd", None, "fwd+bwd Conv-4/32, 4x80 84x84x3 images"),
        ("FBM5", 5, 2, 0, "fwdbwd", None, "fwd+bwd Conv-4/32, 2x100 84x84x3 images")]},
+  # ResNet-12: at the Omniglot configs' narrow widths, and at the standard widths on 84x84x3.
+  "WR": Workload("resnet12", 5, 1, 15, 32, 1, 0.4, "second", "FBR",
+                 "ResNet-12/16-128 2nd-order 5w1s, 1 step", widths=(16, 32, 64, 128)),
+  "FBR": Workload("resnet12", 5, 1, 15, 32, 0, 0.0, "fwdbwd", None,
+                  "fwd+bwd ResNet-12/16-128, 32x80 images", widths=(16, 32, 64, 128)),
+  "MR1": Workload("resnet12", 5, 1, 15, 4, 5, 0.01, "second", "FBMR1",
+                  "mini-ImageNet ResNet-12 2nd-order 5w1s, 5 steps", _MINI),
+  "FBMR1": Workload("resnet12", 5, 1, 15, 4, 0, 0.0, "fwdbwd", None,
+                    "fwd+bwd ResNet-12, 4x80 84x84x3 images", _MINI),
 }
 DEFAULT_WORKLOADS = ["W1", "W5", "WFO", "WANIL", "W20", "WP", "WPFO"]
 MINI_WORKLOADS = ["M1", "M1FO", "M5", "M5FO"]  # --workloads=mini
+RESNET_WORKLOADS = ["WR", "MR1"]  # --workloads=resnet
+GROUPS = {"mini": MINI_WORKLOADS, "resnet": RESNET_WORKLOADS}
 # --quick without --workloads: one second-order, one first-order and Kao et al.'s workload (with
 # their baselines and peers) fit in 5 minutes on a 2-core CPU; all seven take ~20.
 QUICK_WORKLOADS = ["W1", "WFO", "WP"]
-TINY = dict(filters=8, meta_batch=4, queries=2)  # --tiny: smoke-test shapes
+TINY = dict(filters=8, widths=(4, 4, 8, 8), meta_batch=4, queries=2)  # --tiny: smoke-test shapes
 
 
 # ============================================================================ worker (subprocess)
@@ -231,9 +248,13 @@ def build_workload(w: Workload, spec: dict):
   queries = spec.get("queries") or w.queries
   inner_steps = spec.get("inner_steps") or w.inner_steps
   task_map = _parse_task_map(spec.get("task_map", "vmap"))
-  net = metajax.conv4 if w.net == "conv4" else metajax.kao_conv
-  model = net(w.ways, filters=filters, conv_fn=_conv_fn(spec.get("conv", "default")),
-              fused_norm=spec.get("norm", "fused") == "fused", input_shape=w.image)
+  common = dict(conv_fn=_conv_fn(spec.get("conv", "default")),
+                fused_norm=spec.get("norm", "fused") == "fused", input_shape=w.image)
+  if w.net == "resnet12":
+    model = metajax.resnet12(w.ways, widths=tuple(spec.get("widths") or w.widths), **common)
+  else:
+    net = metajax.conv4 if w.net == "conv4" else metajax.kao_conv
+    model = net(w.ways, filters=filters, **common)
   params = model.init(jax.random.key(0))
   tasks = _synthetic_tasks(w, meta_batch, queries)
   optimizer = optax.adam(1e-3)
@@ -733,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="3 timed steps after 1 warm-up (default 10 after 2), 20 data reps, and "
                       f"workloads {','.join(QUICK_WORKLOADS)} unless --workloads is given")
   p.add_argument("--workloads", default=None,
-                 help=f"comma list from {','.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)}; "
+                 help=f"comma list from {','.join(WORKLOADS)} or the groups "
+                      f"{','.join(GROUPS)} (default {','.join(DEFAULT_WORKLOADS)}; "
                       f"with --quick {','.join(QUICK_WORKLOADS)})")
   p.add_argument("--json", default=None, help="write all results there (atomically)")
   p.add_argument("--reps", type=int, default=None)
@@ -804,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [] if extra_mode else list(QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
   else:
     names = [m for n in args.workloads.split(",") if n
-             for m in (MINI_WORKLOADS if n == "mini" else [n])]
+             for m in GROUPS.get(n, [n])]
   unknown = [n for n in names if n not in WORKLOADS]
   if unknown:
     p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
@@ -222,3 +223,37 @@ def test_miscompile_reproducer_max_pool_case(capsys):
                                   for h in ("eager", "jax.jit", "metajax.platform.xla.jit")]
   assert all(float(r[2]) < 1e-12 for r in rows[:3])
   assert float(rows[3][2]) == 0.0 and float(rows[5][2]) < 1e-12
+
+
+def test_resnet12_workloads_build_at_their_widths(bench):
+  """WR (the Omniglot configs' widths) and MR1 (the standard widths on 84x84x3) with their
+  baselines: the model each builds, at tiny and full widths (built, not compiled)."""
+  assert bench.GROUPS["resnet"] == ["WR", "MR1"]
+  assert {bench.WORKLOADS[n].baseline for n in bench.GROUPS["resnet"]} == {"FBR", "FBMR1"}
+  assert not set(bench.GROUPS["resnet"]) & set(bench.DEFAULT_WORKLOADS)
+  for name, widths, image in [("WR", (16, 32, 64, 128), (28, 28, 1)),
+                              ("MR1", (64, 160, 320, 640), (84, 84, 3))]:
+    w = bench.WORKLOADS[name]
+    assert (w.net, w.widths, w.image) == ("resnet12", widths, image)
+    assert bench.WORKLOADS[w.baseline].widths == widths
+  for name in ("WR", "FBR"):
+    _, state, tasks, _, _ = bench.build_workload(bench.WORKLOADS[name],
+                                                 {"conv": "default", **bench.TINY})
+    assert tasks.support_x.shape == (bench.TINY["meta_batch"], 5, 28, 28, 1)
+    params = state.params if name == "WR" else state[0]
+    # --tiny's widths reach the model: the head maps widths[-1] features to the 5 ways.
+    assert [leaf.shape for leaf in jax.tree.leaves(params["head"])] == [
+      (5,), (bench.TINY["widths"][-1], 5)]
+
+
+@pytest.mark.slow  # ~90 s on a loaded 2-core CPU: compiles a second-order ResNet-12 step
+def test_resnet12_workload_runs_tiny(bench, tmp_path, monkeypatch):
+  monkeypatch.setattr(bench, "_run_subprocess", lambda spec, env, timeout=0:
+                      bench.run_step_worker(spec))
+  out = tmp_path / "resnet.json"
+  assert bench.main(["--quick", "--tiny", "--workloads=WR", "--nobaseline", "--nodata",
+                     "--torch_python=", "--reps=1", "--warmup=0", "--steps_per_call=1",
+                     f"--json={out}"]) == 0
+  r = json.loads(out.read_text())["workloads"]["WR"]
+  assert r["median_s"] > 0 and r["flops"] > 0
+  assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
