@@ -55,6 +55,8 @@ Other modes (they add to the table; with one of them, the default workloads run 
                  On by default when the main workloads run (off with --nodata).
   --memory       peak memory of W1-like second-order runs with --memory_steps inner steps
                  (default 1,5,10,20), with and without `remat=True`; JSON + PNG.
+                 `--memory_workload=WIM`: the same sweep of implicit MAML (`metajax.IMAML`,
+                 memory flat in the inner steps).
   --devices=N    the task-sharded step (`metajax.platform.sharding`) in a subprocess with
                  XLA_FLAGS=--xla_force_host_platform_device_count=N, checked against the
                  one-device step (loss and updated params). On a 2-core CPU N fake devices share
@@ -737,7 +739,8 @@ def plot_memory(mem: dict, path: str | os.PathLike) -> None:
     ax.set_xlabel("inner steps")
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.suptitle(f"second-order MAML, Conv-4 5w1s15q, meta-batch {mem['meta_batch']} "
+  algorithm = "implicit MAML" if mem.get("workload") == "WIM" else "second-order MAML"
+  fig.suptitle(f"{algorithm}, Conv-4 5w1s15q, meta-batch {mem['meta_batch']} "
                f"(load {mem.get('load', '?')})", fontsize=10)
   fig.tight_layout()
   path = Path(path)
@@ -787,6 +790,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--memory", action="store_true", help="the inner-steps x remat memory sweep")
   p.add_argument("--memory_steps", default="1,5,10,20")
   p.add_argument("--memory_meta_batch", type=int, default=32)
+  p.add_argument("--memory_workload", default="W1", choices=("W1", "WIM"),
+                 help="the sweep's workload: W1 (second-order MAML, with and without remat) or "
+                      "WIM (implicit MAML, nothing to rematerialise)")
   p.add_argument("--memory_png", default=None, help="default: next to --json, else benchmarks/results")
   p.add_argument("--devices", type=int, default=1, help="N > 1: the task-sharded step on N devices")
   p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test shapes
@@ -913,13 +919,14 @@ def main(argv: list[str] | None = None) -> int:
   if args.memory:
     steps = [int(s) for s in args.memory_steps.split(",") if s]
     mem = {"meta_batch": args.memory_meta_batch, "runs": [], "load": f"{os.getloadavg()[0]:.1f}",
+           "workload": args.memory_workload,
            "note": "exec_peak_mb: peak RSS during the steps minus RSS before them; xla_temp_mb: "
                    "compiled.memory_analysis().temp_size_in_bytes"}
-    for remat in (False, True):
+    for remat in (False, True) if args.memory_workload == "W1" else (False,):
       for s in steps:
         log(f"memory: {s} inner steps, remat={remat} ...")
         mem["runs"].append(_run_subprocess(
-          {**common, "workload": "W1", "inner_steps": s, "remat": remat,
+          {**common, "workload": args.memory_workload, "inner_steps": s, "remat": remat,
            "meta_batch": args.memory_meta_batch, "reps": 1 if args.quick else min(reps, 3),
            "warmup": 0, "steps_per_call": 1}, env, timeout=args.timeout))
         results["memory"] = mem
