@@ -21,7 +21,7 @@ Workloads (Omniglot 28x28x1, Conv-4 with 64 filters unless said; outer optimiser
          second-order 5-way 1-shot, meta-batch 32, 1 inner step of 0.4
   MR1    mini-ImageNet ResNet-12 at the standard widths 64-160-320-640 (12.4M params): M1's
          second-order 5-way 1-shot, meta-batch 4, 5 inner steps of 0.01.  `--workloads=resnet`:
-         both (not in the default set; MR1 alone takes minutes per step on a 2-core CPU)
+         both (not in the default set; MR1 is a much larger program than WR)
   FB5 / FB20 / FBP / FBM1 / FBM5 / FBR / FBMR1  the baselines: a plain forward+backward (+ Adam) of the same network over
          the same images (every task's support+query images, BatchNorm per task as in MAML)
 
