@@ -285,8 +285,12 @@ def _unstack_metrics(records: list[tuple[int, int, Any]]) -> list[tuple[int, Map
 
 
 def lower_learning_rates(config: build.Config) -> dict[str, float]:
-  """What the stop advice suggests resuming with: a `LOWER_BY`th of the run's meta_lr."""
-  return {"meta_lr": float(config.meta_lr) / LOWER_BY}
+  """What the stop advice suggests resuming with: a `LOWER_BY`th of the run's meta_lr (and of
+  its schedule's floor `min_meta_lr`, where it has one, which must stay below it)."""
+  lower = {"meta_lr": float(config.meta_lr) / LOWER_BY}
+  if config.get("min_meta_lr"):
+    lower["min_meta_lr"] = float(config.min_meta_lr) / LOWER_BY
+  return lower
 
 
 class Guards:

@@ -77,7 +77,8 @@ def test_a_resume_killed_before_its_next_checkpoint_records_its_change_once(tmp_
 
 @pytest.mark.parametrize("fields, message", [
   (["ways"], "allow_config_change: 'ways' cannot change on resume, it defines the run "
-             "(changeable: inner_lr, meta_lr; schedule, logging and evaluation fields change "
+             "(changeable: inner_lr, meta_lr, min_meta_lr; schedule, logging and evaluation fields "
+             "change "
              "without it); train with another ways in another --workdir"),
   (["meta_rl"], "allow_config_change: 'meta_rl' is not a config field (did you mean meta_lr?)"),
 ])
