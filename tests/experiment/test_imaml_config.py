@@ -10,7 +10,7 @@ import pytest
 
 from metajax.algorithms.imaml import IMAML
 from metajax.experiment import build, checkpoint, train
-from tests.experiment.test_resume import Killed, kill_after_checkpoint, outputs, quiet
+from tests.experiment.test_resume import killed_and_resumed, quiet
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
@@ -67,18 +67,6 @@ def test_stored_configs_without_the_fields_load_as_they_ran():
   assert (config.imaml_lambda, config.imaml_cg_steps, config.imaml_cg_damping) == (1.0, 5, 0.0)
 
 
-def _killed_and_resumed(config, tmp_path, monkeypatch, at):
-  reference = tmp_path / "uninterrupted"
-  train.train_and_evaluate(config(), reference, print_fn=quiet)
-  killed = tmp_path / "killed"
-  with monkeypatch.context() as patch:
-    kill_after_checkpoint(patch, at=at)
-    with pytest.raises(Killed):
-      train.train_and_evaluate(config(), killed, print_fn=quiet)
-  train.train_and_evaluate(config(), killed, print_fn=quiet)
-  return outputs(reference), outputs(killed)
-
-
 def _sinusoid(**overrides):
   return _config("smoke", "sinusoid.py", algorithm="imaml", num_inner_steps=3, imaml_lambda=2.0,
                  imaml_cg_steps=3, imaml_cg_damping=0.5, eval_every=0, **overrides)
@@ -100,7 +88,7 @@ def test_sinusoid_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_out
   def config():
     return _sinusoid(checkpoint_every=2, keep_checkpoints=5, steps_per_call=1)
 
-  reference, resumed = _killed_and_resumed(config, tmp_path, monkeypatch, at=2)
+  reference, resumed = killed_and_resumed(config, tmp_path, monkeypatch, at=2)
   assert resumed == reference
   assert sorted(reference["checkpoints"]) == [2, 4]
   assert np.isfinite(reference["results"]["outer/loss"])
@@ -113,7 +101,7 @@ def test_omniglot_smoke_trains_and_a_killed_run_resumes_to_the_uninterrupted_out
     return _config("imaml_smoke", data_dir=str(omniglot_dir), cache_dir=str(omniglot_cache_dir),
                    num_steps=4, eval_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=5)
 
-  reference, resumed = _killed_and_resumed(config, tmp_path, monkeypatch, at=2)
+  reference, resumed = killed_and_resumed(config, tmp_path, monkeypatch, at=2)
   assert resumed == reference
   assert checkpoint.all_steps(tmp_path / "killed" / train.CHECKPOINT_DIR) == [2, 4]
   assert 0.0 <= reference["results"]["test/accuracy_after"] <= 1.0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metajax.experiment import build, checkpoint, train
-from tests.experiment.test_resume import Killed, kill_after_checkpoint, outputs, quiet
+from tests.experiment.test_resume import killed_and_resumed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
@@ -76,13 +76,6 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_outputs(
     return _config("mamlpp_smoke", data_dir=str(omniglot_dir), cache_dir=str(omniglot_cache_dir),
                    num_steps=4, eval_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=5)
 
-  reference = tmp_path / "uninterrupted"
-  train.train_and_evaluate(config(), reference, print_fn=quiet)
-  killed = tmp_path / "killed"
-  with monkeypatch.context() as patch:
-    kill_after_checkpoint(patch, at=2)
-    with pytest.raises(Killed):
-      train.train_and_evaluate(config(), killed, print_fn=quiet)
-  train.train_and_evaluate(config(), killed, print_fn=quiet)
-  assert checkpoint.all_steps(killed / train.CHECKPOINT_DIR) == [2, 4]
-  assert outputs(killed) == outputs(reference)
+  reference, resumed = killed_and_resumed(config, tmp_path, monkeypatch, at=2)
+  assert resumed == reference
+  assert checkpoint.all_steps(tmp_path / "killed" / train.CHECKPOINT_DIR) == [2, 4]

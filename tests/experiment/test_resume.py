@@ -102,6 +102,20 @@ def kill_after_checkpoint(monkeypatch, at: int) -> None:
   monkeypatch.setattr(checkpoint.Checkpoints, "save", killing_save)
 
 
+def killed_and_resumed(config, tmp_path: Path, monkeypatch, at: int) -> tuple[dict, dict]:
+  """The outputs of `config()` run uninterrupted, and of a run killed after its step-`at`
+  checkpoint and rerun (workdirs `uninterrupted` and `killed` under `tmp_path`)."""
+  reference = tmp_path / "uninterrupted"
+  train.train_and_evaluate(config(), reference, print_fn=quiet)
+  killed = tmp_path / "killed"
+  with monkeypatch.context() as patch:
+    kill_after_checkpoint(patch, at=at)
+    with pytest.raises(Killed):
+      train.train_and_evaluate(config(), killed, print_fn=quiet)
+  train.train_and_evaluate(config(), killed, print_fn=quiet)
+  return outputs(reference), outputs(killed)
+
+
 def kill_in_test_evaluation(monkeypatch) -> None:
   evaluate = train._evaluate
 
