@@ -6,6 +6,7 @@ failed write names the file and the reason, after the metrics are printed.
 
   python experiments/evaluate.py --workdir=/tmp/metajax_readme --num_tasks=600
   python experiments/evaluate.py --workdir=runs/kao_5w1s_zero --best   # best validation metric
+  python experiments/evaluate.py --workdir=runs/simclr --pretrain_eval=linear_probe
 """
 
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from metajax.experiment import checkpoint, cli, train
+from metajax.experiment import build, checkpoint, cli, train
 from metajax.platform import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its checkpoints/).")
@@ -28,6 +29,9 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest
 _BEST = flags.DEFINE_bool("best", False, "The checkpoint with the best validation metric "
                           "(kept besides the newest) instead of the newest.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Overrides the config's data_dir.")
+_PRETRAIN_EVAL = flags.DEFINE_enum("pretrain_eval", None, list(build.PRETRAIN_EVALS),
+                                   "A pre-trained encoder's evaluation (pre-training algorithms "
+                                   "only; default: the config's pretrain_eval).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output (default: "
                               "<workdir>/eval_<split>_step<step>.json).")
 _HUGEPAGES = flags.DEFINE_enum("hugepages", None, ["auto", "on", "off"], "glibc's huge-page "
@@ -51,7 +55,8 @@ def main(argv):
     result = train.evaluate_checkpoint(
       _WORKDIR.value, split=_SPLIT.value, num_tasks=_NUM_TASKS.value,
       num_inner_steps=_STEPS.value, eval_seed=_EVAL_SEED.value, batch_size=_BATCH.value,
-      step=_STEP.value, best=_BEST.value, data_dir=_DATA_DIR.value)
+      step=_STEP.value, best=_BEST.value, data_dir=_DATA_DIR.value,
+      pretrain_eval=_PRETRAIN_EVAL.value)
   except train.USER_ERRORS as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:

@@ -353,3 +353,39 @@ def test_mean_over_runs_averages_the_common_steps():
     metrics.mean_over_runs(runs[:1], "m")
   with pytest.raises(ValueError, match="no step has 'm' in all 2 runs"):
     metrics.mean_over_runs([[{"step": 1, "m": 1.0}], [{"step": 2, "m": 1.0}]], "m")
+
+
+def test_probes_are_evaluations_of_their_own_and_rows_of_other_groups_are_shown(tmp_path, capsys):
+  ssl = suite.Run("ssl", "family", "omniglot.py:kao5way1shot", ("--config.algorithm=simclr",),
+                  "SimCLR", eval_steps=(10,), probes=("linear_probe",))
+  assert ssl.evaluations == ((10, ""), (10, "linear_probe"))
+  assert suite.eval_file(tmp_path, 10, "linear_probe").name == "eval_test_10steps_linear_probe.json"
+  assert "--pretrain_eval=linear_probe" in ssl.eval_command(tmp_path, 10, 600, "linear_probe")
+  assert not any(a.startswith("--pretrain_eval") for a in ssl.eval_command(tmp_path, 10, 600))
+  _finished_run(tmp_path / "ssl", 0, {1: 0.5, 10: 0.61})  # its 1-step file unused
+  st = suite.status(ssl, tmp_path)
+  assert st["probes"] == {"linear_probe": {10: None}} and not st["done"]
+  assert queue.work([ssl], tmp_path, None, eval_tasks=600, dry_run=True) == 0
+  printed = capsys.readouterr().out.strip().splitlines()
+  assert len(printed) == 1 and "--pretrain_eval=linear_probe" in printed[0]
+  assert "eval_test_10steps_linear_probe.json" in printed[0]
+  checkpoint.write_json_atomic(suite.eval_file(tmp_path / "ssl", 10, "linear_probe"), {"metrics": {
+    "accuracy_after": {"mean": 0.7234, "ci95": 0.0123, "num_tasks": 600}}})
+  assert suite.status(ssl, tmp_path)["done"]
+  assert archive.archive([ssl], tmp_path, tmp_path / "archive") == ["ssl"]
+  assert (tmp_path / "archive" / "ssl" / "eval_test_10steps_linear_probe.json").exists()
+
+  # A run of another group named in SHOWN_WITH is a row of this group's table too.
+  reference = suite.Run(suite.SHOWN_WITH["family"][-1], "reference", "omniglot.py:kao5way1shot",
+                        label="the reference", eval_steps=(1,))
+  _finished_run(tmp_path / reference.name, 0, {1: 0.9})
+  doc = tmp_path / "RESULTS.md"
+  report.report(doc, tmp_path, runs=[ssl, reference])
+  family = doc.read_text().split(f"### {suite.GROUPS['family']}", 1)[1].split("###", 1)[0]
+  head = next(line for line in family.splitlines() if line.startswith("| run |"))
+  assert "accuracy % after 10 steps, by linear probe" in head
+  rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                            for line in family.splitlines()
+                                            if line.startswith("| ") and "---" not in line)}
+  assert rows["SimCLR"][:3] == ["", "61.00 +- 0.50", "72.34 +- 1.23"]
+  assert rows["the reference"][:3] == ["90.00 +- 0.50", "", ""]

@@ -47,6 +47,21 @@ Finn's split with rotations; the paper halves the learning rate every 2,000 epis
   protonet5way1shot, protonet5way5shot, protonet20way1shot, protonet20way5shot
     python experiments/train.py --config=experiments/configs/omniglot.py:protonet5way1shot --workdir=runs/protonet_5w1s
 
+Metric learners, trained on episodes of the test's ways (`train_ways` for higher way), Finn's
+split with rotations, conv4 64 filters, Adam 1e-3, 20,000 steps of one episode (the papers train
+longer: Relation Networks one million episodes):
+
+  matching5way1shot, matching20way1shot   Matching Networks (Vinyals et al. 2016, Table 1:
+    5w1s 98.1, 20w1s 93.8): cosine attention over the support set, 15 (5-way) or 5 queries
+    per class; `--config.algorithm=matching_fce` adds the full-context embeddings
+  relation5way1shot, relation20way1shot   Relation Networks (Sung et al. 2018, Table 1: 5w1s 99.6
+    +- 0.2, 20w1s 97.6 +- 0.2): a learned relation module on (class map, query map) pairs,
+    squared error to one-hot, 19 (5-way) or 10 queries per class as the paper
+  siamese20way1shot   Siamese networks (Koch et al. 2015, 20-way one-shot 92.0): weighted-L1
+    verification on the episode's pairs, one-shot by the most similar support image (the paper
+    trains on affine-distorted verification pairs of 30 alphabets, here on 20-way episodes)
+    python experiments/train.py --config=experiments/configs/omniglot.py:relation5way1shot --workdir=runs/relation_5w1s
+
 UMTRA (Khodadadeh et al. 2019, Omniglot 5w1s 83.80, their MAML-based table): MAML meta-trained on
 unlabelled tasks (5 random training images, the support = the image, the query = a random affine
 augmentation), evaluated on labelled 5-way 1-shot episodes of the test characters; conv4, 1 inner
@@ -112,6 +127,8 @@ ResNet-12 (MetaOptNet's network, `metajax.nn.resnet`) at the narrower widths 16-
 meta_lstm_smoke, lstm_optimizer_smoke: 2 steps of each learned optimizer.
 imaml_smoke: 2 steps of implicit MAML (2 inner steps, 5 CG steps).
 mamlpp_smoke: 3 steps of MAML++ with every option on, its schedules shortened to 1-step epochs.
+matching_smoke, relation_smoke, siamese_smoke: 2 steps of each metric learner (10-way training
+episodes, 5-way tests).
 reptile_smoke, protonet_smoke, umtra_smoke, pretrain_smoke, simclr_smoke, supcon_smoke,
 resnet12_smoke: 2 steps of a tiny model (serial Reptile; ProtoNet with 10-way training episodes;
 UMTRA with the zeroing trick; ResNet-12 at widths 4-4-8-8), for CI.
@@ -173,6 +190,12 @@ def _protonet(ways: int, shots: int) -> ml_collections.ConfigDict:
   c.algorithm, c.train_ways, c.queries = "protonet", 60, 5
   c.meta_batch_size, c.meta_lr, c.num_steps = 1, 1e-3, 20_000
   c.test_num_tasks = 1_000
+  return c
+
+
+def _metric(algorithm: str, ways: int, queries: int) -> ml_collections.ConfigDict:
+  c = _protonet(ways, 1)
+  c.algorithm, c.train_ways, c.queries = algorithm, ways, queries
   return c
 
 
@@ -265,6 +288,12 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "protonet5way5shot": lambda: _protonet(5, 5),
   "protonet20way1shot": lambda: _protonet(20, 1),
   "protonet20way5shot": lambda: _protonet(20, 5),
+  # Vinyals et al. 2016, Sung et al. 2018, Koch et al. 2015
+  "matching5way1shot": lambda: _metric("matching", 5, 15),
+  "matching20way1shot": lambda: _metric("matching", 20, 5),
+  "relation5way1shot": lambda: _metric("relation", 5, 19),
+  "relation20way1shot": lambda: _metric("relation", 20, 10),
+  "siamese20way1shot": lambda: _metric("siamese", 20, 5),
   # Khodadadeh et al. 2019
   "umtra5way1shot": _umtra,
   # Antoniou et al. 2019
@@ -293,6 +322,9 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
                                  mamlpp_msl_epochs=2, mamlpp_first_order_epochs=1),
   "reptile_smoke": lambda: _smoke(_reptile(1), reptile_serial=True),
   "protonet_smoke": lambda: _smoke(_protonet(5, 1), train_ways=10),
+  "matching_smoke": lambda: _smoke(_metric("matching", 5, 15), train_ways=10),
+  "relation_smoke": lambda: _smoke(_metric("relation", 5, 19), train_ways=10),
+  "siamese_smoke": lambda: _smoke(_metric("siamese", 20, 5), ways=5, train_ways=10),
   "umtra_smoke": lambda: _smoke(_umtra(), zeroing=True),
   "pretrain_smoke": lambda: _smoke(_pretrain("pretrain")),
   "simclr_smoke": lambda: _smoke(_pretrain("simclr")),

@@ -374,6 +374,13 @@ ALGORITHMS: dict[str, Algorithm] = {
 PRETRAIN_EVALS = ("finetune", "linear_probe", "prototypes")
 
 
+def reads_pretrain_eval(algorithm: str) -> bool:
+  """Whether `algorithm` pre-trains an encoder on class batches and is then evaluated the way
+  `config.pretrain_eval` says (every other algorithm ignores the field)."""
+  spec = ALGORITHMS.get(algorithm)
+  return spec is not None and spec.train_tasks is _class_batches
+
+
 # ------------------------------------------------------------------------------ models, optimisers
 
 class ModelSpec(NamedTuple):

@@ -912,7 +912,8 @@ def train_and_evaluate(config: build.Config | Mapping[str, Any],
 
 def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | None = None,
                     step: int | None = None, best: bool = False, data_dir: str | None = None,
-                    cache_dir: str | None = None) -> tuple[build.Config, Any, Any, Any, int]:
+                    cache_dir: str | None = None, pretrain_eval: str | None = None
+                    ) -> tuple[build.Config, Any, Any, Any, int]:
   """`(config, model, learner, meta_params, step)` of a workdir's checkpoint.
 
   The config is the one stored in the checkpoint (with `eval_num_inner_steps`, `data_dir` and
@@ -922,12 +923,17 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
   Args:
     workdir: a training workdir.
     num_inner_steps, data_dir, cache_dir: overrides of the stored config.
+    pretrain_eval: how a pre-trained encoder is evaluated ("prototypes", "linear_probe",
+      "finetune"), overriding the stored config's `pretrain_eval`; only for the algorithms that
+      pre-train on class batches (`build.reads_pretrain_eval`).
     step: which checkpoint (default the newest good one; broken newer ones are skipped with a
       `CheckpointWarning` naming them).
     best: the good checkpoint with the best validation metric instead (`best_of(config)`).
 
   Raises:
     CheckpointError: no (readable) checkpoint, or one that does not fit its own config's model.
+    ConfigError: `pretrain_eval` is not one of `build.PRETRAIN_EVALS`, or the run's algorithm
+      does not read it.
   """
   ckpt_dir = Path(workdir) / CHECKPOINT_DIR
   ckpt_lib.check_format(ckpt_dir)
@@ -948,6 +954,13 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
     config.data_dir = str(data_dir)
   if cache_dir:
     config.cache_dir = str(cache_dir)
+  if pretrain_eval is not None:
+    if not build.reads_pretrain_eval(config.algorithm):
+      raise build.ConfigError(
+        f"pretrain_eval={pretrain_eval!r} applies to the pre-training algorithms "
+        f"({', '.join(a for a in build.ALGORITHMS if build.reads_pretrain_eval(a))}); the run in "
+        f"{str(workdir)!r} is algorithm={config.algorithm!r}")
+    config.pretrain_eval = pretrain_eval
   build.validate_config(config)
   model = build.build_model(config)
   learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
@@ -962,7 +975,7 @@ def evaluate_checkpoint(workdir: str | os.PathLike[str], *, split: str = "test",
                         num_tasks: int = 600, num_inner_steps: int | None = None,
                         eval_seed: int = 0, batch_size: int = 50, step: int | None = None,
                         best: bool = False, data_dir: str | None = None,
-                        cache_dir: str | None = None,
+                        cache_dir: str | None = None, pretrain_eval: str | None = None,
                         print_fn: PrintFn = _print) -> dict[str, Any]:
   """Accuracy/loss before and after adaptation of a workdir's checkpoint on fixed tasks.
 
@@ -978,14 +991,15 @@ def evaluate_checkpoint(workdir: str | os.PathLike[str], *, split: str = "test",
     step: which checkpoint (default the newest).
     best: the checkpoint with the best validation metric instead.
     data_dir, cache_dir: override the config's data location.
+    pretrain_eval: a pre-trained encoder's evaluation instead of the config's (`restore_learner`).
 
   Returns:
     `{"step", "split", "num_tasks", "num_inner_steps", "eval_seed", "config", "metrics":
-    {name: {"mean", "ci95", "num_tasks"}}}`.
+    {name: {"mean", "ci95", "num_tasks"}}}`; "config" is the one evaluated (overrides applied).
   """
   config, _, learner, meta_params, ckpt_step = restore_learner(
     workdir, num_inner_steps=num_inner_steps, step=step, best=best, data_dir=data_dir,
-    cache_dir=cache_dir)
+    cache_dir=cache_dir, pretrain_eval=pretrain_eval)
   num_inner_steps = config.eval_num_inner_steps
   source = build.load_task_sources(config, (split,))[split]
   evaluator = make_evaluator(learner, source, num_tasks=num_tasks, batch_size=batch_size,

@@ -1,4 +1,6 @@
-"""The metric learners (matching, matching_fce, relation, siamese) from the configs."""
+"""The metric learners (matching, matching_fce, relation, siamese) from the configs: the named
+configs in their papers' settings, the fields' checks, a step on real Omniglot and a killed run
+resumed to the uninterrupted outputs."""
 
 from __future__ import annotations
 
@@ -8,9 +10,20 @@ import numpy as np
 import pytest
 
 from metajax.experiment import build, checkpoint, train
+from tests.experiment.test_resume import killed_and_resumed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 METRIC = ("matching", "matching_fce", "relation", "siamese")
+# name -> (algorithm, ways, queries per class) of the papers' Omniglot settings.
+NAMED = {"matching5way1shot": ("matching", 5, 15), "matching20way1shot": ("matching", 20, 5),
+         "relation5way1shot": ("relation", 5, 19), "relation20way1shot": ("relation", 20, 10),
+         "siamese20way1shot": ("siamese", 20, 5)}
+
+
+def _named(name: str, **overrides):
+  config = build.load_config_file(f"{CONFIGS / 'omniglot.py'}:{name}")
+  config.update(overrides)
+  return config
 
 
 def _smoke(algorithm: str, **overrides):
@@ -24,6 +37,18 @@ def test_configs_validate(algorithm):
   config = _smoke(algorithm)
   build.validate_config(config)  # protonet_smoke trains on more ways than it tests: higher way
   assert config.train_ways > config.ways
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_named_configs_are_the_papers_settings_and_build(name):
+  config = _named(name)
+  build.validate_config(config)
+  algorithm, ways, queries = NAMED[name]
+  assert (config.algorithm, config.ways, config.shots, config.queries) == (algorithm, ways, 1,
+                                                                           queries)
+  assert config.train_ways == ways and config.split == "finn"  # rotated classes by default
+  learner = build.build_learner(config, build.build_model(config))
+  assert learner.num_classes == ways
 
 
 def test_bad_metric_fields_are_refused():
@@ -54,3 +79,19 @@ def test_one_step_on_real_omniglot_then_the_test_evaluation(algorithm, omniglot_
   assert result["step"] == 1 and np.isfinite(result["outer/loss"])
   assert 0.0 <= result["test/accuracy_after"] <= 1.0
   assert checkpoint.all_steps(tmp_path / train.CHECKPOINT_DIR) == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["matching_smoke", "relation_smoke", "siamese_smoke"])
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_outputs(
+    name, tmp_path, monkeypatch, omniglot_dir, omniglot_cache_dir, omniglot_pool):
+  del omniglot_pool  # only requested so that the cache is warm
+
+  def config():
+    return _named(name, data_dir=str(omniglot_dir), cache_dir=str(omniglot_cache_dir),
+                  num_steps=4, eval_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=5)
+
+  assert config().algorithm == name.removesuffix("_smoke") and config().train_ways == 10
+  reference, resumed = killed_and_resumed(config, tmp_path, monkeypatch, at=2)
+  assert resumed == reference
+  assert checkpoint.all_steps(tmp_path / "killed" / train.CHECKPOINT_DIR) == [2, 4]

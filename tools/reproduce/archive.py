@@ -71,7 +71,8 @@ def archive(runs: Sequence[suite.Run], root: Path, dest: Path) -> list[str]:
     if not (workdir / "config.json").exists():
       continue
     target = suite.ROOT / dest / run.name
-    names = [*SMALL_FILES, *(suite.eval_file(Path(), k).name for k in run.eval_steps)]
+    names = [*SMALL_FILES, *(suite.eval_file(Path(), k, probe).name
+                             for k, probe in run.evaluations)]
     for name in names:
       if (workdir / name).exists():
         checkpoint.write_atomic(target / name, (workdir / name).read_bytes())

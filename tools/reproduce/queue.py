@@ -148,6 +148,8 @@ def work(runs: Sequence[suite.Run], root: Path, data_dir: str | None, eval_tasks
         todo.append(("train", run.train_command(root, data_dir, miniimagenet_dir)))
       todo += [("eval", run.eval_command(root, k, eval_tasks))
                for k, v in st["evals"].items() if v is None]
+      todo += [("eval", run.eval_command(root, k, eval_tasks, probe))
+               for probe, evals in st["probes"].items() for k, v in evals.items() if v is None]
       for kind, cmd in todo:
         if dry_run:
           print(_shown(cmd))

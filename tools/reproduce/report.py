@@ -57,8 +57,11 @@ def group_table(group: str, runs: Sequence[Run], statuses: dict[str, dict[str, A
   """
   regression = group == "sinusoid"
   steps = sorted({k for r in runs for k in r.eval_steps})
+  probes = sorted({(probe, k) for r in runs for probe in r.probes for k in r.eval_steps})
   metric = "MSE after" if regression else "accuracy % after"
-  head = ["run", *[f"{metric} {k} step{'s' * (k > 1)}" for k in steps]]
+  head = ["run", *[f"{metric} {k} step{'s' * (k > 1)}" for k in steps],
+          *[f"{metric} {k} step{'s' * (k > 1)}, by {probe.replace('_', ' ')}"
+            for probe, k in probes]]
   if not regression:
     head += ["paper", "difference (at the paper's test steps)"]
   head += ["train wall", "train CPU", "finished (UTC)"]
@@ -71,6 +74,8 @@ def group_table(group: str, runs: Sequence[Run], statuses: dict[str, dict[str, A
     cells = [run.label or run.name]
     cells += [(_mse if regression else _pct)(st["evals"].get(k), key) if k in run.eval_steps
               else "" for k in steps]
+    cells += [(_mse if regression else _pct)(st["probes"][probe][k], key)
+              if probe in run.probes and k in run.eval_steps else "" for probe, k in probes]
     if not regression:
       paper, _, paper_steps = run.paper
       ours = 100 * st["evals"][paper_steps][key]["mean"] if paper is not None else None
@@ -217,13 +222,14 @@ def report(path: Path, root: Path, eval_tasks: int = 600,
   statuses = {r.name: suite.status(r, root) for r in runs}  # each run's files read once
   for group, title in suite.GROUPS.items():
     members = [r for r in runs if r.group == group]
-    table = group_table(group, members, statuses)
+    shown = members + [r for r in runs if r.name in suite.SHOWN_WITH.get(group, ())]
+    table = group_table(group, shown, statuses)
     pending = [f"`{r.name}` ({suite.progress(statuses[r.name])})" for r in members
                if not statuses[r.name]["done"]]
     out += [f"### {title}", ""]
     if table:
       out += table + [""]
-      finished = [r for r in members if statuses[r.name]["done"]]
+      finished = [r for r in shown if statuses[r.name]["done"]]
       metric = "eval/loss_after" if group == "sinusoid" else "eval/accuracy_after"
       curves = {r.label or r.name: metrics.read_metrics(suite.ROOT / root / r.name)
                 for r in finished}

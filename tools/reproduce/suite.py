@@ -43,6 +43,8 @@ class Run:
       inner steps it is compared at (one of `eval_steps`).
     curve: the key of a published learning curve in `KAO_MINI_REFERENCE` ("" if none), which
       the report sets beside the run's in-training evaluations, step by step.
+    probes: further final evaluations of a pre-trained encoder, each a `pretrain_eval` other
+      than the config's own (`evaluate.py --pretrain_eval`), at every one of `eval_steps`.
   """
 
   name: str
@@ -53,6 +55,13 @@ class Run:
   eval_steps: tuple[int, ...] = (1, 3)
   paper: tuple[float | None, str, int] = (None, "", 1)
   curve: str = ""
+  probes: tuple[str, ...] = ()
+
+  @property
+  def evaluations(self) -> tuple[tuple[int, str], ...]:
+    """Its final evaluations: (test-time inner steps, probe or "" for the config's own)."""
+    return (*((k, "") for k in self.eval_steps),
+            *((k, probe) for probe in self.probes for k in self.eval_steps))
 
   @property
   def dataset(self) -> str:
@@ -73,16 +82,19 @@ class Run:
       cmd.append(f"--config.data_dir={source}")
     return cmd
 
-  def eval_command(self, root: Path, steps: int, num_tasks: int) -> list[str]:
-    """The `experiments/evaluate.py` command of the final evaluation with `steps` inner steps."""
+  def eval_command(self, root: Path, steps: int, num_tasks: int, probe: str = "") -> list[str]:
+    """The `experiments/evaluate.py` command of the final evaluation with `steps` inner steps
+    (and the pre-trained encoder evaluated by `probe`, if given)."""
     return [sys.executable, "experiments/evaluate.py", f"--workdir={root / self.name}",
             f"--num_inner_steps={steps}", f"--num_tasks={num_tasks}",
-            f"--output={eval_file(root / self.name, steps)}"]
+            *([f"--pretrain_eval={probe}"] if probe else []),
+            f"--output={eval_file(root / self.name, steps, probe)}"]
 
 
-def eval_file(workdir: Path, steps: int) -> Path:
-  """Where the final evaluation of `workdir` with `steps` test-time inner steps is written."""
-  return workdir / f"eval_test_{steps}steps.json"
+def eval_file(workdir: Path, steps: int, probe: str = "") -> Path:
+  """Where the final evaluation of `workdir` with `steps` test-time inner steps (by `probe`, if
+  given) is written."""
+  return workdir / f"eval_test_{steps}steps{'_' + probe if probe else ''}.json"
 
 
 def _kao(name: str, group: str, shots: int, order: str, zeroing: bool, *extra: str,
@@ -150,6 +162,14 @@ def _suite() -> list[Run]:
   runs += [Run(f"methods_{algorithm}", "methods", f"omniglot.py:methods_{config}",
                (f"--config.algorithm={algorithm}", "--config.seed=0"), label)
            for algorithm, config, label in METHODS]
+  runs += [Run(f"family_{algorithm}", "family", "omniglot.py:kao5way1shot",
+               (f"--config.algorithm={algorithm}", "--config.seed=0"), label,
+               eval_steps=(1,), paper=paper)
+           for algorithm, label, paper in METRIC_LEARNERS]
+  runs += [Run(f"family_{algorithm}", "family", "omniglot.py:kao5way1shot",
+               (f"--config.algorithm={algorithm}", "--config.seed=0"),
+               f"{label}, then prototypes", eval_steps=(10,), probes=("linear_probe",))
+           for algorithm, label in SELF_SUPERVISED]
   return runs
 
 
@@ -162,6 +182,24 @@ METHODS = (
   ("lstm_optimizer", "lstm_optimizer", "LSTM optimizer (Andrychowicz et al.)"),
 )
 
+# The metric learners of the family comparison: (algorithm, label, the paper's Omniglot 5-way
+# 1-shot figure (their split, rotated classes, far longer training)).
+METRIC_LEARNERS = (
+  ("matching", "Matching Networks (cosine attention)",
+   (98.1, "Vinyals et al. 2016, table 1", 1)),
+  ("matching_fce", "Matching Networks, full-context embeddings",
+   (98.1, "Vinyals et al. 2016, table 1", 1)),
+  ("relation", "Relation Networks", (99.6, "Sung et al. 2018, table 1", 1)),
+  ("siamese", "Siamese networks (verification pairs)", (None, "", 1)),
+)
+# The pre-training objectives of the family comparison, evaluated by prototypes (their default)
+# and by a linear probe: (algorithm, label).
+SELF_SUPERVISED = (
+  ("simclr", "SimCLR (two affine views)"),
+  ("supcon", "SupCon (labels as positives)"),
+)
+# Finished runs of other groups shown again in a group's table, as its reference points.
+SHOWN_WITH: dict[str, tuple[str, ...]] = {"family": ("kao1s_fo_zero", "kao1s_protonet")}
 
 SUITE: tuple[Run, ...] = tuple(_suite())
 # Each group is one section of the report (a table and its plots), in this order.
@@ -177,6 +215,9 @@ GROUPS = {
   "methods": "Inner-loop methods at one budget (Kao et al.'s 5-way 1-shot setting, 3,000 steps, "
              "second order; the papers train far longer, in other settings: MAML++ reports "
              "97.65 +- 0.05 for Omniglot 20-way 1-shot after 50,000 steps)",
+  "family": "Metric learners and pre-training objectives beside MAML with the zeroing trick and "
+            "ProtoNet (Kao et al.'s 5-way 1-shot setting, 3,000 steps; the papers train far "
+            "longer on rotated classes; Siamese networks report 92.0 for 20-way 1-shot only)",
 }
 
 
@@ -209,7 +250,8 @@ def status(run: Run, root: Path) -> dict[str, Any]:
 
   Returns:
     A dict with `results` (its `results.json`, or None while training), `evals` (test-time inner
-    steps -> the final evaluation's metrics, or None), `step` (its newest checkpoint's, 0 if
+    steps -> the final evaluation's metrics, or None), `probes` (probe -> the same for that
+    probe's evaluations), `step` (its newest checkpoint's, 0 if
     none), `num_steps` and `config` (its `config.json`), `log` (the queue's entries for it),
     `train_seconds` (the sum of its training invocations' wall clocks) and `done` (trained and
     every evaluation written).
@@ -220,13 +262,15 @@ def status(run: Run, root: Path) -> dict[str, Any]:
     log = [json.loads(line) for line in (workdir / LOG_FILE).read_text().splitlines() if line]
   config = read_json(workdir / "config.json") or {}
   step = checkpoint.latest_step(workdir / "checkpoints") if workdir.exists() else None
-  evals = {k: read_json(eval_file(workdir, k)) for k in run.eval_steps}
-  evals = {k: e["metrics"] if e else None for k, e in evals.items()}  # name -> mean, ci95
+  found = {(k, probe): read_json(eval_file(workdir, k, probe)) for k, probe in run.evaluations}
+  found = {key: e["metrics"] if e else None for key, e in found.items()}  # name -> mean, ci95
+  evals = {k: found[k, ""] for k in run.eval_steps}
+  probes = {probe: {k: found[k, probe] for k in run.eval_steps} for probe in run.probes}
   results = read_json(workdir / "results.json")
-  return {"results": results, "evals": evals, "step": step or 0,
+  return {"results": results, "evals": evals, "probes": probes, "step": step or 0,
           "num_steps": config.get("num_steps"), "config": config,
           "train_seconds": sum(e["seconds"] for e in log if e["kind"] == "train"),
-          "log": log, "done": results is not None and all(v is not None for v in evals.values())}
+          "log": log, "done": results is not None and all(v is not None for v in found.values())}
 
 
 def progress(st: dict[str, Any]) -> str:
