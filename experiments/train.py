@@ -18,6 +18,12 @@ naming the step, the last good checkpoint and the command that resumes from it (
 higher-way training), umtra, pretrain, simclr, supcon (--config.pretrain_eval); see
 `metajax.experiment.build.ALGORITHMS` and the named configs in experiments/configs/omniglot.py.
 
+Over several hosts (`jax.distributed`), the same command on each, host 0's address and this
+host's index in the environment; host 0 alone writes the workdir and prints:
+
+  METAJAX_COORDINATOR=10.0.0.1:1234 METAJAX_NUM_PROCESSES=2 METAJAX_PROCESS_ID=$i \
+    python experiments/train.py --config=experiments/configs/omniglot.py:5way1shot --workdir=runs/mh
+
 All the logic is in `metajax.experiment.train.train_and_evaluate`, importable in notebooks.
 """
 
@@ -28,7 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from metajax.experiment import checkpoint, cli, train
-from metajax.platform import runtime
+from metajax.platform import runtime, sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here; "
                                "rerunning in the same workdir resumes.")
@@ -48,6 +54,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   runtime.prepare_process(_HUGEPAGES.value)  # before any work: glibc reads it at start-up
+  # several processes when $METAJAX_COORDINATOR etc. say so, before any device is touched
+  sharding.initialize_distributed()
   checkpoint.one_line_warnings()
   command = getattr(sys, "orig_argv", [sys.executable, *sys.argv])
   try:

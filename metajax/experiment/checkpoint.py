@@ -12,7 +12,8 @@ A checkpoint is the step folder `<directory>/checkpoint_<step:08d>/` of an orbax
   metrics  the step's validation metrics (only when the run keeps its best checkpoint).
 
 orbax does the writing: synchronously, into a temporary folder renamed into place once complete,
-from the primary process only in a multi-process run; it keeps the `keep` newest checkpoints plus
+by the one process that opens the directory (in a multi-process run the primary alone, as orbax
+is told: no barrier waits for the others); it keeps the `keep` newest checkpoints plus
 the best one by a validation metric (`Best`) and deletes the others. metajax adds what orbax does
 not do: the digest, because orbax hands back whatever bytes it finds on disk, so that a flipped
 bit of an array or a flipped digit of the stored config is caught instead of silently changing
@@ -227,10 +228,19 @@ def _manager(directory: str | os.PathLike[str], *, write: bool, keep: int | None
                                               keep_checkpoints_without_metrics=False))
     # orbax stores a step's metrics only when best_fn is set; the policy above decides deletion
     tracking = {"best_fn": score, "best_mode": "max"}
+  alone = {}
+  if jax.process_count() > 1:
+    # The state saved is host numpy, which one process writes: the calling process works alone,
+    # with no barrier that the other processes (which never open the checkpoints) would miss.
+    me = jax.process_index()
+    alone["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me})
+    if write:  # orbax does not create it with active_processes set
+      Path(directory).mkdir(parents=True, exist_ok=True)
   options = ocp.CheckpointManagerOptions(
-    step_prefix=_PREFIX, step_format_fixed_length=_DIGITS, create=write,
+    step_prefix=_PREFIX, step_format_fixed_length=_DIGITS, create=write and not alone,
     enable_async_checkpointing=False,  # a returned save is on disk: resume stays simple
-    preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **tracking)
+    preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **tracking, **alone)
   return _Manager(Path(directory).absolute(), options=options, item_names=_ITEMS)
 
 

@@ -41,6 +41,13 @@ jax, jaxlib, flax, optax, numpy, orbax-checkpoint, metajax, and metajax's git re
 `results.json` (the final metrics), and `.lock` (`metajax.experiment.lock`: one training process
 per workdir; a second one is refused with the holder named). Files are written by the primary
 process only.
+
+Several processes (`jax.distributed`, initialised by the binary): the mesh spans every process's
+devices (`task_mesh`), each process samples only its rows of each meta-batch from their per-task
+keys (`make_sampler`'s `rows`), so the meta-batches, and the parameters, are those of one process
+with as many devices. The primary alone takes the lock, opens the checkpoints, restores and sends
+the state to the others (an error it meets is raised on every process), writes, prints and
+evaluates; the others never touch the workdir.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import serialization
 
 from metajax import data as data_lib
 from metajax.eval import evaluate_tasks, summarize
@@ -519,19 +527,33 @@ def local_devices(config: build.Config) -> list[jax.Device]:
 
 
 def task_mesh(config: build.Config) -> Any:
-  """The mesh the meta-batch's tasks are split over, or None when one device runs the step (the
-  program is then the single-device one).
+  """The mesh the meta-batch's tasks are split over, or None when one device of one process
+  runs the step (the program is then the single-device one).
 
   With `devices="all"` the mesh takes as many local devices as divide the meta-batch evenly
   (e.g. 4 of 8 for a meta-batch of 4), so every config runs as it is; an explicit count that
-  does not divide it is refused.
+  does not divide it is refused. Over several processes (`jax.distributed`) the mesh takes that
+  many devices of every process, process by process, and the meta-batch must divide over them all.
   """
   devices = local_devices(config)
+  processes = jax.process_count()
+  if processes > 1 and config.meta_batch_size % processes:
+    raise build.ConfigError(
+      f"meta_batch_size={config.meta_batch_size} cannot be split evenly over {processes} "
+      f"processes; use a multiple of {processes}")
   if build.parse_devices(config.get("devices", "all")) is None:
     devices = devices[:max(n for n in range(1, len(devices) + 1)
-                           if config.meta_batch_size % n == 0)]
-  if len(devices) == 1:
+                           if config.meta_batch_size % (n * processes) == 0)]
+  if len(devices) == 1 and processes == 1:
     return None
+  if processes > 1:
+    total = len(devices) * processes
+    if config.meta_batch_size % total:
+      raise build.ConfigError(
+        f"meta_batch_size={config.meta_batch_size} cannot be split evenly over {total} devices "
+        f"({processes} processes with {len(devices)} each); use a multiple of {total}, or "
+        f"--config.devices=all (as many devices as divide it)")
+    return sharding_lib.task_mesh(sharding_lib.process_devices(len(devices)))
   if config.meta_batch_size % len(devices):
     raise build.ConfigError(
       f"meta_batch_size={config.meta_batch_size} cannot be split evenly over {len(devices)} "
@@ -541,14 +563,23 @@ def task_mesh(config: build.Config) -> Any:
 
 
 def _one_device(run: Run, tree: Any) -> Any:
-  """`tree` (replicated over the run's mesh) on the first device, where evaluation runs."""
-  return tree if run.mesh is None else jax.device_put(tree, run.mesh.devices.flat[0])
+  """`tree` (replicated over the run's mesh) on the first device, where evaluation runs (over
+  several processes: this process's copy on its first device of the mesh)."""
+  if run.mesh is None:
+    return tree
+  if jax.process_count() > 1:
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+  return jax.device_put(tree, run.mesh.devices.flat[0])
 
 
 def _place(run: Run, tasks: Task, stacked: bool) -> Task:
-  """The meta-batch with its task axis split over the run's mesh (unchanged on one device)."""
+  """The meta-batch with its task axis split over the run's mesh (unchanged on one device).
+  Over several processes `tasks` holds this process's rows only (`make_sampler`'s `rows`)."""
   if run.mesh is None:
     return tasks
+  if jax.process_count() > 1:
+    return sharding_lib.shard_local_tasks(tasks, run.config.meta_batch_size, run.mesh,
+                                          stacked=stacked)
   spec = (None, sharding_lib.TASK_AXIS) if stacked else (sharding_lib.TASK_AXIS,)
   return jax.device_put(tasks, jax.sharding.NamedSharding(run.mesh,
                                                           jax.sharding.PartitionSpec(*spec)))
@@ -560,7 +591,8 @@ def setup(config: build.Config | Mapping[str, Any], workdir: str | os.PathLike[s
   config = build.config_from_dict(config)
   build.validate_config(config)
   build.check_data(config)
-  workdir = prepare_workdir(workdir)
+  # the other processes of a multi-process run never touch the workdir (it may not be theirs)
+  workdir = prepare_workdir(workdir) if _is_primary() else Path(workdir).expanduser()
   model = build.build_model(config)
   learner = build.build_learner(config, model)
   eval_learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
@@ -629,13 +661,23 @@ def load_data(run: Run, print_fn: PrintFn) -> tuple[build.TaskSource, dict[str, 
   return build.train_task_source(config, sources["train"]), evaluators
 
 
-def make_sampler(config: build.Config, source: build.TaskSource, train_key: PRNGKey
-                 ) -> Callable[[int, int], Task]:
+def make_sampler(config: build.Config, source: build.TaskSource, train_key: PRNGKey,
+                 rows: slice | None = None) -> Callable[[int, int], Task]:
   """`sample(first, n)`: the meta-batches of steps `first .. first + n - 1`, from
-  `fold_in(train_key, step)` (stacked on a leading axis when n > 1), each one jitted call."""
+  `fold_in(train_key, step)` (stacked on a leading axis when n > 1), each one jitted call.
+
+  `rows`: only these tasks of each meta-batch (a process's share of it over several processes,
+  `sharding_lib.local_task_slice`); default all.
+  """
 
   def sample_at(step, arrays):
     keys = jax.random.split(jax.random.fold_in(train_key, step), config.meta_batch_size)
+    if rows is not None:
+      # Task i comes from its own key i (`build.sample_tasks` vmaps the sampler over the keys),
+      # so sampling only this process's keys gives exactly the rows one process samples, at a
+      # 1/processes of the cost; sampling the whole batch everywhere would only add work (two
+      # processes reach a two-device process's parameters bit for bit: test_processes.py).
+      keys = keys[rows]
     return build.sample_tasks(build.TaskSource(source.sample, arrays, 0), keys)
 
   one = jax.jit(lambda step, *arrays: sample_at(step, arrays))
@@ -747,6 +789,8 @@ class _Log:
 
 def _evaluate(log: _Log, evaluators: Mapping[str, Evaluator], prefix: str, step: int,
               params: Any) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+  if not _is_primary():  # evaluation is local to a device, and only the primary records it
+    return {}, {}
   summary = summarize(evaluators[prefix](params))
   scalars = flatten_summary(summary, prefix)
   log.write(step, scalars)
@@ -773,9 +817,13 @@ def train(run: Run, state: TrainState, checkpoints: ckpt_lib.Checkpoints,
   log.progress.message(f"training {config.algorithm}{zeroing} {episodes} {config.dataset}, steps "
                        f"{done} -> {config.num_steps}, workdir {str(run.workdir)!r}")
   if run.mesh is not None:
+    processes, sampled = ((f" of {jax.process_count()} processes",
+                           ", sampled by the process that holds them")
+                          if jax.process_count() > 1 else ("", ""))
     log.progress.message(f"the meta-batch of {config.meta_batch_size} tasks is split over "
-                         f"{run.mesh.size} devices ({config.meta_batch_size // run.mesh.size} "
-                         f"each); parameters replicated")
+                         f"{run.mesh.size} devices{processes} ("
+                         f"{config.meta_batch_size // run.mesh.size} each{sampled}); parameters "
+                         f"replicated")
     state = TrainState(sharding_lib.replicate(state.meta, run.mesh), state.train_key)
   per_call = steps_per_call(config) if meta_step.steps is not None else 1
   config_dict = build.config_to_dict(config)
@@ -879,22 +927,30 @@ def train_and_evaluate(config: build.Config | Mapping[str, Any],
   try:
     run = setup(config, workdir)
     allow_config_change = check_config_changes(allow_config_change, run.learner)
-    # one writer per workdir: taken before anything is written there, released on any exit
-    workdir_lock = (lock_lib.WorkdirLock(run.workdir, purpose="train") if _is_primary()
-                    else contextlib.nullcontext())
-    with workdir_lock, ckpt_lib.Checkpoints(run.ckpt_dir, keep=run.config.keep_checkpoints,
-                                            best=best_of(run.config)) as checkpoints:
-      state, log_state = restore(run, checkpoints, print_fn, allow_config_change)
-      step_offset = int(state.meta.step)
-      if _is_primary():
+    if not _is_primary():  # the printed log comes from the primary
+      print_fn = _print_nothing
+    with contextlib.ExitStack() as files:
+
+      def open_and_restore() -> tuple[Any, TrainState, Mapping[str, Any] | None]:
+        # one writer per workdir: taken before anything is written there, released on any exit
+        files.enter_context(lock_lib.WorkdirLock(run.workdir, purpose="train"))
+        checkpoints = files.enter_context(ckpt_lib.Checkpoints(
+          run.ckpt_dir, keep=run.config.keep_checkpoints, best=best_of(run.config)))
+        state, log_state = restore(run, checkpoints, print_fn, allow_config_change)
         ckpt_lib.write_json_atomic(run.workdir / "config.json", build.config_to_dict(run.config))
-        record_versions(run.workdir, step_offset)
+        record_versions(run.workdir, int(state.meta.step))
+        return checkpoints, state, log_state
+
+      checkpoints, state, log_state = _on_primary(run, open_and_restore)
+      step_offset = int(state.meta.step)
       train_source, evaluators = load_data(run, print_fn)
       log = _Log(run, step_offset, print_fn, log_state)
+      rows = (sharding_lib.local_task_slice(run.config.meta_batch_size, run.mesh)
+              if jax.process_count() > 1 else None)
       try:
         state = train(run, state, checkpoints,
                       make_sampler(run.config, train_source, jax.random.wrap_key_data(
-                        state.train_key)), evaluators, log)
+                        state.train_key), rows), evaluators, log)
         evaluate(run, state, evaluators, log)
       finally:
         log.close()
@@ -905,6 +961,61 @@ def train_and_evaluate(config: build.Config | Mapping[str, Any],
     # Checkpoints is closed by now (a save in progress completed): name what it holds
     ckpt_dir = Path(workdir).expanduser() / CHECKPOINT_DIR
     raise Interrupted(ckpt_dir, ckpt_lib.latest_step(ckpt_dir)) from None
+
+
+class _NoCheckpoints:
+  """What a non-primary process saves through: nothing (the primary writes the checkpoints)."""
+
+  def save(self, *args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _print_nothing(line: str) -> None:
+  del line
+
+
+def _on_primary(run: Run, open_and_restore: Callable[[], tuple[Any, TrainState, Any]]
+                ) -> tuple[Any, TrainState, Mapping[str, Any] | None]:
+  """`open_and_restore()` (the workdir lock, the checkpoints, the restored state) on the primary
+  process; with one process, just that.
+
+  Over several processes the primary alone opens the workdir; the state it restored and the
+  metrics state stored with it reach every other process bit for bit (`broadcast_bytes`), which
+  gets `_NoCheckpoints`. An error the primary met (a busy workdir, a checkpoint of another
+  config) is raised on every process, so that none waits in a collective for a process that has
+  stopped.
+  """
+  if jax.process_count() == 1:
+    return open_and_restore()
+  payload, error = None, None
+  if _is_primary():
+    try:
+      checkpoints, state, log_state = open_and_restore()
+      payload = {"state": serialization.to_state_dict(jax.device_get(state)),
+                 "json": np.frombuffer(json.dumps({"log": log_state}).encode(), np.uint8)}
+    except BaseException as e:  # noqa: BLE001 - told to the others, then raised
+      error = e
+      payload = {"json": np.frombuffer(json.dumps(
+        {"error": [type(e).__name__, str(e)]}).encode(), np.uint8)}
+  received = serialization.msgpack_restore(sharding_lib.broadcast_bytes(
+    serialization.msgpack_serialize(payload) if payload is not None else None))
+  if error is not None:
+    raise error
+  header = json.loads(np.asarray(received["json"]).tobytes())
+  if "error" in header:
+    name, message = header["error"]
+    kinds = {kind.__name__: kind for kind in USER_ERRORS
+             if not issubclass(kind, TrainingStopped)}
+    if name in kinds:
+      raise kinds[name](message)
+    if name in ("KeyboardInterrupt", "Interrupted"):
+      raise KeyboardInterrupt(message)
+    raise RuntimeError(f"the primary process stopped: {name}: {message}")
+  if _is_primary():
+    return checkpoints, state, header["log"]
+  target = jax.eval_shape(lambda: _fresh_state(run))
+  state = serialization.from_state_dict(target, received["state"])
+  return _NoCheckpoints(), jax.tree.map(jnp.asarray, state), header["log"]
 
 
 # ------------------------------------------------------------------------------ from checkpoints

@@ -38,10 +38,12 @@ from metajax.types import PyTree, Task
 __all__ = [
   "DISTRIBUTED_ENV",
   "TASK_AXIS",
+  "broadcast_bytes",
   "initialize_distributed",
   "is_primary",
   "local_task_slice",
   "meta_step_shardings",
+  "process_devices",
   "replicate",
   "replicated",
   "shard_local_tasks",
@@ -62,6 +64,19 @@ def task_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = TASK
   if not devices:
     raise ValueError("task_mesh needs at least one device")
   return Mesh(np.asarray(devices), (axis_name,))
+
+
+def process_devices(per_process: int) -> list[jax.Device]:
+  """The first `per_process` local devices of every process, process by process: the devices of
+  a `task_mesh` in which each process's devices are contiguous (`local_task_slice`)."""
+  devices = []
+  for p in range(jax.process_count()):
+    local = jax.local_devices(process_index=p)
+    if per_process > len(local):
+      raise ValueError(f"process {p} has {len(local)} local device(s), fewer than the "
+                       f"{per_process} asked for on each process")
+    devices.extend(local[:per_process])
+  return devices
 
 
 def tasks_sharding(mesh: Mesh, axis_name: str = TASK_AXIS) -> NamedSharding:
@@ -111,7 +126,7 @@ def local_task_slice(num_tasks: int, mesh: Mesh, axis_name: str = TASK_AXIS) -> 
 
 
 def shard_local_tasks(local_tasks: Task, num_tasks: int, mesh: Mesh,
-                      axis_name: str = TASK_AXIS) -> Task:
+                      axis_name: str = TASK_AXIS, *, stacked: bool = False) -> Task:
   """The global `num_tasks` meta-batch, sharded over `mesh`, from this process's rows of it.
 
   Args:
@@ -120,24 +135,51 @@ def shard_local_tasks(local_tasks: Task, num_tasks: int, mesh: Mesh,
     num_tasks: the global meta-batch size.
     mesh: the mesh over every process's devices.
     axis_name: the mesh axis the task axis is split over.
+    stacked: the leaves are the meta-batches of several steps, `[steps, rows, ...]` (as
+      `MetaStep.steps` takes them): the task axis is the second one.
 
   Returns:
-    A `Task` of global arrays with the task axis split over the mesh (`tasks_sharding`).
+    A `Task` of global arrays with the task axis split over the mesh (`tasks_sharding`, or
+    `PartitionSpec(None, axis_name)` when `stacked`).
   """
   rows = local_task_slice(num_tasks, mesh, axis_name)
-  got = np.shape(local_tasks.support_x)[0]
+  axis = 1 if stacked else 0
+  got = np.shape(local_tasks.support_x)[axis]
   if got != rows.stop - rows.start:
     raise ValueError(f"process {jax.process_index()} gave {got} tasks; its devices hold rows "
                      f"{rows.start}..{rows.stop - 1} of the {num_tasks}-task meta-batch")
-  sharding = tasks_sharding(mesh, axis_name)
-  return jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(
-      sharding, np.asarray(x), (num_tasks, *np.shape(x)[1:])), local_tasks)
+  sharding = NamedSharding(mesh, PartitionSpec(*(None,) * axis, axis_name))
+
+  def assemble(x):
+    shape = np.shape(x)
+    return jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (*shape[:axis], num_tasks, *shape[axis + 1:]))
+
+  return jax.tree.map(assemble, local_tasks)
 
 
 def is_primary() -> bool:
   """Whether this is the process that writes checkpoints, metrics and results (process 0)."""
   return jax.process_index() == 0
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+  """Process 0's `data` on every process (a collective: every process calls it; the others pass
+  None). With one process, `data` itself.
+
+  The bytes travel as uint8 summed with zeros (`multihost_utils.broadcast_one_to_all`), which is
+  exact; so a pytree serialised to bytes (e.g. a restored checkpoint) arrives bit for bit.
+  """
+  if jax.process_count() == 1:
+    return data if data is not None else b""
+  from jax.experimental import multihost_utils  # noqa: PLC0415 - only for several processes
+
+  source = is_primary()
+  if source and data is None:
+    raise ValueError("broadcast_bytes: process 0 must pass the bytes to send")
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if source else 0)))
+  buffer = np.frombuffer(data, np.uint8) if source else np.zeros(size, np.uint8)
+  return np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8).tobytes()
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

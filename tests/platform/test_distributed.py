@@ -3,9 +3,6 @@ processes, each feeding its own rows of the meta-batch, give the parameters of o
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,47 +10,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distributed_launch import cpu_env, free_port, run_processes
 
 import metajax as mj
 from metajax.platform import sharding
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-TIMEOUT_S = 240  # a hung collective fails the test instead of the CI job
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _run(commands: list[list[str]], env: dict[str, str]) -> list[str]:
-  procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for c in commands]
-  outputs = []
-  try:
-    for proc in procs:
-      out, _ = proc.communicate(timeout=TIMEOUT_S)
-      outputs.append(out)
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, out in zip(procs, outputs):
-    assert proc.returncode == 0, out[-3000:]
-  return outputs
+def _run(commands: list[list[str]]) -> list[str]:
+  return run_processes(commands, [cpu_env()] * len(commands))  # one device per process
 
 
 @pytest.mark.slow  # two processes' start-up and compilation, then the one-process reference
 def test_two_processes_equal_one(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)  # one device per process
-  port = _free_port()
+  port = free_port()
   two, one = tmp_path / "two.npz", tmp_path / "one.npz"
   outputs = _run([[sys.executable, str(WORKER), f"--process_id={i}", "--num_processes=2",
-                   f"--port={port}", f"--out={two}"] for i in range(2)], env)
+                   f"--port={port}", f"--out={two}"] for i in range(2)])
   assert "rows 0..1" in outputs[0] and "rows 2..3" in outputs[1], outputs
-  _run([[sys.executable, str(WORKER), "--num_processes=1", f"--out={one}"]], env)
+  _run([[sys.executable, str(WORKER), "--num_processes=1", f"--out={one}"]])
   two, one = np.load(two), np.load(one)
   assert int(two["processes"]) == 2 and int(two["devices"]) == 2
   assert int(one["processes"]) == 1 and int(one["devices"]) == 1
