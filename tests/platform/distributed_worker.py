@@ -57,8 +57,12 @@ def main() -> None:
     state, metrics = meta_step.step(
       state, sharding.shard_local_tasks(local, args.num_tasks, mesh))
     losses.append(float(np.asarray(metrics["outer/loss"].addressable_data(0))))
+  leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
+  # process 0's bytes reach every process unchanged: a negative zero and a NaN's payload too
+  mine = np.asarray([-0.0, np.nan, 1.5]).tobytes() + b"".join(x.tobytes() for x in leaves)
+  sent = sharding.broadcast_bytes(mine if sharding.is_primary() else None)
+  print(f"process {jax.process_index()}: broadcast {'equal' if sent == mine else 'differs'}")
   if sharding.is_primary():
-    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
     np.savez(args.out, *leaves, losses=np.asarray(losses),
              processes=jax.process_count(), devices=len(mesh.devices.flat))
   print(f"process {jax.process_index()}: rows {rows.start}..{rows.stop - 1}, losses {losses}")

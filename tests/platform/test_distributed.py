@@ -29,6 +29,7 @@ def test_two_processes_equal_one(tmp_path):
   outputs = _run([[sys.executable, str(WORKER), f"--process_id={i}", "--num_processes=2",
                    f"--port={port}", f"--out={two}"] for i in range(2)])
   assert "rows 0..1" in outputs[0] and "rows 2..3" in outputs[1], outputs
+  assert all("broadcast equal" in out for out in outputs), outputs
   _run([[sys.executable, str(WORKER), "--num_processes=1", f"--out={one}"]])
   two, one = np.load(two), np.load(one)
   assert int(two["processes"]) == 2 and int(two["devices"]) == 2
@@ -51,6 +52,15 @@ def test_local_rows_on_one_process():
   with pytest.raises(ValueError, match="gave 5 tasks; its devices hold rows 0..5 of the 6-task"):
     sharding.shard_local_tasks(jax.tree.map(lambda x: x[:5], tasks), 6, mesh)
   assert sharding.is_primary()
+
+
+def test_broadcast_and_devices_on_one_process():
+  assert sharding.broadcast_bytes(b"\x00\xff") == b"\x00\xff"
+  assert sharding.process_devices(1) == jax.local_devices()[:1]
+  too_many = jax.local_device_count() + 1
+  with pytest.raises(ValueError, match=rf"process 0 has {too_many - 1} local device\(s\), fewer "
+                                       rf"than the {too_many} asked for"):
+    sharding.process_devices(too_many)
 
 
 def test_initialize_from_the_environment_needs_every_variable(monkeypatch):
