@@ -29,9 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   # algorithm
   c.algorithm = "maml"              # one of build.ALGORITHMS: maml, fomaml, anil, metasgd,
                                     # mamlpp, meta_lstm, lstm_optimizer, imaml, reptile,
-                                    # protonet, umtra, pretrain, simclr, supcon
+                                    # protonet, umtra, pretrain, simclr, supcon, byol, moco,
+                                    # barlow_twins, swav
   c.reptile_serial = False          # reptile: tasks in turn, one outer update each
-  c.pretrain_eval = ""              # pretrain/simclr/supcon: finetune, linear_probe, prototypes
+  c.pretrain_eval = ""              # pretrain, simclr, ...: finetune, linear_probe, prototypes
                                     # ("": finetune for pretrain, prototypes for the others)
   c.zeroing = False                 # Kao et al.'s zeroing trick
   c.loss = ""                       # "" -> the dataset's default (cross_entropy / mse)
@@ -61,6 +62,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.imaml_lambda = 1.0              # proximal regularisation lambda of the inner problem
   c.imaml_cg_steps = 5              # conjugate-gradient steps of the implicit meta-gradient
   c.imaml_cg_damping = 0.0          # delta: solves ((1 + delta) I + H / lambda) g = grad L_q
+  # self-supervised pre-training (byol, moco, barlow_twins, swav): the papers' values
+  c.byol_base_momentum = 0.996      # byol: the target's momentum at step 0 (cosine to 1)
+  c.moco_momentum = 0.999           # moco: the key network's EMA momentum
+  c.moco_queue_size = 65536         # moco: negatives in the queue (>= the keys of one step)
+  c.moco_temperature = 0.2          # moco: InfoNCE temperature
+  c.barlow_twins_lambda = 5e-3      # barlow_twins: weight of the off-diagonal terms
+  c.swav_num_prototypes = 3000      # swav: learned prototypes (L2-normalised)
+  c.swav_temperature = 0.1          # swav: temperature of the swapped predictions
+  c.swav_epsilon = 0.05             # swav: Sinkhorn-Knopp entropic regularisation
+  c.swav_sinkhorn_iters = 3         # swav: Sinkhorn-Knopp iterations
+  c.swav_freeze_steps = 313         # swav: steps with the prototypes frozen at first
+  c.selfsup_hidden_dim = 0          # projector hidden width (0: the algorithm's paper width)
+  c.selfsup_projection_dim = 0      # projector output width (0: the algorithm's paper width)
   # schedule
   c.num_steps = 60_000              # outer steps
   c.eval_every = 1_000              # 0: only the final evaluation

@@ -77,6 +77,13 @@ an episodic step; Finn's split with rotations, conv4, Adam 1e-3, 30,000 steps.
                      (`--config.pretrain_eval=linear_probe`: the head only)
   simclr5way1shot    SimCLR (two affine views, labels unused), then prototypes
   supcon5way1shot    SupCon (labels used), then prototypes (`--config.pretrain_eval=linear_probe`)
+  byol5way1shot      BYOL (predictor, EMA target, momentum 0.996 rising to 1), then prototypes
+  moco5way1shot      MoCo v2 (momentum 0.999, a queue of 65,536 negatives, temperature 0.2)
+  barlow_twins5way1shot  Barlow Twins (lambda 5e-3, projector 8192 wide)
+  swav5way1shot      SwAV (3,000 prototypes, 3 Sinkhorn iterations of epsilon 0.05, temperature
+                     0.1, prototypes frozen for the first 313 steps; two views, no multi-crop)
+    fields: `byol_*`, `moco_*`, `barlow_twins_*`, `swav_*`, and `selfsup_hidden_dim`,
+    `selfsup_projection_dim` (0: the paper's widths), see experiments/configs/default.py
     python experiments/train.py --config=experiments/configs/omniglot.py:supcon5way1shot --workdir=runs/supcon_5w1s
 
 MAML++ (Antoniou et al., "How to train your MAML", ICLR 2019; Table 1: 20-way 1-shot 97.65 +-
@@ -129,6 +136,8 @@ imaml_smoke: 2 steps of implicit MAML (2 inner steps, 5 CG steps).
 mamlpp_smoke: 3 steps of MAML++ with every option on, its schedules shortened to 1-step epochs.
 matching_smoke, relation_smoke, siamese_smoke: 2 steps of each metric learner (10-way training
 episodes, 5-way tests).
+byol_smoke, moco_smoke, barlow_twins_smoke, swav_smoke: 2 steps of each self-supervised
+objective with a 16-8 projector (MoCo: a queue of 64; SwAV: 10 prototypes, frozen for 1 step).
 reptile_smoke, protonet_smoke, umtra_smoke, pretrain_smoke, simclr_smoke, supcon_smoke,
 resnet12_smoke: 2 steps of a tiny model (serial Reptile; ProtoNet with 10-way training episodes;
 UMTRA with the zeroing trick; ResNet-12 at widths 4-4-8-8), for CI.
@@ -212,6 +221,10 @@ def _pretrain(algorithm: str) -> ml_collections.ConfigDict:
   c.algorithm, c.meta_batch_size, c.queries, c.num_steps = algorithm, 32, 15, 30_000
   c.num_inner_steps, c.eval_num_inner_steps, c.inner_lr = 10, 10, 0.1
   return c
+
+
+# The self-supervised smoke configs' narrow projector (the papers' are 2048 to 8192 wide).
+_SELFSUP_SMOKE = {"selfsup_hidden_dim": 16, "selfsup_projection_dim": 8}
 
 
 def _resnet12(ways: int, shots: int) -> ml_collections.ConfigDict:
@@ -309,6 +322,10 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "pretrain5way1shot": lambda: _pretrain("pretrain"),
   "simclr5way1shot": lambda: _pretrain("simclr"),
   "supcon5way1shot": lambda: _pretrain("supcon"),
+  "byol5way1shot": lambda: _pretrain("byol"),
+  "moco5way1shot": lambda: _pretrain("moco"),
+  "barlow_twins5way1shot": lambda: _pretrain("barlow_twins"),
+  "swav5way1shot": lambda: _pretrain("swav"),
   # CI (smoke keeps Kao et al.'s 3 test steps)
   "smoke": lambda: _smoke(_kao(1, zeroing=False), eval_num_inner_steps=3),
   "methods_maml": lambda: _method("maml"),
@@ -329,6 +346,11 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "pretrain_smoke": lambda: _smoke(_pretrain("pretrain")),
   "simclr_smoke": lambda: _smoke(_pretrain("simclr")),
   "supcon_smoke": lambda: _smoke(_pretrain("supcon")),
+  "byol_smoke": lambda: _smoke(_pretrain("byol"), **_SELFSUP_SMOKE),
+  "moco_smoke": lambda: _smoke(_pretrain("moco"), moco_queue_size=64, **_SELFSUP_SMOKE),
+  "barlow_twins_smoke": lambda: _smoke(_pretrain("barlow_twins"), **_SELFSUP_SMOKE),
+  "swav_smoke": lambda: _smoke(_pretrain("swav"), swav_num_prototypes=10, swav_freeze_steps=1,
+                               **_SELFSUP_SMOKE),
   "resnet12_smoke": lambda: _smoke(_resnet12(5, 1), model="resnet12", widths=(4, 4, 8, 8)),
   # the README's quick start
   "readme": _readme,

@@ -1,4 +1,10 @@
-"""BYOL pre-training of an encoder, its momentum target kept in the training state.
+"""Self-supervised pre-training of an encoder (BYOL, MoCo v2, Barlow Twins, SwAV), every piece
+of training state (momentum target, queue of negatives, prototypes) kept in the `MetaState`.
+
+`make_moco_step` (a momentum key network and a queue of negatives in `params["queue"]`),
+`make_barlow_twins_step` and `make_swav_step` (learned prototypes in `params["online"]`) follow
+BYOL's below: the online network is `params["online"]` = {"encoder": model_params, ...}, so
+`on_online_encoder` evaluates any of them; the objectives are those of `selfsup`.
 
 BYOL (Grill et al. 2020) trains an online network (encoder f, projector g, predictor q) to
 predict, from one augmented view, the target network's projection of the other view; the target
@@ -40,6 +46,7 @@ from metajax import meta as meta_lib
 from metajax.algorithms import selfsup
 from metajax.algorithms.contrastive_pretrain import two_views
 from metajax.algorithms.pretrain import Batch
+from metajax.contrastive import _unit
 from metajax.data.augment import Augment
 from metajax.meta import MetaState, MetaStep
 from metajax.types import ApplyFn, Array, Params, PRNGKey
@@ -210,15 +217,339 @@ def make_byol_step(features: ApplyFn, feature_dim: int, augment: Augment,
   return meta_lib.compile_step(init, step, jit=jit, donate=donate)
 
 
+# ------------------------------------------------------------------- MoCo v2, Barlow Twins, SwAV
+
+MOCO_HIDDEN_DIM = 2048  # Chen et al. 2020 (MoCo v2): a 2-layer MLP head, hidden 2048
+MOCO_PROJECTION_DIM = 128  # ... output 128
+MOCO_QUEUE_SIZE = 65536  # He et al. 2020, section 4.1 (K)
+BARLOW_TWINS_DIM = 8192  # Zbontar et al. 2021, section 3: the projector's widths
+SWAV_HIDDEN_DIM = 2048  # Caron et al. 2020, appendix A: the projection head
+SWAV_PROJECTION_DIM = 128
+SWAV_NUM_PROTOTYPES = 3000  # Caron et al. 2020, section 4 (ImageNet)
+SWAV_FREEZE_STEPS = 313  # the official code's `freeze_prototypes_niters` default
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _copy(tree: Params) -> Params:
+  return jax.tree.map(jnp.array, tree)  # copies, not aliases (the step donates its buffers)
+
+
+def _project(features: ApplyFn, network: Params, images: Array) -> Array:
+  return mlp_head_apply(network["projector"], features(network["encoder"], images))
+
+
+def _online_network(key: PRNGKey, model_params: Params, feature_dim: int, hidden_dim: int,
+                    projection_dim: int) -> Params:
+  dtype = jnp.result_type(*jax.tree.leaves(model_params))
+  projector = mlp_head_init(key, feature_dim, hidden_dim=hidden_dim, out_dim=projection_dim,
+                            dtype=dtype)
+  return {"encoder": model_params, "projector": projector}
+
+
+def init_moco_params(key: PRNGKey, model_params: Params, feature_dim: int, *,
+                     hidden_dim: int = MOCO_HIDDEN_DIM, projection_dim: int = MOCO_PROJECTION_DIM,
+                     queue_size: int = MOCO_QUEUE_SIZE) -> Params:
+  """MoCo v2's params: the query network (the model and an MLP projector), the momentum key
+  network (a copy of it) and the queue of negatives (`selfsup.init_queue`: random unit keys, the
+  pointer at 0), so that checkpoints carry all three:
+
+      {"online": {"encoder", "projector"}, "target": {"encoder", "projector"},
+       "queue": {"keys": [K, projection_dim], "ptr": int32}}
+  """
+  _check_int("queue_size", queue_size, 1)
+  key_projector, key_queue = jax.random.split(key)
+  online = _online_network(key_projector, model_params, feature_dim, hidden_dim, projection_dim)
+  dtype = jnp.result_type(*jax.tree.leaves(model_params))
+  queue = selfsup.init_queue(key_queue, queue_size, projection_dim, dtype=dtype)
+  return _copy({"online": online, "target": online,
+                "queue": {"keys": queue.keys, "ptr": queue.ptr}})
+
+
+def moco_objective(features: ApplyFn, augment: Augment, *,
+                   temperature: float = selfsup.MOCO_TEMPERATURE,
+                   epsilon: float | None = None) -> Callable[..., tuple[Array, Any]]:
+  """`objective(online, target, queue_keys, (x, y), key) -> (loss, (metrics, keys))`:
+  `selfsup.moco_loss` of the queries (view 1 through the online network) against their keys
+  (view 2 through the momentum network, no gradient) and the queue. Returns the keys,
+  L2-normalised, for `selfsup.enqueue`. The labels y are ignored.
+
+  Queries and keys are two batches of B, each normalised by its own batch statistics (MoCo's
+  shuffled batch norm, which keeps a query and its key out of one normalisation batch across
+  GPUs, has nothing to shuffle on one device).
+
+  Metrics: `outer/positive_cosine`, the mean cosine of each query and its key.
+  """
+
+  def objective(online: Params, target: Params, queue_keys: Array, batch: Batch,
+                key: PRNGKey) -> tuple[Array, tuple[dict[str, Array], Array]]:
+    x, _ = batch
+    view_1, view_2 = two_views(augment, key, x)
+    queries = _project(features, online, view_1)
+    keys = jax.lax.stop_gradient(_project(features, target, view_2))
+    loss = selfsup.moco_loss(queries, keys, queue_keys, temperature=temperature, epsilon=epsilon)
+    keys = _unit(keys, epsilon)
+    cosine = jnp.mean(jnp.sum(_unit(queries, epsilon) * keys, axis=-1))
+    return loss, ({"outer/positive_cosine": cosine}, keys)
+
+  return objective
+
+
+def make_moco_step(features: ApplyFn, feature_dim: int, augment: Augment,
+                   optimizer: optax.GradientTransformation, *,
+                   momentum: float = selfsup.MOCO_MOMENTUM, queue_size: int = MOCO_QUEUE_SIZE,
+                   temperature: float = selfsup.MOCO_TEMPERATURE,
+                   hidden_dim: int = MOCO_HIDDEN_DIM, projection_dim: int = MOCO_PROJECTION_DIM,
+                   epsilon: float | None = None, key: PRNGKey | None = None,
+                   jit: bool = True, donate: bool = True) -> MetaStep:
+  """Builds MoCo v2's pre-training step `step(state, (x, y)) -> (state, metrics)`.
+
+  One step, in the order of the paper's algorithm 1: the loss of `moco_objective` against the
+  queue as it was, its gradient with respect to the online (query) network only and one optax
+  update of it, the momentum (key) network's EMA towards the updated online network with the
+  constant `momentum`, then this batch's keys enqueued (the oldest B dequeued). Params as
+  `init_moco_params`; the optimiser state is that of `params["online"]`.
+
+  Args:
+    features: the encoder `(model_params, x) -> [N, D]`, e.g. `model.features`.
+    feature_dim: D, the width of `features`.
+    augment: `(key, image) -> image`, applied independently to each view.
+    optimizer: for the online params (the paper: SGD with momentum).
+    momentum: m in [0, 1] of the key network (the paper: 0.999).
+    queue_size: K >= the batch size, the number of negatives (the paper: 65536).
+    temperature: T > 0 of the InfoNCE logits (MoCo v2: 0.2).
+    hidden_dim, projection_dim: the MLP head's widths (MoCo v2: 2048, 128).
+    epsilon: norm clipping of the cosine similarities.
+    key: the root of the step's randomness: the head's and queue's initial values, and the
+      augmentations of step s (`fold_in(., s)`, so a resumed run repeats them). Default
+      `jax.random.key(0)`.
+    jit, donate: as `make_byol_step`.
+
+  Returns:
+    `MetaStep`; metrics `outer/loss`, `outer/grad_norm`, `outer/positive_cosine`.
+  """
+  selfsup._check_fraction("momentum", momentum)
+  _check_int("queue_size", queue_size, 1)
+  objective = moco_objective(features, augment, temperature=temperature, epsilon=epsilon)
+  init_key, augment_root = jax.random.split(jax.random.key(0) if key is None else key)
+
+  def init(model_params: Params) -> MetaState:
+    params = init_moco_params(init_key, model_params, feature_dim, hidden_dim=hidden_dim,
+                              projection_dim=projection_dim, queue_size=queue_size)
+    return MetaState(params, optimizer.init(params["online"]), jnp.zeros((), jnp.int32))
+
+  def step(state: MetaState, batch: Any) -> tuple[MetaState, dict[str, Array]]:
+    step_key = jax.random.fold_in(augment_root, state.step)
+    online, target, queue = (state.params[k] for k in ("online", "target", "queue"))
+    (value, (metrics, keys)), grads = jax.value_and_grad(objective, has_aux=True)(
+      online, target, queue["keys"], batch, step_key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, online)
+    online = optax.apply_updates(online, updates)
+    target = selfsup.ema_update(target, online, momentum)
+    queue = selfsup.enqueue(selfsup.Queue(queue["keys"], queue["ptr"]), keys)
+    metrics = {**metrics, "outer/loss": value, "outer/grad_norm": optax.tree.norm(grads)}
+    params = {"online": online, "target": target, "queue": {"keys": queue.keys, "ptr": queue.ptr}}
+    return MetaState(params, opt_state, state.step + 1), metrics
+
+  return meta_lib.compile_step(init, step, jit=jit, donate=donate)
+
+
+def _online_step(init_params: Callable[[Params], Params], objective: Callable[..., Any],
+                 optimizer: optax.GradientTransformation, augment_root: PRNGKey, *,
+                 transform_grads: Callable[[Params, Array], Params] = lambda g, s: g,
+                 after_update: Callable[[Params], Params] = lambda p: p, jit: bool,
+                 donate: bool) -> MetaStep:
+  """A step of one network, `params = {"online": ...}`, trained by `objective(online, batch,
+  key) -> (loss, metrics)`: `transform_grads(grads, step)` before the optax update,
+  `after_update(online)` after it."""
+
+  def init(model_params: Params) -> MetaState:
+    params = {"online": _copy(init_params(model_params))}
+    return MetaState(params, optimizer.init(params["online"]), jnp.zeros((), jnp.int32))
+
+  def step(state: MetaState, batch: Any) -> tuple[MetaState, dict[str, Array]]:
+    step_key = jax.random.fold_in(augment_root, state.step)
+    online = state.params["online"]
+    (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(online, batch, step_key)
+    grads = transform_grads(grads, state.step)
+    updates, opt_state = optimizer.update(grads, state.opt_state, online)
+    online = after_update(optax.apply_updates(online, updates))
+    metrics = {**metrics, "outer/loss": value, "outer/grad_norm": optax.tree.norm(grads)}
+    return MetaState({"online": online}, opt_state, state.step + 1), metrics
+
+  return meta_lib.compile_step(init, step, jit=jit, donate=donate)
+
+
+def barlow_twins_objective(features: ApplyFn, augment: Augment, *,
+                           off_diagonal_weight: float = selfsup.BARLOW_TWINS_LAMBDA
+                           ) -> Callable[..., tuple[Array, dict[str, Array]]]:
+  """`objective(online, (x, y), key) -> (loss, metrics)`: `selfsup.barlow_twins_loss` of the
+  projections of two augmented views of x (one batch of 2B through the network; the labels are
+  ignored).
+
+  Metrics: `outer/on_diagonal`, the mean correlation of each dimension across the views.
+  """
+
+  def objective(online: Params, batch: Batch, key: PRNGKey) -> tuple[Array, dict[str, Array]]:
+    x, _ = batch
+    view_1, view_2 = two_views(augment, key, x)
+    z = _project(features, online, jnp.concatenate([view_1, view_2]))
+    z1, z2 = z[: view_1.shape[0]], z[view_1.shape[0]:]
+    loss = selfsup.barlow_twins_loss(z1, z2, off_diagonal_weight=off_diagonal_weight)
+    on_diagonal = jnp.mean(jnp.diagonal(selfsup.cross_correlation(z1, z2)))
+    return loss, {"outer/on_diagonal": on_diagonal}
+
+  return objective
+
+
+def make_barlow_twins_step(features: ApplyFn, feature_dim: int, augment: Augment,
+                           optimizer: optax.GradientTransformation, *,
+                           off_diagonal_weight: float = selfsup.BARLOW_TWINS_LAMBDA,
+                           hidden_dim: int = BARLOW_TWINS_DIM,
+                           projection_dim: int = BARLOW_TWINS_DIM, key: PRNGKey | None = None,
+                           jit: bool = True, donate: bool = True) -> MetaStep:
+  """Builds Barlow Twins' pre-training step `step(state, (x, y)) -> (state, metrics)`.
+
+  Params `{"online": {"encoder": model_params, "projector": ...}}` (no target network); one
+  optax step of `barlow_twins_objective` per call. The projector is linear, batch norm, ReLU,
+  linear (`mlp_head_init`); the paper's has one more hidden layer of the same width.
+
+  Args:
+    features, feature_dim, augment, optimizer: as `make_byol_step`.
+    off_diagonal_weight: lambda >= 0 of the redundancy-reduction term (the paper: 5e-3).
+    hidden_dim, projection_dim: the projector's widths (the paper: 8192, 8192).
+    key: the projector's initial params and the augmentations of step s (`fold_in(., s)`).
+    jit, donate: as `make_byol_step`.
+
+  Returns:
+    `MetaStep`; metrics `outer/loss`, `outer/grad_norm`, `outer/on_diagonal`.
+  """
+  if isinstance(off_diagonal_weight, bool) or not isinstance(off_diagonal_weight, (int, float)) \
+      or off_diagonal_weight < 0:
+    raise ValueError(f"off_diagonal_weight must be a number >= 0, got {off_diagonal_weight!r}")
+  objective = barlow_twins_objective(features, augment, off_diagonal_weight=off_diagonal_weight)
+  init_key, augment_root = jax.random.split(jax.random.key(0) if key is None else key)
+  return _online_step(
+    lambda model_params: _online_network(init_key, model_params, feature_dim, hidden_dim,
+                                         projection_dim),
+    objective, optimizer, augment_root, jit=jit, donate=donate)
+
+
+def swav_objective(features: ApplyFn, augment: Augment, *,
+                   temperature: float = selfsup.SWAV_TEMPERATURE,
+                   epsilon: float = selfsup.SWAV_EPSILON,
+                   num_iters: int = selfsup.SWAV_SINKHORN_ITERATIONS
+                   ) -> Callable[..., tuple[Array, dict[str, Array]]]:
+  """`objective(online, (x, y), key) -> (loss, metrics)`: `selfsup.swav_loss` (swapped
+  prediction of the Sinkhorn codes) of the projections of two augmented views of x against
+  `online["prototypes"]` (one batch of 2B through the network; the labels are ignored).
+
+  Metrics: `outer/code_entropy`, the mean entropy (nats) of the codes of view 1 (log K when
+  uniform, 0 when hard).
+  """
+
+  def objective(online: Params, batch: Batch, key: PRNGKey) -> tuple[Array, dict[str, Array]]:
+    x, _ = batch
+    view_1, view_2 = two_views(augment, key, x)
+    z = _project(features, online, jnp.concatenate([view_1, view_2]))
+    z1, z2 = z[: view_1.shape[0]], z[view_1.shape[0]:]
+    prototypes = online["prototypes"]
+    loss = selfsup.swav_loss(z1, z2, prototypes, temperature=temperature, epsilon=epsilon,
+                             num_iters=num_iters)
+    codes = selfsup.sinkhorn(_unit(z1, None) @ _unit(prototypes, None).T,
+                             epsilon=epsilon, num_iters=num_iters)
+    entropy = -jnp.mean(jnp.sum(codes * jnp.log(jnp.maximum(codes, 1e-30)), axis=-1))
+    return loss, {"outer/code_entropy": entropy}
+
+  return objective
+
+
+def make_swav_step(features: ApplyFn, feature_dim: int, augment: Augment,
+                   optimizer: optax.GradientTransformation, *,
+                   num_prototypes: int = SWAV_NUM_PROTOTYPES,
+                   freeze_steps: int = SWAV_FREEZE_STEPS,
+                   temperature: float = selfsup.SWAV_TEMPERATURE,
+                   epsilon: float = selfsup.SWAV_EPSILON,
+                   num_iters: int = selfsup.SWAV_SINKHORN_ITERATIONS,
+                   hidden_dim: int = SWAV_HIDDEN_DIM, projection_dim: int = SWAV_PROJECTION_DIM,
+                   key: PRNGKey | None = None, jit: bool = True, donate: bool = True) -> MetaStep:
+  """Builds SwAV's pre-training step `step(state, (x, y)) -> (state, metrics)` (two views, no
+  multi-crop, no queue).
+
+  Params `{"online": {"encoder": model_params, "projector": ..., "prototypes": [K, P]}}`, the
+  prototypes L2-normalised at init and after every update (as the paper's code, which
+  normalises them before each step). The prototypes' gradient is zero during the first
+  `freeze_steps` steps (`selfsup.freeze_prototypes`); with Adam or SGD a zero gradient leaves
+  them where they are.
+
+  Args:
+    features, feature_dim, augment, optimizer: as `make_byol_step`.
+    num_prototypes: K (the paper: 3000 on ImageNet).
+    freeze_steps: >= 0 steps with the prototypes fixed (the official code: 313).
+    temperature: T > 0 of the predictions (0.1).
+    epsilon: > 0 the codes' entropic regularisation (0.05).
+    num_iters: Sinkhorn-Knopp iterations (3).
+    hidden_dim, projection_dim: the projection head's widths (2048, 128).
+    key: the head's and prototypes' initial values and the augmentations of step s.
+    jit, donate: as `make_byol_step`.
+
+  Returns:
+    `MetaStep`; metrics `outer/loss`, `outer/grad_norm`, `outer/code_entropy`.
+  """
+  _check_int("num_prototypes", num_prototypes, 1)
+  _check_int("freeze_steps", freeze_steps, 0)
+  _check_int("num_iters", num_iters, 0)
+  objective = swav_objective(features, augment, temperature=temperature, epsilon=epsilon,
+                             num_iters=num_iters)
+  init_key, augment_root = jax.random.split(jax.random.key(0) if key is None else key)
+  key_projector, key_prototypes = jax.random.split(init_key)
+
+  def init_params(model_params: Params) -> Params:
+    online = _online_network(key_projector, model_params, feature_dim, hidden_dim,
+                             projection_dim)
+    dtype = jnp.result_type(*jax.tree.leaves(model_params))
+    prototypes = jax.random.normal(key_prototypes, (num_prototypes, projection_dim), dtype)
+    return {**online, "prototypes": selfsup.normalize_prototypes(prototypes)}
+
+  def transform_grads(grads: Params, step: Array) -> Params:
+    return {**grads, "prototypes": selfsup.freeze_prototypes(grads["prototypes"], step,
+                                                             freeze_steps=freeze_steps)}
+
+  def after_update(online: Params) -> Params:
+    return {**online, "prototypes": selfsup.normalize_prototypes(online["prototypes"])}
+
+  return _online_step(init_params, objective, optimizer, augment_root,
+                      transform_grads=transform_grads, after_update=after_update, jit=jit,
+                      donate=donate)
+
+
 __all__ = [
+  "BARLOW_TWINS_DIM",
   "HIDDEN_DIM",
+  "MOCO_HIDDEN_DIM",
+  "MOCO_PROJECTION_DIM",
+  "MOCO_QUEUE_SIZE",
+  "SWAV_FREEZE_STEPS",
+  "SWAV_HIDDEN_DIM",
+  "SWAV_NUM_PROTOTYPES",
+  "SWAV_PROJECTION_DIM",
   "PROJECTION_DIM",
   "TwoNetworkObjective",
+  "barlow_twins_objective",
   "byol_objective",
   "init_byol_params",
+  "init_moco_params",
+  "make_barlow_twins_step",
   "make_byol_step",
+  "make_moco_step",
+  "make_swav_step",
+  "moco_objective",
   "mlp_head_apply",
   "mlp_head_init",
   "on_online_encoder",
   "online_encoder",
+  "swav_objective",
 ]

@@ -262,6 +262,8 @@ def _byol_step(model: models_lib.Model, learner: Learner, optimizer: optax.Gradi
   byol = selfsup_pretrain.make_byol_step(
     model.features, model.feature_dim, make_affine_augment(), optimizer,
     total_steps=config.num_steps, key=jax.random.fold_in(jax.random.key(config.seed), 1),
+    base_momentum=config.byol_base_momentum,
+    **_head_dims(config, selfsup_pretrain.HIDDEN_DIM, selfsup_pretrain.PROJECTION_DIM),
     jit=False)
 
   def pooled(state, batch):
@@ -269,6 +271,58 @@ def _byol_step(model: models_lib.Model, learner: Learner, optimizer: optax.Gradi
     return byol.update(state, (x, y))
 
   return compile_step(byol.init, pooled, jit=jit)
+
+
+def _head_dims(config: Config, hidden_dim: int, projection_dim: int) -> dict[str, int]:
+  """The projector's widths: `selfsup_hidden_dim`, `selfsup_projection_dim`, or (0) the
+  algorithm's paper widths given."""
+  return {"hidden_dim": config.selfsup_hidden_dim or hidden_dim,
+          "projection_dim": config.selfsup_projection_dim or projection_dim}
+
+
+def _moco(model: models_lib.Model, optimizer: optax.GradientTransformation, config: Config,
+          key: Array) -> MetaStep:
+  return selfsup_pretrain.make_moco_step(
+    model.features, model.feature_dim, make_affine_augment(), optimizer,
+    momentum=config.moco_momentum, queue_size=config.moco_queue_size,
+    temperature=config.moco_temperature,
+    **_head_dims(config, selfsup_pretrain.MOCO_HIDDEN_DIM, selfsup_pretrain.MOCO_PROJECTION_DIM),
+    key=key, jit=False)
+
+
+def _barlow_twins(model: models_lib.Model, optimizer: optax.GradientTransformation,
+                  config: Config, key: Array) -> MetaStep:
+  return selfsup_pretrain.make_barlow_twins_step(
+    model.features, model.feature_dim, make_affine_augment(), optimizer,
+    off_diagonal_weight=config.barlow_twins_lambda,
+    **_head_dims(config, selfsup_pretrain.BARLOW_TWINS_DIM, selfsup_pretrain.BARLOW_TWINS_DIM),
+    key=key, jit=False)
+
+
+def _swav(model: models_lib.Model, optimizer: optax.GradientTransformation, config: Config,
+          key: Array) -> MetaStep:
+  return selfsup_pretrain.make_swav_step(
+    model.features, model.feature_dim, make_affine_augment(), optimizer,
+    num_prototypes=config.swav_num_prototypes, freeze_steps=config.swav_freeze_steps,
+    temperature=config.swav_temperature, epsilon=config.swav_epsilon,
+    num_iters=config.swav_sinkhorn_iters,
+    **_head_dims(config, selfsup_pretrain.SWAV_HIDDEN_DIM, selfsup_pretrain.SWAV_PROJECTION_DIM),
+    key=key, jit=False)
+
+
+def _selfsup_step(model: models_lib.Model, learner: Learner,
+                  optimizer: optax.GradientTransformation, config: Config, *, task_map: TaskMap,
+                  jit: bool, make: Callable[..., MetaStep]) -> MetaStep:
+  """A self-supervised step of `selfsup_pretrain` (`make(model, optimizer, config, key)`) on
+  pooled minibatches, as `_byol_step`; its augmentations from `fold_in(key(seed), 1)`."""
+  del learner, task_map
+  inner = make(model, optimizer, config, jax.random.fold_in(jax.random.key(config.seed), 1))
+
+  def pooled(state, batch):
+    x, y = (a.reshape((-1,) + a.shape[2:]) for a in batch)
+    return inner.update(state, (x, y))
+
+  return compile_step(inner.init, pooled, jit=jit)
 
 
 KINDS = frozenset({"classification", "regression"})
@@ -369,6 +423,17 @@ ALGORITHMS: dict[str, Algorithm] = {
   # momentum schedule, both in the training state), then prototypes (default) or a linear probe.
   "byol": Algorithm(_byol_learner, step=_byol_step, train_tasks=_class_batches,
                     kinds=_CLASSIFICATION),
+  # He et al. 2020 / Chen et al. 2020: MoCo v2 (momentum key network, queue of negatives in the
+  # training state, InfoNCE); Zbontar et al. 2021: Barlow Twins (cross-correlation to the
+  # identity); Caron et al. 2020: SwAV (swapped prediction of Sinkhorn codes of learned
+  # prototypes). Then prototypes (default) or a linear probe on the online encoder.
+  "moco": Algorithm(_byol_learner, step=functools.partial(_selfsup_step, make=_moco),
+                    train_tasks=_class_batches, kinds=_CLASSIFICATION),
+  "barlow_twins": Algorithm(_byol_learner,
+                            step=functools.partial(_selfsup_step, make=_barlow_twins),
+                            train_tasks=_class_batches, kinds=_CLASSIFICATION),
+  "swav": Algorithm(_byol_learner, step=functools.partial(_selfsup_step, make=_swav),
+                    train_tasks=_class_batches, kinds=_CLASSIFICATION),
 }
 
 PRETRAIN_EVALS = ("finetune", "linear_probe", "prototypes")
@@ -626,9 +691,22 @@ FIELDS = frozenset({
   "lstm_hidden",
   # implicit MAML's options
   "imaml_lambda", "imaml_cg_steps", "imaml_cg_damping",
+  # the self-supervised pre-training objectives' options
+  "byol_base_momentum", "moco_momentum", "moco_queue_size", "moco_temperature",
+  "barlow_twins_lambda", "swav_num_prototypes", "swav_temperature", "swav_epsilon",
+  "swav_sinkhorn_iters", "swav_freeze_steps", "selfsup_hidden_dim", "selfsup_projection_dim",
   # divergence
   "divergence_loss_ratio", "divergence_grad_norm", "on_divergence",
 })
+
+# The self-supervised objectives' fields, their defaults (the papers'; 0 widths: the algorithm's
+# own) and the algorithms that read them.
+SELFSUP_DEFAULTS: Mapping[str, Any] = {
+  "byol_base_momentum": 0.996, "moco_momentum": 0.999, "moco_queue_size": 65536,
+  "moco_temperature": 0.2, "barlow_twins_lambda": 5e-3, "swav_num_prototypes": 3000,
+  "swav_temperature": 0.1, "swav_epsilon": 0.05, "swav_sinkhorn_iters": 3,
+  "swav_freeze_steps": 313, "selfsup_hidden_dim": 0, "selfsup_projection_dim": 0}
+SELFSUP_ALGORITHMS = ("byol", "moco", "barlow_twins", "swav")
 
 # Fields that configs stored by older versions lack, with the value those runs ran with (one
 # outer step per compiled call; no download; one device; the metric learners' and ResNet-12's
@@ -641,6 +719,7 @@ ABSENT: Mapping[str, Any] = {"steps_per_call": 1, "download": False, "devices": 
                              "mamlpp_first_order_epochs": 0, "mamlpp_step_lrs": True,
                              "mamlpp_step_norm": True, "lstm_hidden": 20,
                              "imaml_lambda": 1.0, "imaml_cg_steps": 5, "imaml_cg_damping": 0.0,
+                             **SELFSUP_DEFAULTS,
                              "divergence_loss_ratio": 0.0, "divergence_grad_norm": 0.0,
                              "on_divergence": "warn"}
 
@@ -803,6 +882,50 @@ def _imaml_problems(config: Config) -> Problems:
   return problems
 
 
+def _selfsup_problems(config: Config) -> Problems:
+  """The self-supervised objectives' fields: in range, and left at their defaults unless the
+  algorithm reads them (`byol_*` byol, `moco_*` moco, ..., `selfsup_*` all four)."""
+  problems: Problems = []
+
+  def number(field: str, low: float, high: float | None = None, *, open_low: bool) -> None:
+    value = config.get(field)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value > low if open_low else value >= low) and (high is None or value <= high)
+    if not ok:
+      bound = f"in [{low}, {high}]" if high is not None else f"{'>' if open_low else '>='} {low}"
+      problems.append(f"{field}={value!r} must be a number {bound}")
+
+  number("byol_base_momentum", 0.0, 1.0, open_low=False)
+  number("moco_momentum", 0.0, 1.0, open_low=False)
+  number("moco_temperature", 0.0, open_low=True)
+  number("barlow_twins_lambda", 0.0, open_low=False)
+  number("swav_temperature", 0.0, open_low=True)
+  number("swav_epsilon", 0.0, open_low=True)
+  problems += (_int_at_least(config, "moco_queue_size", 1)
+               + _int_at_least(config, "swav_num_prototypes", 1)
+               + _int_at_least(config, "swav_sinkhorn_iters", 1)
+               + _int_at_least(config, "swav_freeze_steps", 0)
+               + _int_at_least(config, "selfsup_hidden_dim", 0)
+               + _int_at_least(config, "selfsup_projection_dim", 0))
+  algorithm = config.get("algorithm")
+  for prefix, owners in (("byol_", ("byol",)), ("moco_", ("moco",)),
+                         ("barlow_twins_", ("barlow_twins",)), ("swav_", ("swav",)),
+                         ("selfsup_", SELFSUP_ALGORITHMS)):
+    changed = sorted(f for f in SELFSUP_DEFAULTS if f.startswith(prefix)
+                     and config.get(f) != SELFSUP_DEFAULTS[f])
+    if changed and algorithm not in owners:
+      problems.append(f"{', '.join(changed)} only apply to algorithm="
+                      f"{' or '.join(repr(a) for a in owners)}, not algorithm={algorithm!r}")
+  size = config.get("moco_queue_size")
+  counts = [config.get(f) for f in ("meta_batch_size", "ways", "shots", "queries")]
+  if algorithm == "moco" and _is_int(size) and all(_is_int(c) for c in counts):
+    batch = counts[0] * counts[1] * (counts[2] + counts[3])
+    if size < batch:
+      problems.append(f"moco_queue_size={size} is less than the {batch} keys each step enqueues "
+                      "(meta_batch_size * ways * (shots + queries))")
+  return problems
+
+
 def validate_config(config: Config) -> None:
   """Checks a config before anything is loaded or compiled.
 
@@ -866,6 +989,7 @@ def validate_config(config: Config) -> None:
        f"min_meta_lr={min_lr!r} must be a number in [0, meta_lr={meta_lr!r}]")
   problems += _mamlpp_problems(config)
   problems += _imaml_problems(config)
+  problems += _selfsup_problems(config)
   problems += _int_at_least(config, "lstm_hidden", 1)
   if config.get("algorithm") == "meta_lstm":
     need(not isinstance(meta_lr, bool) and isinstance(config.get("inner_lr"), (int, float))
