@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from metajax.experiment import build, checkpoint, train
+from metajax.experiment import build, checkpoint, metrics, train
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "--config=experiments/configs/sinusoid.py:smoke"  # meta-batch 4, 4 steps, eval at 2
@@ -41,19 +41,24 @@ def _two_processes(workdirs: tuple[Path, Path], *flags: str, status: int = 0) ->
                               status=status)
 
 
+# the resumed half in calls of two steps (stacked meta-batches), the first in calls of one
+STACKED = ("--config.log_every=2", "--config.checkpoint_every=2", "--config.eval_every=2")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Two processes for 2 steps (the non-primary given a workdir of its own), resumed by two
-  processes sharing the primary's workdir to the config's 4 steps; one process with two forced
-  CPU devices and one with one device, each for 4 steps."""
+  processes sharing the primary's workdir to the config's 4 steps in one call; one process with
+  two forced CPU devices and one with one device, likewise."""
   root = tmp_path_factory.mktemp("processes")
   two, other = root / "two", root / "other"
   first = _two_processes((two, other), "--config.num_steps=2")
-  resumed = _two_processes((two, two))
-  one = launch.run_processes(
-    [_train(root / "one2"), _train(root / "one1")],
-    [launch.cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), launch.cpu_env()],
-    cwd=str(REPO))
+  resumed = _two_processes((two, two), *STACKED)
+  envs = [launch.cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), launch.cpu_env()]
+  launch.run_processes([_train(root / "one2", "--config.num_steps=2"),
+                        _train(root / "one1", "--config.num_steps=2")], envs, cwd=str(REPO))
+  one = launch.run_processes([_train(root / "one2", *STACKED), _train(root / "one1", *STACKED)],
+                             envs, cwd=str(REPO))
   return {"root": root, "first": first, "resumed": resumed, "one2": one[0], "one1": one[1]}
 
 
@@ -80,6 +85,8 @@ def test_two_processes_give_the_parameters_of_one(runs):
           in runs["first"][0]), runs["first"][0]
   assert "split over 2 devices (2 each); parameters replicated" in runs["one2"], runs["one2"]
   assert "resuming from checkpoint step 2" in runs["resumed"][0], runs["resumed"][0]
+  assert "first step (compilation" in runs["first"][0], runs["first"][0]
+  assert "first 2 steps (one call)" in runs["resumed"][0], runs["resumed"][0]
   _, one2 = _params(root / "one2")
   _, one1 = _params(root / "one1")
   assert len(two) == len(one2) == len(one1) > 0
@@ -93,8 +100,12 @@ def test_two_processes_give_the_parameters_of_one(runs):
   assert _test_lines(runs["resumed"][0]) == _test_lines(runs["one2"])
   results = {name: json.loads((root / name / train.RESULTS_FILE).read_text())
              for name in ("two", "one2")}
-  tests = {k: v for k, v in results["one2"].items() if k.startswith("test/")}
-  assert tests and tests == {k: v for k, v in results["two"].items() if k.startswith("test/")}
+  assert any(k.startswith("test/") for k in results["two"]), results
+  assert results["two"] == results["one2"]  # the logged averages and every evaluation
+  records = {name: [{k: v for k, v in r.items() if k != "time"}
+                    for r in metrics.read_metrics(root / name / metrics.METRICS_FILE)]
+             for name in ("two", "one2")}
+  assert records["two"] == records["one2"]
 
 
 @pytest.mark.slow  # shares the launches of the test above
