@@ -360,11 +360,11 @@ def make_moco_step(features: ApplyFn, feature_dim: int, augment: Augment,
 def _online_step(init_params: Callable[[Params], Params], objective: Callable[..., Any],
                  optimizer: optax.GradientTransformation, augment_root: PRNGKey, *,
                  transform_grads: Callable[[Params, Array], Params] = lambda g, s: g,
-                 after_update: Callable[[Params], Params] = lambda p: p, jit: bool,
+                 after_update: Callable[[Params, Array], Params] = lambda p, s: p, jit: bool,
                  donate: bool) -> MetaStep:
   """A step of one network, `params = {"online": ...}`, trained by `objective(online, batch,
   key) -> (loss, metrics)`: `transform_grads(grads, step)` before the optax update,
-  `after_update(online)` after it."""
+  `after_update(online, step)` after it."""
 
   def init(model_params: Params) -> MetaState:
     params = {"online": _copy(init_params(model_params))}
@@ -376,7 +376,7 @@ def _online_step(init_params: Callable[[Params], Params], objective: Callable[..
     (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(online, batch, step_key)
     grads = transform_grads(grads, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state, online)
-    online = after_update(optax.apply_updates(online, updates))
+    online = after_update(optax.apply_updates(online, updates), state.step)
     metrics = {**metrics, "outer/loss": value, "outer/grad_norm": optax.tree.norm(grads)}
     return MetaState({"online": online}, opt_state, state.step + 1), metrics
 
@@ -482,8 +482,8 @@ def make_swav_step(features: ApplyFn, feature_dim: int, augment: Augment,
   Params `{"online": {"encoder": model_params, "projector": ..., "prototypes": [K, P]}}`, the
   prototypes L2-normalised at init and after every update (as the paper's code, which
   normalises them before each step). The prototypes' gradient is zero during the first
-  `freeze_steps` steps (`selfsup.freeze_prototypes`); with Adam or SGD a zero gradient leaves
-  them where they are.
+  `freeze_steps` steps (`selfsup.freeze_prototypes`); with Adam or SGD (no weight decay) a zero
+  gradient leaves them exactly where they are.
 
   Args:
     features, feature_dim, augment, optimizer: as `make_byol_step`.
@@ -518,8 +518,12 @@ def make_swav_step(features: ApplyFn, feature_dim: int, augment: Augment,
     return {**grads, "prototypes": selfsup.freeze_prototypes(grads["prototypes"], step,
                                                              freeze_steps=freeze_steps)}
 
-  def after_update(online: Params) -> Params:
-    return {**online, "prototypes": selfsup.normalize_prototypes(online["prototypes"])}
+  def after_update(online: Params, step: Array) -> Params:
+    # Frozen prototypes are left bit for bit (renormalising a unit vector can move its last bit).
+    prototypes = online["prototypes"]
+    prototypes = jnp.where(step < freeze_steps, prototypes,
+                           selfsup.normalize_prototypes(prototypes))
+    return {**online, "prototypes": prototypes}
 
   return _online_step(init_params, objective, optimizer, augment_root,
                       transform_grads=transform_grads, after_update=after_update, jit=jit,
