@@ -945,6 +945,9 @@ def train_and_evaluate(config: build.Config | Mapping[str, Any],
       step_offset = int(state.meta.step)
       train_source, evaluators = load_data(run, print_fn)
       log = _Log(run, step_offset, print_fn, log_state)
+      if jax.process_count() > 1:  # the primary's divergence bound, which metrics.jsonl may give
+        log.guards.initial_loss = json.loads(sharding_lib.broadcast_bytes(
+          json.dumps(log.guards.initial_loss).encode() if _is_primary() else None))
       rows = (sharding_lib.local_task_slice(run.config.meta_batch_size, run.mesh)
               if jax.process_count() > 1 else None)
       try:
