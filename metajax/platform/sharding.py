@@ -16,7 +16,8 @@ own devices: `local_task_slice` says which rows of the global meta-batch those a
 from the same per-task PRNG keys a single process would use, so the streams are the same), and
 `shard_local_tasks` assembles the global array from every process's rows
 (`jax.make_array_from_process_local_data`). Every process runs the same step on the global
-arrays; the meta-state comes out replicated, and only `is_primary()` should write files.
+arrays; the meta-state comes out replicated, and only `is_primary()` should write files (and
+read them: `broadcast_bytes` carries process 0's bytes, e.g. a restored checkpoint, to the rest).
 
     initialize_distributed(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=i)
     mesh = task_mesh()
