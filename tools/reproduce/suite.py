@@ -197,6 +197,10 @@ METRIC_LEARNERS = (
 SELF_SUPERVISED = (
   ("simclr", "SimCLR (two affine views)"),
   ("supcon", "SupCon (labels as positives)"),
+  ("byol", "BYOL (EMA target, predictor, no negatives)"),
+  ("moco", "MoCo v2 (momentum encoder, queue of negatives)"),
+  ("barlow_twins", "Barlow Twins (cross-correlation towards identity)"),
+  ("swav", "SwAV (Sinkhorn-Knopp prototypes, swapped prediction)"),
 )
 # Finished runs of other groups shown again in a group's table, as its reference points.
 SHOWN_WITH: dict[str, tuple[str, ...]] = {"family": ("kao1s_fo_zero", "kao1s_protonet")}
