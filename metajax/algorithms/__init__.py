@@ -21,8 +21,9 @@
 - `selfsup`: the objectives of MoCo v2 (queue of negatives, momentum encoder), BYOL (regression
   to an EMA target, its momentum schedule), Barlow Twins (cross-correlation towards the identity)
   and SwAV (Sinkhorn-Knopp codes, swapped prediction, prototypes), as pure functions.
-- `selfsup_pretrain`: BYOL pre-training of an encoder with its EMA target in the training state,
-  then few-shot by prototypes or a linear probe on the online encoder.
+- `selfsup_pretrain`: BYOL, MoCo v2, Barlow Twins and SwAV pre-training of an encoder, their
+  momentum targets, queue of negatives and prototypes in the training state, then few-shot by
+  prototypes or a linear probe on the online encoder.
 
 MAML itself, its first-order variant, ANIL, Meta-SGD and MAML++ are `metajax.MAML`
 (`metajax.meta`).

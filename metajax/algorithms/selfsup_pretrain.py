@@ -63,32 +63,52 @@ HEAD_NORM_EPSILON = 1e-5
 # --------------------------------------------------------------------------------- MLP heads
 
 def mlp_head_init(key: PRNGKey, in_dim: int, *, hidden_dim: int = HIDDEN_DIM,
-                  out_dim: int = PROJECTION_DIM, dtype: jnp.dtype = jnp.float32) -> Params:
+                  out_dim: int = PROJECTION_DIM, num_hidden: int = 1,
+                  dtype: jnp.dtype = jnp.float32) -> Params:
   """Params of BYOL's projector / predictor: linear, batch norm, ReLU, linear.
 
   Weights LeCun-normal (flax's `Dense` default), the output bias 0, the norm's scale 1 and bias
-  0. The first linear layer has no bias: the batch norm would cancel it (its gradient is 0, and
-  an optimiser such as Adam would only move it by rounding noise).
+  0. The hidden linear layers have no bias: the batch norm would cancel it (its gradient is 0,
+  and an optimiser such as Adam would only move it by rounding noise). `num_hidden` > 1 repeats
+  linear, batch norm, ReLU (Barlow Twins' projector has 2): layers `hidden_2`, `norm_2`, ...
   """
-  for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+  for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim),
+                      ("num_hidden", num_hidden)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be an int >= 1, got {value!r}")
   key_hidden, key_out = jax.random.split(key)
   init = jax.nn.initializers.lecun_normal()
-  return {
+
+  def norm() -> Params:
+    return {"scale": jnp.ones((hidden_dim,), dtype), "bias": jnp.zeros((hidden_dim,), dtype)}
+
+  params = {
     "hidden": {"w": init(key_hidden, (in_dim, hidden_dim), dtype)},
-    "norm": {"scale": jnp.ones((hidden_dim,), dtype), "bias": jnp.zeros((hidden_dim,), dtype)},
+    "norm": norm(),
     "out": {"w": init(key_out, (hidden_dim, out_dim), dtype), "b": jnp.zeros((out_dim,), dtype)},
   }
+  for i in range(2, num_hidden + 1):  # keys of their own: one hidden layer's init is unchanged
+    params[f"hidden_{i}"] = {"w": init(jax.random.fold_in(key, i), (hidden_dim, hidden_dim),
+                                       dtype)}
+    params[f"norm_{i}"] = norm()
+  return params
 
 
 def mlp_head_apply(params: Params, x: Array) -> Array:
-  """`[B, in_dim] -> [B, out_dim]`; the batch norm uses the statistics of this batch."""
-  h = x @ params["hidden"]["w"]  # BI,IH->BH
-  mean = jnp.mean(h, axis=0)
-  var = jnp.mean(jnp.square(h - mean), axis=0)
-  h = (h - mean) / jnp.sqrt(var + HEAD_NORM_EPSILON)
-  h = jax.nn.relu(h * params["norm"]["scale"] + params["norm"]["bias"])
+  """`[B, in_dim] -> [B, out_dim]`; the batch norms use the statistics of this batch."""
+
+  def hidden(h: Array, linear: Params, norm: Params) -> Array:
+    h = h @ linear["w"]  # BI,IH->BH
+    mean = jnp.mean(h, axis=0)
+    var = jnp.mean(jnp.square(h - mean), axis=0)
+    h = (h - mean) / jnp.sqrt(var + HEAD_NORM_EPSILON)
+    return jax.nn.relu(h * norm["scale"] + norm["bias"])
+
+  h = hidden(x, params["hidden"], params["norm"])
+  i = 2
+  while f"hidden_{i}" in params:
+    h = hidden(h, params[f"hidden_{i}"], params[f"norm_{i}"])
+    i += 1
   return h @ params["out"]["w"] + params["out"]["b"]  # BH,HO->BO
 
 
@@ -243,10 +263,10 @@ def _project(features: ApplyFn, network: Params, images: Array) -> Array:
 
 
 def _online_network(key: PRNGKey, model_params: Params, feature_dim: int, hidden_dim: int,
-                    projection_dim: int) -> Params:
+                    projection_dim: int, num_hidden: int = 1) -> Params:
   dtype = jnp.result_type(*jax.tree.leaves(model_params))
   projector = mlp_head_init(key, feature_dim, hidden_dim=hidden_dim, out_dim=projection_dim,
-                            dtype=dtype)
+                            num_hidden=num_hidden, dtype=dtype)
   return {"encoder": model_params, "projector": projector}
 
 
@@ -414,8 +434,8 @@ def make_barlow_twins_step(features: ApplyFn, feature_dim: int, augment: Augment
   """Builds Barlow Twins' pre-training step `step(state, (x, y)) -> (state, metrics)`.
 
   Params `{"online": {"encoder": model_params, "projector": ...}}` (no target network); one
-  optax step of `barlow_twins_objective` per call. The projector is linear, batch norm, ReLU,
-  linear (`mlp_head_init`); the paper's has one more hidden layer of the same width.
+  optax step of `barlow_twins_objective` per call. The projector is the paper's: three linear
+  layers, batch norm and ReLU after the first two (`mlp_head_init(num_hidden=2)`).
 
   Args:
     features, feature_dim, augment, optimizer: as `make_byol_step`.
@@ -434,7 +454,7 @@ def make_barlow_twins_step(features: ApplyFn, feature_dim: int, augment: Augment
   init_key, augment_root = jax.random.split(jax.random.key(0) if key is None else key)
   return _online_step(
     lambda model_params: _online_network(init_key, model_params, feature_dim, hidden_dim,
-                                         projection_dim),
+                                         projection_dim, num_hidden=2),
     objective, optimizer, augment_root, jit=jit, donate=donate)
 
 

@@ -214,11 +214,43 @@ class InitTest(chex.TestCase):
     state = _init(_shared("barlow_twins"), 0)
     self.assertEqual(set(state.params), {"online"})
     self.assertEqual(set(state.params["online"]), {"encoder", "projector"})
-    chex.assert_shape(state.params["online"]["projector"]["out"]["w"], (8, 4))
+    projector = state.params["online"]["projector"]
+    self.assertEqual(set(projector), {"hidden", "norm", "hidden_2", "norm_2", "out"})
+    chex.assert_shape(projector["hidden_2"]["w"], (8, 8))
+    chex.assert_shape(projector["out"]["w"], (8, 4))
     state = _init(_shared("swav"), 0)
     prototypes = state.params["online"]["prototypes"]
     chex.assert_shape(prototypes, (3, 4))
     np.testing.assert_allclose(jnp.linalg.norm(prototypes, axis=-1), 1.0, rtol=RTOL)
+
+
+class MlpHeadTest(chex.TestCase):
+
+  def test_two_hidden_layers_by_hand(self):
+    def numpy_head(p, x):
+      def hidden(h, w, norm):
+        h = h @ w
+        h = (h - h.mean(0)) / np.sqrt(h.var(0) + selfsup_pretrain.HEAD_NORM_EPSILON)
+        return np.maximum(h * norm["scale"] + norm["bias"], 0.0)
+      h = hidden(hidden(x, p["hidden"]["w"], p["norm"]), p["hidden_2"]["w"], p["norm_2"])
+      return h @ p["out"]["w"] + p["out"]["b"]
+
+    with jax.enable_x64(True):
+      params = selfsup_pretrain.mlp_head_init(jax.random.key(1), 3, hidden_dim=6, out_dim=2,
+                                              num_hidden=2, dtype=jnp.float64)
+      params = jax.tree.map(lambda a: a + 0.1, params)  # norms away from the identity too
+      x = np.random.default_rng(4).normal(size=(5, 3))
+      np.testing.assert_allclose(selfsup_pretrain.mlp_head_apply(params, x),
+                                 numpy_head(jax.device_get(params), x), rtol=1e-9, atol=1e-12)
+
+  def test_one_hidden_layer_is_byols_head(self):
+    one = selfsup_pretrain.mlp_head_init(jax.random.key(2), 3, hidden_dim=6, out_dim=2)
+    two = selfsup_pretrain.mlp_head_init(jax.random.key(2), 3, hidden_dim=6, out_dim=2,
+                                         num_hidden=2)
+    self.assertEqual(set(one), {"hidden", "norm", "out"})
+    chex.assert_trees_all_equal(one, {k: two[k] for k in one})
+    with self.assertRaisesRegex(ValueError, "num_hidden must be an int >= 1, got 0"):
+      selfsup_pretrain.mlp_head_init(jax.random.key(2), 3, num_hidden=0)
 
 
 class MocoStepTest(chex.TestCase):
