@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.swav_epsilon = 0.05             # swav: Sinkhorn-Knopp entropic regularisation
   c.swav_sinkhorn_iters = 3         # swav: Sinkhorn-Knopp iterations
   c.swav_freeze_steps = 313         # swav: steps with the prototypes frozen at first
+  c.swav_small_crops = 0            # swav: multi-crop's small (zoomed) views (the paper: 6)
   c.selfsup_hidden_dim = 0          # projector hidden width (0: the algorithm's paper width)
   c.selfsup_projection_dim = 0      # projector output width (0: the algorithm's paper width)
   # schedule

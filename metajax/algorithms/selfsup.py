@@ -14,7 +14,8 @@ the same image as row i of the other).
   and `moco_loss` (InfoNCE of each query against its key and the queue).
 - Barlow Twins: `cross_correlation` of the batch-normalised views and `barlow_twins_loss`.
 - SwAV: `sinkhorn` (equipartitioned codes, a fixed number of Sinkhorn-Knopp iterations),
-  `swav_loss` (swapped prediction), `normalize_prototypes` and `freeze_prototypes`.
+  `swav_loss` (swapped prediction; `swav_multicrop_loss` with small crops), `normalize_prototypes`
+  and `freeze_prototypes`.
 
 Cosine similarities clip squared norms below at `epsilon` (default: the dtype's machine epsilon),
 as `metajax.contrastive` does, so that a zero embedding gives similarity 0 instead of NaN.
@@ -427,6 +428,54 @@ def swav_loss(embeddings_1: ArrayLike, embeddings_2: ArrayLike, prototypes: Arra
   return (cross_entropy(q2, s1) + cross_entropy(q1, s2)) / 2
 
 
+def swav_multicrop_loss(crops: ArrayLike, prototypes: ArrayLike, *, num_assigned: int = 2,
+                        temperature: ArrayLike = SWAV_TEMPERATURE, epsilon: float = SWAV_EPSILON,
+                        num_iters: int = SWAV_SINKHORN_ITERATIONS,
+                        normalize_epsilon: float | None = None) -> Array:
+  """SwAV's swapped prediction with multi-crop: the codes of the first `num_assigned` crops (the
+  large ones) are predicted from every other crop.
+
+      loss = 1/A sum_{a < A} 1/(V - 1) sum_{v != a} CE(q_a, p_v)
+
+  with V crops, A = `num_assigned`, `q_a = sinkhorn(z_a c^T)` (no gradient) and
+  `p_v = softmax(z_v c^T / T)` on L2-normalised z and c, as the paper's code. With two crops
+  (A = V = 2) it is `swav_loss`.
+
+  Args:
+    crops: `[V, B, D]` projector outputs of V views of the same B images, the large crops first.
+    prototypes: `[K, D]`.
+    num_assigned: A in [1, V], the crops whose codes are targets (the paper: the 2 large ones).
+    temperature, epsilon, num_iters, normalize_epsilon: as `swav_loss`.
+
+  Returns:
+    Scalar.
+
+  References:
+    M. Caron et al., arXiv 2006.09882, section 3.2 (multi-crop) and the official code's loss.
+  """
+  z, c = jnp.asarray(crops), jnp.asarray(prototypes)
+  if z.ndim != 3 or z.shape[0] < 2:
+    raise ValueError(f"crops must have shape [views >= 2, batch, dim], got {z.shape}")
+  _check_2d("prototypes", c)
+  if c.shape[1] != z.shape[2]:
+    raise ValueError(f"prototypes must have shape [K, {z.shape[2]}], got {c.shape}")
+  num_assigned = _check_positive_int("num_assigned", num_assigned)
+  if num_assigned > z.shape[0]:
+    raise ValueError(f"num_assigned={num_assigned} is more than the {z.shape[0]} crops")
+  _check_temperature(temperature)
+  c = _unit(c, normalize_epsilon)
+  scores = _unit(z, normalize_epsilon) @ c.T  # VBD,DK->VBK
+  log_p = jax.nn.log_softmax(scores / temperature, axis=-1)  # VBK
+  views = z.shape[0]
+  total = jnp.zeros((), log_p.dtype)
+  for a in range(num_assigned):
+    q = sinkhorn(scores[a], epsilon=epsilon, num_iters=num_iters)  # BK
+    others = [v for v in range(views) if v != a]
+    ce = -jnp.mean(jnp.sum(q[None] * log_p[jnp.array(others)], axis=-1), axis=-1)  # (V-1)
+    total = total + jnp.mean(ce)
+  return total / num_assigned
+
+
 __all__ = [
   "BARLOW_TWINS_EPSILON",
   "BARLOW_TWINS_LAMBDA",
@@ -450,4 +499,5 @@ __all__ = [
   "normalize_prototypes",
   "sinkhorn",
   "swav_loss",
+  "swav_multicrop_loss",
 ]

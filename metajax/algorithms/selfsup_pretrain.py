@@ -47,7 +47,7 @@ from metajax.algorithms import selfsup
 from metajax.algorithms.contrastive_pretrain import two_views
 from metajax.algorithms.pretrain import Batch
 from metajax.contrastive import _unit
-from metajax.data.augment import Augment
+from metajax.data.augment import Augment, augment_batch
 from metajax.meta import MetaState, MetaStep
 from metajax.types import ApplyFn, Array, Params, PRNGKey
 
@@ -247,6 +247,12 @@ SWAV_HIDDEN_DIM = 2048  # Caron et al. 2020, appendix A: the projection head
 SWAV_PROJECTION_DIM = 128
 SWAV_NUM_PROTOTYPES = 3000  # Caron et al. 2020, section 4 (ImageNet)
 SWAV_FREEZE_STEPS = 313  # the official code's `freeze_prototypes_niters` default
+# Multi-crop's small crops on 28 x 28 characters: zoomed 2-3x (a local view of about 11 x 11
+# pixels, 10-20 % of the area as the paper's 96 px of 224) anywhere in the image, resampled to the
+# full size (the paper feeds them at low resolution, which the fixed-size encoders here do not
+# take).
+SWAV_SMALL_CROP_SCALE = (2.0, 3.0)
+SWAV_SMALL_CROP_TRANSLATION = 14.0
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -461,24 +467,42 @@ def make_barlow_twins_step(features: ApplyFn, feature_dim: int, augment: Augment
 def swav_objective(features: ApplyFn, augment: Augment, *,
                    temperature: float = selfsup.SWAV_TEMPERATURE,
                    epsilon: float = selfsup.SWAV_EPSILON,
-                   num_iters: int = selfsup.SWAV_SINKHORN_ITERATIONS
+                   num_iters: int = selfsup.SWAV_SINKHORN_ITERATIONS,
+                   num_small_crops: int = 0, small_crop_augment: Augment | None = None
                    ) -> Callable[..., tuple[Array, dict[str, Array]]]:
   """`objective(online, (x, y), key) -> (loss, metrics)`: `selfsup.swav_loss` (swapped
   prediction of the Sinkhorn codes) of the projections of two augmented views of x against
   `online["prototypes"]` (one batch of 2B through the network; the labels are ignored).
 
+  Multi-crop: with `num_small_crops` V > 0, V more views of x by `small_crop_augment` (keys
+  from `fold_in(key, 1)`; the two views are those without them) go through the network in the
+  same batch of (2 + V)B and predict the two views' codes (`selfsup.swav_multicrop_loss`).
+
   Metrics: `outer/code_entropy`, the mean entropy (nats) of the codes of view 1 (log K when
   uniform, 0 when hard).
   """
 
+  _check_int("num_small_crops", num_small_crops, 0)
+  if num_small_crops and small_crop_augment is None:
+    raise ValueError("num_small_crops > 0 needs a small_crop_augment")
+
   def objective(online: Params, batch: Batch, key: PRNGKey) -> tuple[Array, dict[str, Array]]:
     x, _ = batch
     view_1, view_2 = two_views(augment, key, x)
-    z = _project(features, online, jnp.concatenate([view_1, view_2]))
-    z1, z2 = z[: view_1.shape[0]], z[view_1.shape[0]:]
+    small = [augment_batch(small_crop_augment, k, x)
+             for k in jax.random.split(jax.random.fold_in(key, 1), num_small_crops)
+             ] if num_small_crops else []
+    b = view_1.shape[0]
+    z = _project(features, online, jnp.concatenate([view_1, view_2, *small]))
+    z1, z2 = z[:b], z[b:2 * b]
     prototypes = online["prototypes"]
-    loss = selfsup.swav_loss(z1, z2, prototypes, temperature=temperature, epsilon=epsilon,
-                             num_iters=num_iters)
+    if num_small_crops:
+      loss = selfsup.swav_multicrop_loss(z.reshape(2 + num_small_crops, b, -1), prototypes,
+                                         temperature=temperature, epsilon=epsilon,
+                                         num_iters=num_iters)
+    else:
+      loss = selfsup.swav_loss(z1, z2, prototypes, temperature=temperature, epsilon=epsilon,
+                               num_iters=num_iters)
     codes = selfsup.sinkhorn(_unit(z1, None) @ _unit(prototypes, None).T,
                              epsilon=epsilon, num_iters=num_iters)
     entropy = -jnp.mean(jnp.sum(codes * jnp.log(jnp.maximum(codes, 1e-30)), axis=-1))
@@ -494,10 +518,11 @@ def make_swav_step(features: ApplyFn, feature_dim: int, augment: Augment,
                    temperature: float = selfsup.SWAV_TEMPERATURE,
                    epsilon: float = selfsup.SWAV_EPSILON,
                    num_iters: int = selfsup.SWAV_SINKHORN_ITERATIONS,
+                   num_small_crops: int = 0, small_crop_augment: Augment | None = None,
                    hidden_dim: int = SWAV_HIDDEN_DIM, projection_dim: int = SWAV_PROJECTION_DIM,
                    key: PRNGKey | None = None, jit: bool = True, donate: bool = True) -> MetaStep:
-  """Builds SwAV's pre-training step `step(state, (x, y)) -> (state, metrics)` (two views, no
-  multi-crop, no queue).
+  """Builds SwAV's pre-training step `step(state, (x, y)) -> (state, metrics)` (two views and
+  optionally small crops; no queue).
 
   Params `{"online": {"encoder": model_params, "projector": ..., "prototypes": [K, P]}}`, the
   prototypes L2-normalised at init and after every update (as the paper's code, which
@@ -512,6 +537,10 @@ def make_swav_step(features: ApplyFn, feature_dim: int, augment: Augment,
     temperature: T > 0 of the predictions (0.1).
     epsilon: > 0 the codes' entropic regularisation (0.05).
     num_iters: Sinkhorn-Knopp iterations (3).
+    num_small_crops: multi-crop's small views (the paper: 6; 0: two views only).
+    small_crop_augment: `(key, image) -> image` of the small crops, e.g.
+      `make_affine_augment(scale_range=SWAV_SMALL_CROP_SCALE,
+      max_translation=SWAV_SMALL_CROP_TRANSLATION)`.
     hidden_dim, projection_dim: the projection head's widths (2048, 128).
     key: the head's and prototypes' initial values and the augmentations of step s.
     jit, donate: as `make_byol_step`.
@@ -523,7 +552,8 @@ def make_swav_step(features: ApplyFn, feature_dim: int, augment: Augment,
   _check_int("freeze_steps", freeze_steps, 0)
   _check_int("num_iters", num_iters, 0)
   objective = swav_objective(features, augment, temperature=temperature, epsilon=epsilon,
-                             num_iters=num_iters)
+                             num_iters=num_iters, num_small_crops=num_small_crops,
+                             small_crop_augment=small_crop_augment)
   init_key, augment_root = jax.random.split(jax.random.key(0) if key is None else key)
   key_projector, key_prototypes = jax.random.split(init_key)
 
@@ -560,6 +590,8 @@ __all__ = [
   "SWAV_HIDDEN_DIM",
   "SWAV_NUM_PROTOTYPES",
   "SWAV_PROJECTION_DIM",
+  "SWAV_SMALL_CROP_SCALE",
+  "SWAV_SMALL_CROP_TRANSLATION",
   "PROJECTION_DIM",
   "TwoNetworkObjective",
   "barlow_twins_objective",

@@ -305,7 +305,10 @@ def _swav(model: models_lib.Model, optimizer: optax.GradientTransformation, conf
     model.features, model.feature_dim, make_affine_augment(), optimizer,
     num_prototypes=config.swav_num_prototypes, freeze_steps=config.swav_freeze_steps,
     temperature=config.swav_temperature, epsilon=config.swav_epsilon,
-    num_iters=config.swav_sinkhorn_iters,
+    num_iters=config.swav_sinkhorn_iters, num_small_crops=config.swav_small_crops,
+    small_crop_augment=make_affine_augment(
+      scale_range=selfsup_pretrain.SWAV_SMALL_CROP_SCALE,
+      max_translation=selfsup_pretrain.SWAV_SMALL_CROP_TRANSLATION),
     **_head_dims(config, selfsup_pretrain.SWAV_HIDDEN_DIM, selfsup_pretrain.SWAV_PROJECTION_DIM),
     key=key, jit=False)
 
@@ -694,7 +697,8 @@ FIELDS = frozenset({
   # the self-supervised pre-training objectives' options
   "byol_base_momentum", "moco_momentum", "moco_queue_size", "moco_temperature",
   "barlow_twins_lambda", "swav_num_prototypes", "swav_temperature", "swav_epsilon",
-  "swav_sinkhorn_iters", "swav_freeze_steps", "selfsup_hidden_dim", "selfsup_projection_dim",
+  "swav_sinkhorn_iters", "swav_freeze_steps", "swav_small_crops", "selfsup_hidden_dim",
+  "selfsup_projection_dim",
   # divergence
   "divergence_loss_ratio", "divergence_grad_norm", "on_divergence",
 })
@@ -705,7 +709,8 @@ SELFSUP_DEFAULTS: Mapping[str, Any] = {
   "byol_base_momentum": 0.996, "moco_momentum": 0.999, "moco_queue_size": 65536,
   "moco_temperature": 0.2, "barlow_twins_lambda": 5e-3, "swav_num_prototypes": 3000,
   "swav_temperature": 0.1, "swav_epsilon": 0.05, "swav_sinkhorn_iters": 3,
-  "swav_freeze_steps": 313, "selfsup_hidden_dim": 0, "selfsup_projection_dim": 0}
+  "swav_freeze_steps": 313, "swav_small_crops": 0, "selfsup_hidden_dim": 0,
+  "selfsup_projection_dim": 0}
 SELFSUP_ALGORITHMS = ("byol", "moco", "barlow_twins", "swav")
 
 # Fields that configs stored by older versions lack, with the value those runs ran with (one
@@ -905,6 +910,7 @@ def _selfsup_problems(config: Config) -> Problems:
                + _int_at_least(config, "swav_num_prototypes", 1)
                + _int_at_least(config, "swav_sinkhorn_iters", 1)
                + _int_at_least(config, "swav_freeze_steps", 0)
+               + _int_at_least(config, "swav_small_crops", 0)
                + _int_at_least(config, "selfsup_hidden_dim", 0)
                + _int_at_least(config, "selfsup_projection_dim", 0))
   algorithm = config.get("algorithm")

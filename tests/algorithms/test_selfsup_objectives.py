@@ -150,6 +150,46 @@ class SinkhornSwavByHandTest(chex.TestCase):
           rtol=F64_RTOL)
 
 
+class SwavMulticropTest(chex.TestCase):
+
+  def test_two_crops_are_swav_loss(self):
+    rng = np.random.default_rng(5)
+    z1, z2, c = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)), rng.normal(size=(4, 3))
+    with jax.enable_x64(True):
+      np.testing.assert_allclose(selfsup.swav_multicrop_loss(np.stack([z1, z2]), c),
+                                 selfsup.swav_loss(z1, z2, c), rtol=F64_RTOL)
+
+  def test_three_crops_by_hand(self):
+    # Crops 0 and 1 assigned: (CE(q0, p1) + CE(q0, p2)) / 2 and (CE(q1, p0) + CE(q1, p2)) / 2,
+    # averaged.
+    rng = np.random.default_rng(6)
+    z, c = rng.normal(size=(3, 5, 3)), rng.normal(size=(4, 3))
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    scores = unit(z) @ unit(c).T
+    with jax.enable_x64(True):
+      for temperature in (0.1, 0.5):
+        log_p = scores / temperature
+        log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+        q = [np.asarray(selfsup.sinkhorn(scores[a])) for a in (0, 1)]
+        ce = lambda a, v: -np.mean(np.sum(q[a] * log_p[v], -1))  # noqa: E731
+        expected = ((ce(0, 1) + ce(0, 2)) / 2 + (ce(1, 0) + ce(1, 2)) / 2) / 2
+        ours = selfsup.swav_multicrop_loss(z, c, temperature=temperature)
+        np.testing.assert_allclose(ours, expected, rtol=F64_RTOL)
+        perm = rng.permutation(5)
+        np.testing.assert_allclose(selfsup.swav_multicrop_loss(z[:, perm], c,
+                                                               temperature=temperature),
+                                   expected, rtol=F64_RTOL)
+      one = np.mean([ce(0, 1), ce(0, 2)])  # the last temperature's
+      np.testing.assert_allclose(selfsup.swav_multicrop_loss(z, c, num_assigned=1,
+                                                             temperature=0.5), one, rtol=F64_RTOL)
+
+  def test_errors(self):
+    with self.assertRaisesRegex(ValueError, r"crops must have shape \[views >= 2"):
+      selfsup.swav_multicrop_loss(np.ones((1, 4, 3)), np.ones((2, 3)))
+    with self.assertRaisesRegex(ValueError, "num_assigned=3 is more than the 2 crops"):
+      selfsup.swav_multicrop_loss(np.ones((2, 4, 3)), np.ones((2, 3)), num_assigned=3)
+
+
 # ----------------------------------------------------------------------------------- the steps
 
 def _features(params, x):
@@ -386,6 +426,18 @@ class SwavStepTest(chex.TestCase):
       chex.assert_trees_all_close(results[0][0], results[1][0], rtol=F64_RTOL, atol=F64_ATOL)
       np.testing.assert_allclose(results[0][1]["outer/loss"], results[1][1]["outer/loss"],
                                  rtol=F64_RTOL)
+
+  def test_multicrop(self):
+    """Small crops change the loss (they predict the two views' codes); none is the default."""
+    plain = _shared("swav")
+    crops = _make("swav", num_small_crops=2, small_crop_augment=_augment)
+    state = _init(plain, 7)
+    _, plain_metrics = plain.step(jax.tree.map(jnp.array, state), _batch(40))
+    new, metrics = crops.step(state, _batch(40))
+    assert np.isfinite(metrics["outer/loss"]) and int(new.step) == 1
+    self.assertFalse(np.isclose(metrics["outer/loss"], plain_metrics["outer/loss"]))
+    with self.assertRaisesRegex(ValueError, "num_small_crops > 0 needs a small_crop_augment"):
+      _make("swav", num_small_crops=2)
 
   def test_invalid_arguments(self):
     with self.assertRaisesRegex(ValueError, "num_prototypes must be an int >= 1, got 0"):

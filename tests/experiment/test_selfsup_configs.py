@@ -44,6 +44,7 @@ def test_the_papers_settings():
   swav = full["swav"]
   assert (swav.swav_num_prototypes, swav.swav_temperature, swav.swav_epsilon,
           swav.swav_sinkhorn_iters, swav.swav_freeze_steps) == (3000, 0.1, 0.05, 3, 313)
+  assert swav.swav_small_crops == 0  # two views: multi-crop is an option
   for config in full.values():
     assert (config.selfsup_hidden_dim, config.selfsup_projection_dim) == (0, 0)  # the papers'
     assert (config.split, config.model, config.ways, config.shots) == ("finn", "conv4", 5, 1)
@@ -75,6 +76,7 @@ def test_bad_moco_fields_are_refused_by_name(overrides, message):
   ({"swav_epsilon": 0.0}, "swav_epsilon=0.0 must be a number > 0.0"),
   ({"swav_sinkhorn_iters": 0}, "swav_sinkhorn_iters=0 must be an int >= 1"),
   ({"swav_freeze_steps": -1}, "swav_freeze_steps=-1 must be an int >= 0"),
+  ({"swav_small_crops": -1}, "swav_small_crops=-1 must be an int >= 0"),
   ({"swav_num_prototypes": 0}, "swav_num_prototypes=0 must be an int >= 1"),
   ({"barlow_twins_lambda": 0.1}, "barlow_twins_lambda only apply to algorithm='barlow_twins', "
                                  "not algorithm='swav'"),
@@ -135,6 +137,14 @@ def test_one_step_of_the_smoke_config(algorithm):
                                                     config.selfsup_projection_dim)
   if algorithm == "byol":
     np.testing.assert_allclose(metrics["outer/momentum"], config.byol_base_momentum, rtol=1e-6)
+
+
+@pytest.mark.slow  # about 20 s on 2 busy cores
+def test_one_step_of_swav_with_small_crops():
+  config = _config("swav_smoke", swav_small_crops=2)
+  build.validate_config(config)
+  state, metrics = _one_step(config)
+  assert int(state.step) == 1 and np.isfinite(metrics["outer/loss"])
 
 
 @pytest.mark.slow
