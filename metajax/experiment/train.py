@@ -1078,7 +1078,8 @@ def restore_learner(workdir: str | os.PathLike[str], *, num_inner_steps: int | N
   build.validate_config(config)
   model = build.build_model(config)
   learner = build.build_learner(config, model, num_inner_steps=config.eval_num_inner_steps)
-  meta_step = build.build_meta_step(config, model, learner, jit=False)
+  # The state's shapes are the training learner's (MAML++'s per-step lrs: one per training step).
+  meta_step = build.build_meta_step(config, model, build.build_learner(config, model), jit=False)
   target = jax.eval_shape(lambda: TrainState(meta_step.init(model.init(jax.random.key(0))),
                                              jax.random.key_data(jax.random.key(0))))
   state = ckpt_lib.restore_into(target, state_dict)
