@@ -15,13 +15,14 @@ import optax
 import pytest
 
 from metajax.algorithms import selfsup, selfsup_pretrain
+# BYOL's tests' tiny encoder, parameters, augmentation and batches
+from tests.algorithms.test_selfsup_pretrain import (FEATURE_DIM, _augment, _batch, _features,
+                                                    _model_params)
 
 RTOL = 1e-6  # float32: the same arithmetic in two programs
 F64_RTOL = 1e-10  # float64: the same arithmetic, rounded differently
 F64_ATOL = 1e-12
-IMAGE_SHAPE = (4, 4, 1)
-FEATURE_DIM = 5
-BATCH = 6
+BATCH = 6  # the size of `_batch`'s default batch
 HEAD = {"hidden_dim": 8, "projection_dim": 4}
 
 
@@ -191,25 +192,6 @@ class SwavMulticropTest(chex.TestCase):
 
 
 # ----------------------------------------------------------------------------------- the steps
-
-def _features(params, x):
-  return jnp.tanh(x.reshape(x.shape[0], -1) @ params["encoder"]["w"])
-
-
-def _model_params(seed):
-  rng = np.random.default_rng(seed)
-  return {"encoder": {"w": jnp.asarray(rng.normal(size=(16, FEATURE_DIM)) / 4.0)},
-          "head": {"w": jnp.asarray(rng.normal(size=(FEATURE_DIM, 3))), "b": jnp.zeros(3)}}
-
-
-def _augment(key, image):
-  return image + 0.1 * jax.random.normal(key, image.shape, image.dtype)
-
-
-def _batch(seed, b=BATCH):
-  x = np.random.default_rng(seed).uniform(size=(b, *IMAGE_SHAPE))
-  return jnp.asarray(x), jnp.zeros((b,), jnp.int32)
-
 
 def _make(name, optimizer=None, **kwargs):
   optimizer = optimizer or optax.adam(1e-2)

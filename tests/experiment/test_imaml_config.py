@@ -10,7 +10,7 @@ import pytest
 
 from metajax.algorithms.imaml import IMAML
 from metajax.experiment import build, checkpoint, train
-from tests.experiment.test_resume import killed_and_resumed, quiet
+from tests.experiment.test_resume import KILL_AT_2, killed_and_resumed, quiet, resumes_after_step_2
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
@@ -99,9 +99,7 @@ def test_omniglot_smoke_trains_and_a_killed_run_resumes_to_the_uninterrupted_out
     tmp_path, monkeypatch, omniglot_dir, omniglot_cache_dir):
   def config():
     return _config("imaml_smoke", data_dir=str(omniglot_dir), cache_dir=str(omniglot_cache_dir),
-                   num_steps=4, eval_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=5)
+                   **KILL_AT_2)
 
-  reference, resumed = killed_and_resumed(config, tmp_path, monkeypatch, at=2)
-  assert resumed == reference
-  assert checkpoint.all_steps(tmp_path / "killed" / train.CHECKPOINT_DIR) == [2, 4]
+  reference = resumes_after_step_2(config, tmp_path, monkeypatch)
   assert 0.0 <= reference["results"]["test/accuracy_after"] <= 1.0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from metajax.experiment import build, checkpoint, train
-from tests.experiment.test_resume import killed_and_resumed
+from tests.experiment.test_resume import KILL_AT_2, resumes_after_step_2
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 METRIC = ("matching", "matching_fce", "relation", "siamese")
@@ -89,9 +89,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_outputs(
 
   def config():
     return _named(name, data_dir=str(omniglot_dir), cache_dir=str(omniglot_cache_dir),
-                  num_steps=4, eval_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=5)
+                  **KILL_AT_2)
 
   assert config().algorithm == name.removesuffix("_smoke") and config().train_ways == 10
-  reference, resumed = killed_and_resumed(config, tmp_path, monkeypatch, at=2)
-  assert resumed == reference
-  assert checkpoint.all_steps(tmp_path / "killed" / train.CHECKPOINT_DIR) == [2, 4]
+  resumes_after_step_2(config, tmp_path, monkeypatch)

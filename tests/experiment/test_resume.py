@@ -116,6 +116,21 @@ def killed_and_resumed(config, tmp_path: Path, monkeypatch, at: int) -> tuple[di
   return outputs(reference), outputs(killed)
 
 
+# Four steps checkpointed at 2 and 4: a run killed after step 2 resumes from a checkpoint.
+KILL_AT_2 = {"num_steps": 4, "eval_every": 0, "log_every": 1, "checkpoint_every": 2,
+             "keep_checkpoints": 5}
+
+
+def resumes_after_step_2(config, tmp_path: Path, monkeypatch) -> dict:
+  """Asserts that `config()` (with `KILL_AT_2`'s fields), killed after its step-2 checkpoint and
+  rerun, gives the uninterrupted run's outputs and keeps checkpoints 2 and 4; returns those
+  outputs."""
+  reference, resumed = killed_and_resumed(config, tmp_path, monkeypatch, at=2)
+  assert resumed == reference
+  assert checkpoint.all_steps(tmp_path / "killed" / train.CHECKPOINT_DIR) == [2, 4]
+  return reference
+
+
 def kill_in_test_evaluation(monkeypatch) -> None:
   evaluate = train._evaluate
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from metajax.algorithms import selfsup_pretrain
-from metajax.experiment import build, checkpoint, train
-from tests.experiment.test_resume import killed_and_resumed
+from metajax.experiment import build
+from tests.experiment.test_resume import KILL_AT_2, resumes_after_step_2
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 ALGORITHMS = ("byol", "moco", "barlow_twins", "swav")
@@ -156,12 +156,9 @@ def test_smoke_trains_and_a_killed_run_resumes_to_the_uninterrupted_outputs(
   networks are checkpointed with the rest)."""
   def config():
     return _config(f"{algorithm}_smoke", data_dir=str(omniglot_dir),
-                   cache_dir=str(omniglot_cache_dir), num_steps=4, eval_every=0, log_every=1,
-                   checkpoint_every=2, keep_checkpoints=5)
+                   cache_dir=str(omniglot_cache_dir), **KILL_AT_2)
 
-  reference, resumed = killed_and_resumed(config, tmp_path, monkeypatch, at=2)
-  assert resumed == reference
-  assert checkpoint.all_steps(tmp_path / "killed" / train.CHECKPOINT_DIR) == [2, 4]
+  reference = resumes_after_step_2(config, tmp_path, monkeypatch)
   assert np.isfinite(reference["results"]["outer/loss"])
   assert 0.0 <= reference["results"]["test/accuracy_after"] <= 1.0
   state = reference["checkpoints"][4]["state"]
