@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.moco_momentum = 0.999           # moco: the key network's EMA momentum
   c.moco_queue_size = 65536         # moco: negatives in the queue (>= the keys of one step)
   c.moco_temperature = 0.2          # moco: InfoNCE temperature
+  c.moco_shuffle_groups = 1         # moco: shuffled BatchNorm's groups (1: none; the paper: 8)
   c.barlow_twins_lambda = 5e-3      # barlow_twins: weight of the off-diagonal terms
   c.swav_num_prototypes = 3000      # swav: learned prototypes (L2-normalised)
   c.swav_temperature = 0.1          # swav: temperature of the swapped predictions

@@ -78,7 +78,8 @@ an episodic step; Finn's split with rotations, conv4, Adam 1e-3, 30,000 steps.
   simclr5way1shot    SimCLR (two affine views, labels unused), then prototypes
   supcon5way1shot    SupCon (labels used), then prototypes (`--config.pretrain_eval=linear_probe`)
   byol5way1shot      BYOL (predictor, EMA target, momentum 0.996 rising to 1), then prototypes
-  moco5way1shot      MoCo v2 (momentum 0.999, a queue of 65,536 negatives, temperature 0.2)
+  moco5way1shot      MoCo v2 (momentum 0.999, a queue of 65,536 negatives, temperature 0.2,
+                     shuffled BatchNorm in the paper's 8 groups)
   barlow_twins5way1shot  Barlow Twins (lambda 5e-3, projector 8192 wide)
   swav5way1shot      SwAV (3,000 prototypes, 3 Sinkhorn iterations of epsilon 0.05, temperature
                      0.1, prototypes frozen for the first 313 steps; two views, no multi-crop)
@@ -159,6 +160,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from metajax.algorithms.selfsup_pretrain import MOCO_SHUFFLE_GROUPS
 from metajax.experiment import build
 
 
@@ -216,10 +218,11 @@ def _umtra() -> ml_collections.ConfigDict:
   return c
 
 
-def _pretrain(algorithm: str) -> ml_collections.ConfigDict:
+def _pretrain(algorithm: str, **overrides: Any) -> ml_collections.ConfigDict:
   c = _maml(5, 1)
   c.algorithm, c.meta_batch_size, c.queries, c.num_steps = algorithm, 32, 15, 30_000
   c.num_inner_steps, c.eval_num_inner_steps, c.inner_lr = 10, 10, 0.1
+  c.update(overrides)
   return c
 
 
@@ -323,7 +326,7 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "simclr5way1shot": lambda: _pretrain("simclr"),
   "supcon5way1shot": lambda: _pretrain("supcon"),
   "byol5way1shot": lambda: _pretrain("byol"),
-  "moco5way1shot": lambda: _pretrain("moco"),
+  "moco5way1shot": lambda: _pretrain("moco", moco_shuffle_groups=MOCO_SHUFFLE_GROUPS),
   "barlow_twins5way1shot": lambda: _pretrain("barlow_twins"),
   "swav5way1shot": lambda: _pretrain("swav"),
   # CI (smoke keeps Kao et al.'s 3 test steps)
@@ -347,7 +350,8 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "simclr_smoke": lambda: _smoke(_pretrain("simclr")),
   "supcon_smoke": lambda: _smoke(_pretrain("supcon")),
   "byol_smoke": lambda: _smoke(_pretrain("byol"), **_SELFSUP_SMOKE),
-  "moco_smoke": lambda: _smoke(_pretrain("moco"), moco_queue_size=64, **_SELFSUP_SMOKE),
+  "moco_smoke": lambda: _smoke(_pretrain("moco"), moco_queue_size=64, moco_shuffle_groups=2,
+                               **_SELFSUP_SMOKE),
   "barlow_twins_smoke": lambda: _smoke(_pretrain("barlow_twins"), **_SELFSUP_SMOKE),
   "swav_smoke": lambda: _smoke(_pretrain("swav"), swav_num_prototypes=10, swav_freeze_steps=1,
                                **_SELFSUP_SMOKE),

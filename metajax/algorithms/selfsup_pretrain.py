@@ -242,6 +242,8 @@ def make_byol_step(features: ApplyFn, feature_dim: int, augment: Augment,
 MOCO_HIDDEN_DIM = 2048  # Chen et al. 2020 (MoCo v2): a 2-layer MLP head, hidden 2048
 MOCO_PROJECTION_DIM = 128  # ... output 128
 MOCO_QUEUE_SIZE = 65536  # He et al. 2020, section 4.1 (K)
+MOCO_SHUFFLE_GROUPS = 8  # ... section 3.3: shuffled BatchNorm over their 8 GPUs
+_SHUFFLE_STREAM = 1  # fold_in of the step's key for the key batch's order (the views split it)
 BARLOW_TWINS_DIM = 8192  # Zbontar et al. 2021, section 3: the projector's widths
 SWAV_HIDDEN_DIM = 2048  # Caron et al. 2020, appendix A: the projection head
 SWAV_PROJECTION_DIM = 128
@@ -295,27 +297,51 @@ def init_moco_params(key: PRNGKey, model_params: Params, feature_dim: int, *,
                 "queue": {"keys": queue.keys, "ptr": queue.ptr}})
 
 
+def _in_groups(apply: Callable[[Array], Array], x: Array, groups: int) -> Array:
+  """`apply` on `groups` equal consecutive slices of the batch `x [B, ...]` (each normalised by
+  its own batch statistics), concatenated back in order."""
+  if x.shape[0] % groups:
+    raise ValueError(f"shuffle_groups={groups} must divide the batch of {x.shape[0]} images")
+  if groups == 1:
+    return apply(x)
+  y = jax.vmap(apply)(x.reshape((groups, -1) + x.shape[1:]))
+  return y.reshape((x.shape[0],) + y.shape[2:])
+
+
 def moco_objective(features: ApplyFn, augment: Augment, *,
-                   temperature: float = selfsup.MOCO_TEMPERATURE,
+                   temperature: float = selfsup.MOCO_TEMPERATURE, shuffle_groups: int = 1,
                    epsilon: float | None = None) -> Callable[..., tuple[Array, Any]]:
   """`objective(online, target, queue_keys, (x, y), key) -> (loss, (metrics, keys))`:
   `selfsup.moco_loss` of the queries (view 1 through the online network) against their keys
   (view 2 through the momentum network, no gradient) and the queue. Returns the keys,
   L2-normalised, for `selfsup.enqueue`. The labels y are ignored.
 
-  Queries and keys are two batches of B, each normalised by its own batch statistics (MoCo's
-  shuffled batch norm, which keeps a query and its key out of one normalisation batch across
-  GPUs, has nothing to shuffle on one device).
+  Batch statistics would let a query find its key through the normalisation alone: the query
+  batch and the key batch hold views of the same B images. MoCo's shuffled BatchNorm splits each
+  batch over GPUs and gives the key network the images in a shuffled order; here the same on one
+  device (as the authors' single-GPU "SplitBatchNorm"): `shuffle_groups` = G splits each view
+  into G normalisation groups of B / G images, the queries in batch order, the keys after a
+  random permutation of the batch (undone on the output), so a query and its key share a group
+  only by chance and the rest of the two groups differ. G = 1: one normalisation batch per view,
+  no shuffle.
 
   Metrics: `outer/positive_cosine`, the mean cosine of each query and its key.
   """
+
+  _check_int("shuffle_groups", shuffle_groups, 1)
 
   def objective(online: Params, target: Params, queue_keys: Array, batch: Batch,
                 key: PRNGKey) -> tuple[Array, tuple[dict[str, Array], Array]]:
     x, _ = batch
     view_1, view_2 = two_views(augment, key, x)
-    queries = _project(features, online, view_1)
-    keys = jax.lax.stop_gradient(_project(features, target, view_2))
+    queries = _in_groups(lambda v: _project(features, online, v), view_1, shuffle_groups)
+    if shuffle_groups == 1:
+      keys = _project(features, target, view_2)
+    else:
+      order = jax.random.permutation(jax.random.fold_in(key, _SHUFFLE_STREAM), x.shape[0])
+      keys = _in_groups(lambda v: _project(features, target, v), view_2[order], shuffle_groups)
+      keys = keys[jnp.argsort(order)]
+    keys = jax.lax.stop_gradient(keys)
     loss = selfsup.moco_loss(queries, keys, queue_keys, temperature=temperature, epsilon=epsilon)
     keys = _unit(keys, epsilon)
     cosine = jnp.mean(jnp.sum(_unit(queries, epsilon) * keys, axis=-1))
@@ -327,7 +353,7 @@ def moco_objective(features: ApplyFn, augment: Augment, *,
 def make_moco_step(features: ApplyFn, feature_dim: int, augment: Augment,
                    optimizer: optax.GradientTransformation, *,
                    momentum: float = selfsup.MOCO_MOMENTUM, queue_size: int = MOCO_QUEUE_SIZE,
-                   temperature: float = selfsup.MOCO_TEMPERATURE,
+                   temperature: float = selfsup.MOCO_TEMPERATURE, shuffle_groups: int = 1,
                    hidden_dim: int = MOCO_HIDDEN_DIM, projection_dim: int = MOCO_PROJECTION_DIM,
                    epsilon: float | None = None, key: PRNGKey | None = None,
                    jit: bool = True, donate: bool = True) -> MetaStep:
@@ -347,6 +373,8 @@ def make_moco_step(features: ApplyFn, feature_dim: int, augment: Augment,
     momentum: m in [0, 1] of the key network (the paper: 0.999).
     queue_size: K >= the batch size, the number of negatives (the paper: 65536).
     temperature: T > 0 of the InfoNCE logits (MoCo v2: 0.2).
+    shuffle_groups: G >= 1 dividing the batch, the normalisation groups of shuffled BatchNorm
+      (`moco_objective`; the paper: its 8 GPUs, `MOCO_SHUFFLE_GROUPS`); 1: none.
     hidden_dim, projection_dim: the MLP head's widths (MoCo v2: 2048, 128).
     epsilon: norm clipping of the cosine similarities.
     key: the root of the step's randomness: the head's and queue's initial values, and the
@@ -359,7 +387,9 @@ def make_moco_step(features: ApplyFn, feature_dim: int, augment: Augment,
   """
   selfsup._check_fraction("momentum", momentum)
   _check_int("queue_size", queue_size, 1)
-  objective = moco_objective(features, augment, temperature=temperature, epsilon=epsilon)
+  _check_int("shuffle_groups", shuffle_groups, 1)
+  objective = moco_objective(features, augment, temperature=temperature,
+                             shuffle_groups=shuffle_groups, epsilon=epsilon)
   init_key, augment_root = jax.random.split(jax.random.key(0) if key is None else key)
 
   def init(model_params: Params) -> MetaState:
@@ -586,6 +616,7 @@ __all__ = [
   "MOCO_HIDDEN_DIM",
   "MOCO_PROJECTION_DIM",
   "MOCO_QUEUE_SIZE",
+  "MOCO_SHUFFLE_GROUPS",
   "SWAV_FREEZE_STEPS",
   "SWAV_HIDDEN_DIM",
   "SWAV_NUM_PROTOTYPES",

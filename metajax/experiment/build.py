@@ -285,7 +285,7 @@ def _moco(model: models_lib.Model, optimizer: optax.GradientTransformation, conf
   return selfsup_pretrain.make_moco_step(
     model.features, model.feature_dim, make_affine_augment(), optimizer,
     momentum=config.moco_momentum, queue_size=config.moco_queue_size,
-    temperature=config.moco_temperature,
+    temperature=config.moco_temperature, shuffle_groups=config.moco_shuffle_groups,
     **_head_dims(config, selfsup_pretrain.MOCO_HIDDEN_DIM, selfsup_pretrain.MOCO_PROJECTION_DIM),
     key=key, jit=False)
 
@@ -696,7 +696,7 @@ FIELDS = frozenset({
   "imaml_lambda", "imaml_cg_steps", "imaml_cg_damping",
   # the self-supervised pre-training objectives' options
   "byol_base_momentum", "moco_momentum", "moco_queue_size", "moco_temperature",
-  "barlow_twins_lambda", "swav_num_prototypes", "swav_temperature", "swav_epsilon",
+  "moco_shuffle_groups", "barlow_twins_lambda", "swav_num_prototypes", "swav_temperature", "swav_epsilon",
   "swav_sinkhorn_iters", "swav_freeze_steps", "swav_small_crops", "selfsup_hidden_dim",
   "selfsup_projection_dim",
   # divergence
@@ -707,7 +707,7 @@ FIELDS = frozenset({
 # own) and the algorithms that read them.
 SELFSUP_DEFAULTS: Mapping[str, Any] = {
   "byol_base_momentum": 0.996, "moco_momentum": 0.999, "moco_queue_size": 65536,
-  "moco_temperature": 0.2, "barlow_twins_lambda": 5e-3, "swav_num_prototypes": 3000,
+  "moco_temperature": 0.2, "moco_shuffle_groups": 1, "barlow_twins_lambda": 5e-3, "swav_num_prototypes": 3000,
   "swav_temperature": 0.1, "swav_epsilon": 0.05, "swav_sinkhorn_iters": 3,
   "swav_freeze_steps": 313, "swav_small_crops": 0, "selfsup_hidden_dim": 0,
   "selfsup_projection_dim": 0}
@@ -907,6 +907,7 @@ def _selfsup_problems(config: Config) -> Problems:
   number("swav_temperature", 0.0, open_low=True)
   number("swav_epsilon", 0.0, open_low=True)
   problems += (_int_at_least(config, "moco_queue_size", 1)
+               + _int_at_least(config, "moco_shuffle_groups", 1)
                + _int_at_least(config, "swav_num_prototypes", 1)
                + _int_at_least(config, "swav_sinkhorn_iters", 1)
                + _int_at_least(config, "swav_freeze_steps", 0)
@@ -928,6 +929,10 @@ def _selfsup_problems(config: Config) -> Problems:
     batch = counts[0] * counts[1] * (counts[2] + counts[3])
     if size < batch:
       problems.append(f"moco_queue_size={size} is less than the {batch} keys each step enqueues "
+                      "(meta_batch_size * ways * (shots + queries))")
+    groups = config.get("moco_shuffle_groups")
+    if _is_int(groups) and groups >= 1 and batch % groups:
+      problems.append(f"moco_shuffle_groups={groups} must divide the {batch} images of each view "
                       "(meta_batch_size * ways * (shots + queries))")
   return problems
 

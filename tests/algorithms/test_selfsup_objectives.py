@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from metajax.algorithms import selfsup, selfsup_pretrain
+from metajax.algorithms import contrastive_pretrain, selfsup, selfsup_pretrain
 # BYOL's tests' tiny encoder, parameters, augmentation and batches
 from tests.algorithms.test_selfsup_pretrain import (FEATURE_DIM, _augment, _batch, _features,
                                                     _model_params)
@@ -342,6 +342,54 @@ class MocoStepTest(chex.TestCase):
     self.assertFalse(np.allclose(second[:2], first[:2]))
     self.assertFalse(np.allclose(second[BATCH:], first[BATCH:]))
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_shuffled_batch_norm_by_hand(self):
+    """shuffle_groups=2 on a batch of 6: the queries projected in the groups 0-2 and 3-5 (each
+    normalised by its own statistics), the keys' views permuted by the key's `fold_in(., 1)`,
+    projected in groups of 3, put back in batch order; one normalisation batch gives another
+    loss (the projector's batch norm sees other images)."""
+    with jax.enable_x64(True):
+      state = _init(_make("moco", queue_size=10), 2)
+      online, target, queue = (state.params[k] for k in ("online", "target", "queue"))
+      batch, key = _batch(3), jax.random.key(11)
+      objective = self.variant(selfsup_pretrain.moco_objective(_features, _augment,
+                                                               shuffle_groups=2))
+      loss, (_, keys) = objective(online, target, queue["keys"], batch, key)
+
+      def project(network, images):
+        return selfsup_pretrain.mlp_head_apply(network["projector"],
+                                               _features(network["encoder"], images))
+
+      view_1, view_2 = contrastive_pretrain.two_views(_augment, key, batch[0])
+      queries = np.concatenate([project(online, view_1[:3]), project(online, view_1[3:])])
+      order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), BATCH))
+      self.assertFalse(np.array_equal(order, np.arange(BATCH)))  # a shuffle that moves images
+      shuffled = np.concatenate([project(target, view_2[order[:3]]),
+                                 project(target, view_2[order[3:]])])
+      expected_keys = np.empty_like(shuffled)
+      expected_keys[order] = shuffled
+      np.testing.assert_allclose(loss, selfsup.moco_loss(queries, expected_keys, queue["keys"]),
+                                 rtol=F64_RTOL)
+      np.testing.assert_allclose(keys, expected_keys / np.linalg.norm(expected_keys, axis=-1,
+                                                                      keepdims=True),
+                                 rtol=F64_RTOL, atol=F64_ATOL)
+      one_batch = selfsup_pretrain.moco_objective(_features, _augment)
+      self.assertFalse(np.isclose(loss, one_batch(online, target, queue["keys"], batch, key)[0],
+                                  rtol=1e-6))
+
+  def test_a_shuffled_step_trains_and_resumes_its_order(self):
+    """The step with shuffle_groups=3 runs jitted, changes the online network and repeats
+    itself from the same state (the order comes from the step's key, not a hidden stream)."""
+    step = _make("moco", shuffle_groups=3)
+    state = _init(step, 5)
+    before = jax.device_get(state)
+    new, metrics = step.step(state, _batch(7))
+    again, _ = step.step(jax.tree.map(jnp.asarray, before), _batch(7))
+    chex.assert_trees_all_equal(jax.device_get(new), jax.device_get(again))
+    self.assertTrue(np.isfinite(metrics["outer/loss"]))
+    self.assertFalse(np.allclose(new.params["online"]["projector"]["out"]["w"],
+                                 before.params["online"]["projector"]["out"]["w"]))
+
   def test_invalid_arguments(self):
     with self.assertRaisesRegex(ValueError, r"momentum must be in \[0, 1\], got 1.5"):
       _make("moco", momentum=1.5)
@@ -349,6 +397,11 @@ class MocoStepTest(chex.TestCase):
       _make("moco", queue_size=0)
     with self.assertRaisesRegex(ValueError, "cannot enqueue 6 keys into a queue of 4"):
       step = _make("moco", queue_size=4)
+      step.step(_init(step, 0), _batch(0))
+    with self.assertRaisesRegex(ValueError, "shuffle_groups must be an int >= 1, got 0"):
+      _make("moco", shuffle_groups=0)
+    with self.assertRaisesRegex(ValueError, "shuffle_groups=4 must divide the batch of 6 images"):
+      step = _make("moco", shuffle_groups=4)
       step.step(_init(step, 0), _batch(0))
 
 

@@ -39,7 +39,7 @@ def test_the_papers_settings():
   full = {a: _config(f"{a}5way1shot") for a in ALGORITHMS}
   assert full["byol"].byol_base_momentum == 0.996
   assert (full["moco"].moco_momentum, full["moco"].moco_queue_size,
-          full["moco"].moco_temperature) == (0.999, 65536, 0.2)
+          full["moco"].moco_temperature, full["moco"].moco_shuffle_groups) == (0.999, 65536, 0.2, 8)
   assert full["barlow_twins"].barlow_twins_lambda == 5e-3
   swav = full["swav"]
   assert (swav.swav_num_prototypes, swav.swav_temperature, swav.swav_epsilon,
@@ -51,10 +51,10 @@ def test_the_papers_settings():
 
 
 @pytest.mark.parametrize("overrides,message", [
-  ({"algorithm": "simclr"}, "moco_queue_size only apply to algorithm='moco', not "
-                            "algorithm='simclr'"),
-  ({"algorithm": "byol"}, "moco_queue_size only apply to algorithm='moco', not "
-                          "algorithm='byol'"),
+  ({"algorithm": "simclr"}, "moco_queue_size, moco_shuffle_groups only apply to "
+                            "algorithm='moco', not algorithm='simclr'"),
+  ({"algorithm": "byol"}, "moco_queue_size, moco_shuffle_groups only apply to algorithm='moco', "
+                          "not algorithm='byol'"),
   ({"algorithm": "maml"}, "selfsup_hidden_dim, selfsup_projection_dim only apply to "
                           "algorithm='byol' or 'moco' or 'barlow_twins' or 'swav', not "
                           "algorithm='maml'"),
@@ -63,6 +63,9 @@ def test_the_papers_settings():
   ({"moco_queue_size": 29}, r"moco_queue_size=29 is less than the 30 keys each step enqueues "
                             r"\(meta_batch_size \* ways \* \(shots \+ queries\)\)"),
   ({"moco_queue_size": 0}, "moco_queue_size=0 must be an int >= 1"),
+  ({"moco_shuffle_groups": 0}, "moco_shuffle_groups=0 must be an int >= 1"),
+  ({"moco_shuffle_groups": 4}, r"moco_shuffle_groups=4 must divide the 30 images of each view "
+                               r"\(meta_batch_size \* ways \* \(shots \+ queries\)\)"),
   ({"selfsup_hidden_dim": -1}, "selfsup_hidden_dim=-1 must be an int >= 0"),
   ({"swav_temperature": 0.3}, "swav_temperature only apply to algorithm='swav', not "
                               "algorithm='moco'"),

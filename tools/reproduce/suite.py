@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from absl import app
 
+from metajax.algorithms.selfsup_pretrain import MOCO_SHUFFLE_GROUPS
 from metajax.experiment import checkpoint
 from tools.reproduce import kao_reference
 
@@ -167,9 +168,9 @@ def _suite() -> list[Run]:
                eval_steps=(1,), paper=paper)
            for algorithm, label, paper in METRIC_LEARNERS]
   runs += [Run(f"family_{algorithm}", "family", "omniglot.py:kao5way1shot",
-               (f"--config.algorithm={algorithm}", "--config.seed=0"),
+               (f"--config.algorithm={algorithm}", "--config.seed=0", *flags),
                f"{label}, then prototypes", eval_steps=(10,), probes=("linear_probe",))
-           for algorithm, label in SELF_SUPERVISED]
+           for algorithm, label, flags in SELF_SUPERVISED]
   return runs
 
 
@@ -193,14 +194,15 @@ METRIC_LEARNERS = (
   ("siamese", "Siamese networks (verification pairs)", (None, "", 1)),
 )
 # The pre-training objectives of the family comparison, evaluated by prototypes (their default)
-# and by a linear probe: (algorithm, label).
+# and by a linear probe: (algorithm, label, flags beyond the config's defaults).
 SELF_SUPERVISED = (
-  ("simclr", "SimCLR (two affine views)"),
-  ("supcon", "SupCon (labels as positives)"),
-  ("byol", "BYOL (EMA target, predictor, no negatives)"),
-  ("moco", "MoCo v2 (momentum encoder, queue of negatives)"),
-  ("barlow_twins", "Barlow Twins (cross-correlation towards identity)"),
-  ("swav", "SwAV (Sinkhorn-Knopp prototypes, swapped prediction)"),
+  ("simclr", "SimCLR (two affine views)", ()),
+  ("supcon", "SupCon (labels as positives)", ()),
+  ("byol", "BYOL (EMA target, predictor, no negatives)", ()),
+  ("moco", "MoCo v2 (momentum encoder, queue of negatives, shuffled BatchNorm)",
+   (f"--config.moco_shuffle_groups={MOCO_SHUFFLE_GROUPS}",)),
+  ("barlow_twins", "Barlow Twins (cross-correlation towards identity)", ()),
+  ("swav", "SwAV (Sinkhorn-Knopp prototypes, swapped prediction)", ()),
 )
 # Finished runs of other groups shown again in a group's table, as its reference points.
 SHOWN_WITH: dict[str, tuple[str, ...]] = {"family": ("kao1s_fo_zero", "kao1s_protonet")}
