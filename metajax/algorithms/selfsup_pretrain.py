@@ -387,7 +387,6 @@ def make_moco_step(features: ApplyFn, feature_dim: int, augment: Augment,
   """
   selfsup._check_fraction("momentum", momentum)
   _check_int("queue_size", queue_size, 1)
-  _check_int("shuffle_groups", shuffle_groups, 1)
   objective = moco_objective(features, augment, temperature=temperature,
                              shuffle_groups=shuffle_groups, epsilon=epsilon)
   init_key, augment_root = jax.random.split(jax.random.key(0) if key is None else key)

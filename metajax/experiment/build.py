@@ -696,9 +696,9 @@ FIELDS = frozenset({
   "imaml_lambda", "imaml_cg_steps", "imaml_cg_damping",
   # the self-supervised pre-training objectives' options
   "byol_base_momentum", "moco_momentum", "moco_queue_size", "moco_temperature",
-  "moco_shuffle_groups", "barlow_twins_lambda", "swav_num_prototypes", "swav_temperature", "swav_epsilon",
-  "swav_sinkhorn_iters", "swav_freeze_steps", "swav_small_crops", "selfsup_hidden_dim",
-  "selfsup_projection_dim",
+  "moco_shuffle_groups", "barlow_twins_lambda", "swav_num_prototypes", "swav_temperature",
+  "swav_epsilon", "swav_sinkhorn_iters", "swav_freeze_steps", "swav_small_crops",
+  "selfsup_hidden_dim", "selfsup_projection_dim",
   # divergence
   "divergence_loss_ratio", "divergence_grad_norm", "on_divergence",
 })
@@ -707,10 +707,10 @@ FIELDS = frozenset({
 # own) and the algorithms that read them.
 SELFSUP_DEFAULTS: Mapping[str, Any] = {
   "byol_base_momentum": 0.996, "moco_momentum": 0.999, "moco_queue_size": 65536,
-  "moco_temperature": 0.2, "moco_shuffle_groups": 1, "barlow_twins_lambda": 5e-3, "swav_num_prototypes": 3000,
-  "swav_temperature": 0.1, "swav_epsilon": 0.05, "swav_sinkhorn_iters": 3,
-  "swav_freeze_steps": 313, "swav_small_crops": 0, "selfsup_hidden_dim": 0,
-  "selfsup_projection_dim": 0}
+  "moco_temperature": 0.2, "moco_shuffle_groups": 1, "barlow_twins_lambda": 5e-3,
+  "swav_num_prototypes": 3000, "swav_temperature": 0.1, "swav_epsilon": 0.05,
+  "swav_sinkhorn_iters": 3, "swav_freeze_steps": 313, "swav_small_crops": 0,
+  "selfsup_hidden_dim": 0, "selfsup_projection_dim": 0}
 SELFSUP_ALGORITHMS = ("byol", "moco", "barlow_twins", "swav")
 
 # Fields that configs stored by older versions lack, with the value those runs ran with (one
