@@ -213,12 +213,11 @@ def _conv_fn(name: str):
 
 
 def _parse_task_map(value: str):
-  if value in ("vmap", "map"):
+  if value in ("auto", "vmap", "map"):
     return value
-  k = int(value)
-  if k < 1:
-    raise ValueError(f"--task_map must be vmap, map or a positive int, got {value!r}")
-  return k
+  if not value.isdigit() or int(value) < 1:
+    raise ValueError(f"--task_map must be auto, vmap, map or a positive int, got {value!r}")
+  return int(value)
 
 
 def _remat(value):
@@ -249,7 +248,7 @@ def build_workload(w: Workload, spec: dict):
   meta_batch = spec.get("meta_batch") or w.meta_batch
   queries = spec.get("queries") or w.queries
   inner_steps = spec.get("inner_steps") or w.inner_steps
-  task_map = _parse_task_map(spec.get("task_map", "vmap"))
+  task_map = _parse_task_map(spec.get("task_map", "auto"))
   common = dict(conv_fn=_conv_fn(spec.get("conv", "default")),
                 fused_norm=spec.get("norm", "fused") == "fused", input_shape=w.image)
   if w.net == "resnet12":
@@ -285,9 +284,11 @@ def build_workload(w: Workload, spec: dict):
     state = (jax.tree.map(jnp.array, params), optimizer.init(params))
     # Compiled as the library compiles its steps (metajax.compile_step: metajax.platform.xla.jit and
     # the same K-steps-per-call scan), for a like-for-like ratio.
+    # "auto" is the meta-step's choice; the baseline stays one vmapped batch unless told.
+    task_map = "vmap" if task_map == "auto" else task_map
     compiled = metajax.compile_step(lambda p: None, make_step(task_map))
     twin = jax.jit(make_step("vmap"))
-    return compiled, state, tasks, twin, {"steps": compiled}
+    return compiled, state, tasks, twin, {"steps": compiled, "task_map": task_map}
 
   if w.mode == "imaml":
     learner = metajax.IMAML(model.apply, metajax.cross_entropy, num_inner_steps=inner_steps,
@@ -318,7 +319,9 @@ def build_workload(w: Workload, spec: dict):
   # vmapped, jitted here only to be lowered.
   twin = jax.jit(metajax.make_meta_step(learner, optimizer, task_map="vmap", jit=False).update)
   extra = {"meta_step": meta_step, "learner": learner, "optimizer": optimizer, "params": params,
-           "mesh": mesh, "steps": None if mesh is not None else meta_step}
+           "mesh": mesh, "steps": None if mesh is not None else meta_step,
+           "task_map": "vmap" if mesh is not None and task_map == "auto"
+           else metajax.resolve_task_map(task_map)}
   return meta_step, state, tasks, twin, extra
 
 
@@ -357,7 +360,7 @@ def _device_check(extra, tasks_host, w: Workload, spec: dict, sharded_state_afte
   import metajax
 
   meta_step = metajax.make_meta_step(extra["learner"], extra["optimizer"],
-                                     task_map=_parse_task_map(spec.get("task_map", "vmap")))
+                                     task_map=_parse_task_map(spec.get("task_map", "auto")))
   state = meta_step.init(extra["params"])
   state, metrics = meta_step.step(state, tasks_host)
   ref = jax.tree.map(np.asarray, state.params)
@@ -381,6 +384,7 @@ def run_step_worker(spec: dict) -> dict:
   out: dict = {"workload": spec["workload"], "spec": spec, "load_before": os.getloadavg(),
                "devices": jax.device_count(), "backend": jax.default_backend()}
   meta_step, state, tasks, twin, extra = build_workload(w, spec)
+  out["task_map"] = extra["task_map"]  # what "auto" became
   jax.block_until_ready((state, tasks))
   rss_before_compile = _proc_status().get("VmRSS", 0) / 1024.0
 
@@ -637,7 +641,7 @@ def _load_str(r: dict) -> str:
 
 def format_table(results: dict) -> str:
   rows = []
-  header = ["workload", "s/step med", "min", "n", "compile s", "GFLOP", "GFLOP/s", "vs fwd+bwd",
+  header = ["workload", "s/step med", "min", "n", "tasks", "compile s", "GFLOP", "GFLOP/s", "vs fwd+bwd",
             "exec peak MB", "XLA temp MB", "rss peak MB", "higher", "l2l", "torch.func",
             "peer rss MB", "jax/peer", "load 1m"]
   torch = results.get("torch", {}).get("workloads", {})
@@ -659,6 +663,7 @@ def format_table(results: dict) -> str:
     peer_rss = torch.get(name, {}).get(fastest, {}).get("peak_rss_mb") if fastest else None
     rows.append([
       name, _fmt(r["median_s"], ".3f"), _fmt(r["min_s"], ".3f"), str(len(r["times"])),
+      str(r.get("task_map", "-")),
       _fmt(r["lower_s"] + r["compile_s"], ".1f"), _fmt(r["flops"] / 1e9 if r.get("flops") else None,
                                                         ".1f"),
       _fmt(r.get("gflops_per_s"), ".1f"), vs, _fmt(r.get("exec_peak_mb"), ".0f"),
@@ -774,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--remat", default="off",
                  help="metajax.MAML's remat: off, on (recompute each inner step in the backward "
                       "pass) or the name of a jax.checkpoint_policies policy (e.g. dots_saveable)")
-  p.add_argument("--task_map", default="vmap", help="vmap | map | k (lax.map over chunks of k)")
+  p.add_argument("--task_map", default="auto",
+                 help="auto (the library's default) | vmap | map | k (chunks of k tasks)")
   p.add_argument("--steps_per_call", type=int, default=None,
                  help="outer steps per compiled call (MetaStep.steps, as the training loop runs "
                       "them; the baselines alike); default: the training config's default; 1: "

@@ -4,7 +4,8 @@ The public API, re-exported from its modules:
 
 - models: `conv4`, `kao_conv`, `mlp`, `resnet12`, `model_from_encoder`, `Model`
 - inner loop: `adapt`
-- outer loop: `MAML`, `with_zeroing`, `meta_loss`, `make_meta_step`, `compile_step`, `MetaState`, `map_tasks`
+- outer loop: `MAML`, `with_zeroing`, `meta_loss`, `meta_value_and_grad`, `make_meta_step`,
+  `compile_step`, `MetaState`, `map_tasks`, `resolve_task_map`
   (MAML++'s options: `multi_step_loss_weights`, `MAML(learn_inner_lr="step", per_step_params=...)`)
 - variants: `zero_head`, `head_mask`, `encoder_mask` (and `..._for(head)` for any params layout),
   `norm_mask`
@@ -37,7 +38,8 @@ from metajax.eval import evaluate, evaluate_tasks, mean_confidence_interval, sum
 from metajax.inner import adapt
 from metajax.losses import accuracy, cross_entropy, make_loss_fn, mse, mse_onehot
 from metajax.meta import (MAML, MetaState, MetaStep, compile_step, make_meta_step, map_tasks,
-                          meta_loss, multi_step_loss_weights, with_zeroing)
+                          meta_loss, meta_value_and_grad, multi_step_loss_weights,
+                          resolve_task_map, with_zeroing)
 from metajax.algorithms.imaml import IMAML
 from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.reptile import Reptile, make_reptile_step
@@ -88,6 +90,7 @@ __all__ = [
   "map_tasks",
   "mean_confidence_interval",
   "meta_loss",
+  "meta_value_and_grad",
   "mlp",
   "model_from_encoder",
   "mse",
@@ -98,6 +101,7 @@ __all__ = [
   "norm_mask",
   "platform",
   "resnet12",
+  "resolve_task_map",
   "summarize",
   "supcon",
   "triplet",

@@ -28,7 +28,13 @@ from metajax import losses as losses_lib
 from metajax.platform import xla
 from metajax.types import ApplyFn, Array, Learner, MetaParams, Params, Task
 
-TaskMap = Literal["vmap", "map"] | int
+TaskMap = Literal["auto", "vmap", "map"] | int
+
+# What `task_map="auto"` means, per backend (`jax.default_backend()`; any other: "vmap"). On CPU,
+# one task at a time with its meta-gradient taken inside the loop (`meta_value_and_grad`) was
+# the fastest on every Conv-4 workload of the benchmark and needs a fraction of vmap's memory
+# (docs/BENCHMARKS.md); an accelerator runs the whole meta-batch at once.
+AUTO_TASK_MAP: dict[str, TaskMap] = {"cpu": "map"}
 L = TypeVar("L", bound=Learner)
 
 
@@ -336,22 +342,96 @@ def is_classification(y: Array) -> bool:
   return jnp.issubdtype(jnp.result_type(y), jnp.integer)
 
 
+def _check_task_map(task_map: Any) -> None:
+  if not (task_map in ("auto", "vmap", "map") if isinstance(task_map, str)
+          else isinstance(task_map, int) and not isinstance(task_map, bool) and task_map >= 1):
+    raise ValueError(f"task_map must be 'auto', 'vmap', 'map' or a positive int, got "
+                     f"{task_map!r}")
+
+
+def resolve_task_map(task_map: TaskMap, backend: str | None = None) -> TaskMap:
+  """`task_map` itself, or for "auto" the backend's choice (`AUTO_TASK_MAP`, else "vmap").
+
+  Args:
+    task_map: "auto", "vmap", "map" or a positive int.
+    backend: a JAX backend name ("cpu", "gpu", "tpu"); default `jax.default_backend()`.
+
+  Raises:
+    ValueError: any other `task_map`, naming it.
+  """
+  _check_task_map(task_map)
+  if task_map != "auto":
+    return task_map
+  return AUTO_TASK_MAP.get(backend or jax.default_backend(), "vmap")
+
+
 def map_tasks(fn: Callable[[Task], Any], tasks: Task, task_map: TaskMap = "vmap") -> Any:
   """Applies a one-task function to every task of a batch (leading axis).
 
   Args:
     fn: `task -> pytree`.
     tasks: a `Task` whose arrays have a leading task axis.
-    task_map: "vmap" (all tasks at once: fastest when memory allows), "map" (`lax.map`, one task
-      at a time: least memory), or an int k (`lax.map` over chunks of k vmapped tasks).
+    task_map: "vmap" (all tasks at once), "map" (`lax.map`, one task at a time), an int k
+      (`lax.map` over chunks of k vmapped tasks), or "auto" (the backend's choice,
+      `resolve_task_map`). Under an outer `jax.grad` a `lax.map` still keeps every task's
+      residuals; `meta_value_and_grad` takes the gradient inside the loop instead.
   """
+  task_map = resolve_task_map(task_map)
   if task_map == "vmap":
     return jax.vmap(fn)(tasks)
   if task_map == "map":
     return jax.lax.map(fn, tasks)
-  if isinstance(task_map, int) and not isinstance(task_map, bool) and task_map >= 1:
-    return jax.lax.map(fn, tasks, batch_size=task_map)
-  raise ValueError(f"task_map must be 'vmap', 'map' or a positive int, got {task_map!r}")
+  return jax.lax.map(fn, tasks, batch_size=task_map)
+
+
+def meta_value_and_grad(meta_params: MetaParams, tasks: Task, learner: Learner, *,
+                        task_map: TaskMap = "vmap",
+                        ) -> tuple[tuple[Array, dict[str, Array]], MetaParams]:
+  """`jax.value_and_grad(meta_loss, has_aux=True)`, with the gradient taken per task if mapped.
+
+  With `task_map="vmap"` this is exactly `value_and_grad` of `meta_loss`. With "map" or an int k
+  every task's (or chunk of k tasks') query loss is differentiated inside a `lax.scan` over the
+  tasks and the gradients are summed in its carry, as a PyTorch loop calls `backward` per task:
+  only one task's (one chunk's) residuals are alive at a time, so memory does not grow with the
+  meta-batch. The mean loss, metrics and gradient are the same sums divided by the number of
+  tasks (equal to the vmapped ones up to the order of float additions). "auto": the backend's
+  choice (`resolve_task_map`).
+
+  Returns:
+    `((loss, metrics), grads)`: the mean query loss, the per-task metrics averaged over tasks,
+    and the meta-gradient.
+  """
+  task_map = resolve_task_map(task_map)
+  if task_map == "vmap":
+    return jax.value_and_grad(meta_loss, has_aux=True)(meta_params, tasks, learner,
+                                                         task_map="vmap", has_aux=True)
+  check_inputs(learner, meta_params, tasks, batched=True)
+  num_tasks = jax.tree.leaves(tasks)[0].shape[0]
+
+  size = 1 if task_map == "map" else min(task_map, num_tasks)
+
+  def sums(batched: bool, chunk: Task) -> tuple[tuple[Array, dict[str, Array]], MetaParams]:
+    def total(p):
+      if not batched:
+        return learner.task_loss(p, chunk)
+      losses, metrics = jax.vmap(lambda task: learner.task_loss(p, task))(chunk)
+      return jnp.sum(losses), jax.tree.map(functools.partial(jnp.sum, axis=0), metrics)
+    return jax.value_and_grad(total, has_aux=True)(meta_params)
+
+  full, rest = divmod(num_tasks, size)
+  head = jax.tree.map(lambda x: x[:full * size].reshape(full, *((size,) if size > 1 else ()),
+                                                         *x.shape[1:]), tasks)
+  shapes = jax.eval_shape(functools.partial(sums, size > 1), jax.tree.map(lambda x: x[0], head))
+  carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def body(carry, chunk):
+    return jax.tree.map(jnp.add, carry, sums(size > 1, chunk)), None
+
+  total, _ = jax.lax.scan(body, carry, head)
+  if rest:  # the last, smaller chunk
+    tail = jax.tree.map(lambda x: x[full * size:], tasks)
+    total = jax.tree.map(jnp.add, total, sums(True, tail))
+  return jax.tree.map(lambda x: x / num_tasks, total)
 
 
 def meta_loss(meta_params: MetaParams, tasks: Task, learner: MAML, *, task_map: TaskMap = "vmap",
@@ -422,7 +502,7 @@ MAX_AUTO_UNROLL = 5
 
 
 def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
-                   task_map: TaskMap = "vmap", jit: bool = True, donate: bool = True,
+                   task_map: TaskMap = "auto", jit: bool = True, donate: bool = True,
                    shardings: tuple[Any, Any] | None = None) -> MetaStep:
   """Builds the outer update: `value_and_grad` of `meta_loss`, then an optax update.
 
@@ -430,7 +510,11 @@ def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
     learner: how to adapt (e.g. `MAML(...)`, possibly `with_zeroing`). A `MAML` with
       `unroll=None` gets its inner loop unrolled up to `MAX_AUTO_UNROLL` steps when `jit`.
     optimizer: the outer (meta) optimiser, e.g. `optax.adam(1e-3)`.
-    task_map: how tasks are mapped, see `map_tasks`.
+    task_map: how tasks are mapped: "vmap" (all at once), or "map" / an int k, with each task's
+      (chunk's) meta-gradient taken inside the loop and summed, so that memory does not grow
+      with the meta-batch (see `meta_value_and_grad`); "auto" (the default): the backend's
+      choice (`AUTO_TASK_MAP`: "map" on CPU), "vmap" with `shardings` (tasks split over
+      devices).
     jit: compile the step once (it is guarded to never retrace for same-shaped inputs).
     donate: let XLA reuse the old state's buffers for the new state (the old state must not be
       used after the call).
@@ -449,6 +533,7 @@ def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
   that names the old and the new shapes; each shape seen compiles once.
   """
 
+  task_map = "vmap" if task_map == "auto" and shardings is not None else resolve_task_map(task_map)
   if jit and isinstance(learner, MAML) and learner.unroll is None:
     learner = dataclasses.replace(
       learner, unroll=True if learner.num_inner_steps <= MAX_AUTO_UNROLL else 1)
@@ -461,8 +546,8 @@ def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
   def step(state: MetaState, tasks: Task) -> tuple[MetaState, dict[str, Array]]:
     # A learner annealed by outer step (MAML++) sees this step; any other is itself.
     at_step = learner.at_step(state.step) if hasattr(learner, "at_step") else learner
-    (loss, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(
-      state.params, tasks, at_step, task_map=task_map, has_aux=True)
+    (loss, metrics), grads = meta_value_and_grad(state.params, tasks, at_step,
+                                                 task_map=task_map)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "outer/loss": loss, "outer/grad_norm": optax.tree.norm(grads),

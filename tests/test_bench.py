@@ -13,6 +13,8 @@ from pathlib import Path
 import jax
 import pytest
 
+import metajax
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
@@ -47,6 +49,9 @@ def test_quick_path_tiny(bench, tmp_path, monkeypatch, capsys):
   assert r["compile_steps_s"] > 0
   assert r["compile_s"] > 0 and r["flops"] > 0 and r["xla_temp_mb"] > 0
   assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
+  # The default is the library's "auto", and the result says what it became here.
+  assert results["meta"]["task_map"] == "auto"
+  assert r["task_map"] == metajax.resolve_task_map("auto")
   assert len(results["meta"]["load_start"]) == 3
   # The subprocess environment is the one recorded, and --hugepages=auto adds the tunable only
   # where metajax.platform.runtime says it helps on this machine.
@@ -99,7 +104,8 @@ def test_preload_goes_to_every_worker(bench, tmp_path, monkeypatch):
 def test_table_and_memory_plot(bench, tmp_path):
   run = {"median_s": 2.0, "min_s": 1.5, "times": [2.0, 1.5, 2.5], "lower_s": 1.0, "compile_s": 3.0,
          "flops": 4e9, "gflops_per_s": 2.0, "exec_peak_mb": 10.0, "xla_temp_mb": 9.0,
-         "rss_peak_mb": 700.0, "load_before": [5.0, 5.0, 5.0], "load_after": [6.0, 6.0, 6.0]}
+         "rss_peak_mb": 700.0, "load_before": [5.0, 5.0, 5.0], "load_after": [6.0, 6.0, 6.0],
+         "task_map": "map"}
   results = {"workloads": {"W1": run, "FB5": {**run, "median_s": 1.0},
                            "W5": {"error": "exit 1: boom"}},
              "torch": {"workloads": {"W1": {"higher": {"median_s": 4.0},
@@ -117,7 +123,8 @@ def test_table_and_memory_plot(bench, tmp_path):
   row = next(line for line in bench.format_table(results).splitlines()
              if line.startswith("W1 "))
   cells = [c.strip() for c in row.split("|")]
-  assert cells[11:16] == ["4.000", "3.200", "2.500*", "900", "0.80"]
+  assert cells[4] == "map"  # how the step mapped its tasks ("auto" resolved)
+  assert cells[12:17] == ["4.000", "3.200", "2.500*", "900", "0.80"]
   assert "W1 func 9.0e-03" in bench.format_table(results)
   mem = {"meta_batch": 4, "runs": [
     {**run, "spec": {"inner_steps": s, "remat": remat}} for s in (1, 2) for remat in (False, True)

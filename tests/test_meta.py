@@ -91,6 +91,78 @@ class MetaLossTest(chex.TestCase):
       self.assertGreater(float(optax.tree.norm(g_msgd["inner_lr"])), 0.0)
 
 
+class MetaValueAndGradTest(chex.TestCase):
+  """`meta_value_and_grad`: the meta-gradient taken per task (or chunk) inside a loop."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(("maml", "map"), ("fomaml", 2), ("anil", "map"), ("maml_zero", "map"),
+                            ("metasgd", 3), ("maml", 8))
+  def test_per_task_gradients_equal_the_vmapped_ones(self, name, task_map):
+    # 5 tasks: chunks of 2 and 3 leave a smaller last chunk; 8 is more than there are tasks.
+    with jax.enable_x64(True):
+      model, params, tasks = _problem(jax.random.key(11), num_tasks=5, dtype=jnp.float64)
+      learner = _learners(model)[name]
+      meta_params = learner.init(params)
+      fn = self.variant(lambda p, t, tm: mj.meta_value_and_grad(p, t, learner, task_map=tm),
+                        static_argnums=2)
+      (loss, metrics), grads = fn(meta_params, tasks, task_map)
+      (ref_loss, ref_metrics), ref_grads = jax.value_and_grad(
+        lambda p: mj.meta_loss(p, tasks, learner, has_aux=True), has_aux=True)(meta_params)
+      np.testing.assert_allclose(loss, ref_loss, rtol=F64_TOL)
+      chex.assert_trees_all_close(grads, ref_grads, rtol=F64_TOL, atol=1e-13)
+      # Accuracy is float32 whatever the inputs: its sums differ in the last bit.
+      chex.assert_trees_all_close(metrics, ref_metrics, rtol=F32_TOL)
+      self.assertGreater(float(optax.tree.norm(grads)), 0.0)
+
+  @pytest.mark.slow  # op by op, ~30 s
+  def test_conv4_step_compiled_equals_op_by_op(self):
+    """The compiled Conv-4 step (unrolled inner loop inside the loop over tasks) against the
+    same step run op by op, in float64: the case plain `jax.jit` miscompiles on CPU."""
+    with jax.enable_x64(True):
+      model, params, tasks = _problem(jax.random.key(12), num_tasks=3, dtype=jnp.float64,
+                                      conv=True)
+      learner = _learners(model)["maml"]
+      states = []
+      for jit in (True, False):
+        meta_step = mj.make_meta_step(learner, optax.sgd(0.1), task_map="map", jit=jit)
+        states.append(meta_step.step(meta_step.init(params), tasks)[0].params)
+      chex.assert_trees_all_close(states[0], states[1], rtol=F64_TOL, atol=1e-13)
+      self.assertGreater(float(optax.tree.norm(jax.tree.map(jnp.subtract, states[0], params))),
+                         0.0)
+
+  def test_temporaries_do_not_grow_with_the_meta_batch(self):
+    """XLA's temporary buffers of the compiled step: the same for 4 and 32 tasks one at a time,
+    several times larger for 32 tasks vmapped."""
+    def temp_bytes(num_tasks, task_map):
+      model, params, tasks = _problem(jax.random.key(13), num_tasks=num_tasks)
+      meta_step = mj.make_meta_step(_learners(model)["maml"], optax.sgd(0.1), task_map=task_map)
+      lowered = meta_step.lower(meta_step.init(params), tasks)
+      return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    mapped = [temp_bytes(n, "map") for n in (4, 32)]
+    vmapped = [temp_bytes(n, "vmap") for n in (4, 32)]
+    self.assertLess(mapped[1], 1.25 * mapped[0])
+    self.assertGreater(vmapped[1], 4 * vmapped[0])
+    self.assertLess(mapped[1], vmapped[1] / 4)
+
+  def test_auto_is_per_backend(self):
+    self.assertEqual(mj.resolve_task_map("auto", "cpu"), "map")
+    for backend in ("gpu", "tpu"):
+      self.assertEqual(mj.resolve_task_map("auto", backend), "vmap")
+    for explicit in ("vmap", "map", 4):
+      self.assertEqual(mj.resolve_task_map(explicit, "gpu"), explicit)
+    self.assertEqual(mj.resolve_task_map("auto"), mj.resolve_task_map("auto",
+                                                                       jax.default_backend()))
+
+  @parameterized.parameters("pmap", 0, -2, True, 1.5)
+  def test_bad_task_map(self, bad):
+    model, params, tasks = _problem(jax.random.key(1))
+    with self.assertRaisesRegex(ValueError, f"task_map must be .*got {bad!r}"):
+      mj.meta_value_and_grad(params, tasks, _learners(model)["maml"], task_map=bad)
+    with self.assertRaisesRegex(ValueError, f"task_map must be .*got {bad!r}"):
+      mj.make_meta_step(_learners(model)["maml"], optax.sgd(0.1), task_map=bad)
+
+
 class MetaStepTest(chex.TestCase):
 
   def test_traces_once_over_many_steps_and_learns(self):

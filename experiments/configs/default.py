@@ -89,7 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1_000
   c.keep_checkpoints = 3            # the newest kept, besides the best by validation metric
   c.seed = 0
-  c.task_map = "vmap"               # "vmap", "map", or an int chunk size (see metajax.map_tasks)
+  # "auto" (per backend: "map" on CPU, "vmap" elsewhere), "vmap", "map", or an int chunk size
+  # (see metajax.make_meta_step and metajax.meta_value_and_grad).
+  c.task_map = "auto"
   c.remat = False
   # Outer steps per compiled call (`MetaStep.steps`, a lax.scan): at most this many, and a divisor
   # of the log/eval/checkpoint intervals, so that every interval ends on a call boundary. Same

@@ -820,15 +820,16 @@ def load_config_file(spec: str | os.PathLike[str]) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------------------- checks
 
 def parse_task_map(value: Any) -> TaskMap:
-  """"vmap", "map", or a positive int (also given as a string, e.g. "8" from the command line)."""
+  """"auto", "vmap", "map", or a positive int (also given as a string, e.g. "8" from the command
+  line)."""
   if _is_int(value) and value >= 1:
     return int(value)
   if isinstance(value, str):
-    if value in ("vmap", "map"):
+    if value in ("auto", "vmap", "map"):
       return value
     if value.isdigit() and int(value) >= 1:
       return int(value)
-  raise ValueError(f"task_map must be 'vmap', 'map' or a positive int, got {value!r}")
+  raise ValueError(f"task_map must be 'auto', 'vmap', 'map' or a positive int, got {value!r}")
 
 
 def parse_devices(value: Any) -> int | None:

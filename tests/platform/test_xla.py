@@ -384,7 +384,8 @@ class LibraryStepsUseItTest(absltest.TestCase):
                     jnp.ones((2, 5, 2)))
     for steps, unroll, loops in ((2, None, False), (6, None, True), (2, 1, True)):
       learner = mj.MAML(model.apply, mj.mse, num_inner_steps=steps, inner_lr=0.1, unroll=unroll)
-      step = mj.make_meta_step(learner, optax.sgd(0.1))
+      # vmapped tasks: the only loop left to find is the inner loop's.
+      step = mj.make_meta_step(learner, optax.sgd(0.1), task_map="vmap")
       hlo = step.lower(step.init(model.init(jax.random.key(0))), tasks).as_text()
       self.assertEqual("while" in hlo, loops, (steps, unroll))
 
