@@ -359,8 +359,9 @@ def _device_check(extra, tasks_host, w: Workload, spec: dict, sharded_state_afte
 
   import metajax
 
+  # The sharded step's own mapping ("auto" is "vmap" there), so that only sharding differs.
   meta_step = metajax.make_meta_step(extra["learner"], extra["optimizer"],
-                                     task_map=_parse_task_map(spec.get("task_map", "auto")))
+                                     task_map=extra["task_map"])
   state = meta_step.init(extra["params"])
   state, metrics = meta_step.step(state, tasks_host)
   ref = jax.tree.map(np.asarray, state.params)

@@ -32,8 +32,8 @@ TaskMap = Literal["auto", "vmap", "map"] | int
 
 # What `task_map="auto"` means, per backend (`jax.default_backend()`; any other: "vmap"). On CPU,
 # one task at a time with its meta-gradient taken inside the loop (`meta_value_and_grad`) was
-# the fastest on every Conv-4 workload of the benchmark and needs a fraction of vmap's memory
-# (docs/BENCHMARKS.md); an accelerator runs the whole meta-batch at once.
+# faster than vmap on 10 of the benchmark's 11 meta-step workloads (equal on the 11th) with a
+# fraction of its memory (docs/BENCHMARKS.md); an accelerator runs the whole meta-batch at once.
 AUTO_TASK_MAP: dict[str, TaskMap] = {"cpu": "map"}
 L = TypeVar("L", bound=Learner)
 
@@ -407,14 +407,20 @@ def meta_value_and_grad(meta_params: MetaParams, tasks: Task, learner: Learner, 
                                                          task_map="vmap", has_aux=True)
   check_inputs(learner, meta_params, tasks, batched=True)
   num_tasks = jax.tree.leaves(tasks)[0].shape[0]
-
+  if num_tasks == 0:
+    raise ValueError("meta_value_and_grad needs at least one task, got a meta-batch of 0")
   size = 1 if task_map == "map" else min(task_map, num_tasks)
+
+  def one(p: MetaParams, task: Task) -> tuple[Array, dict[str, Array]]:
+    loss, metrics = learner.task_loss(p, task)
+    # A task's metric as `meta_loss` averages it (`jnp.mean`: a float scalar, bools counted).
+    return loss, jax.tree.map(jnp.mean, metrics)
 
   def sums(batched: bool, chunk: Task) -> tuple[tuple[Array, dict[str, Array]], MetaParams]:
     def total(p):
       if not batched:
-        return learner.task_loss(p, chunk)
-      losses, metrics = jax.vmap(lambda task: learner.task_loss(p, task))(chunk)
+        return one(p, chunk)
+      losses, metrics = jax.vmap(functools.partial(one, p))(chunk)
       return jnp.sum(losses), jax.tree.map(functools.partial(jnp.sum, axis=0), metrics)
     return jax.value_and_grad(total, has_aux=True)(meta_params)
 
@@ -504,7 +510,7 @@ MAX_AUTO_UNROLL = 5
 def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
                    task_map: TaskMap = "auto", jit: bool = True, donate: bool = True,
                    shardings: tuple[Any, Any] | None = None) -> MetaStep:
-  """Builds the outer update: `value_and_grad` of `meta_loss`, then an optax update.
+  """Builds the outer update: `meta_value_and_grad` (of `meta_loss`), then an optax update.
 
   Args:
     learner: how to adapt (e.g. `MAML(...)`, possibly `with_zeroing`). A `MAML` with
@@ -572,7 +578,7 @@ def compile_step(init: Callable[[MetaParams], MetaState],
                  donate: bool = True, shardings: tuple[Any, Any] | None = None) -> MetaStep:
   """A `MetaStep` from a pure outer step: compiled once (guarded) and, as `steps`, scanned.
 
-  Why `steps`: XLA:CPU takes a step's temporaries (gigabytes for a Conv-4 meta-batch) from
+  Why `steps`: XLA:CPU takes a step's temporaries (up to gigabytes for a Conv-4 meta-batch) from
   `malloc` and frees them after the call; K steps in one call reuse one set of temporaries, so
   the page faults of fresh memory (and, on VMs whose kernel reports freed pages to the host,
   the re-faults of memory the host took back) are paid once per K steps. The result is the

@@ -154,6 +154,29 @@ class MetaValueAndGradTest(chex.TestCase):
     self.assertEqual(mj.resolve_task_map("auto"), mj.resolve_task_map("auto",
                                                                        jax.default_backend()))
 
+  def test_bool_metrics_and_an_empty_batch(self):
+    """A bool metric is averaged as `meta_loss` averages it (a fraction, not a logical or), and
+    a meta-batch of no tasks is refused by name."""
+    model, params, tasks = _problem(jax.random.key(14), num_tasks=5)
+    base = _learners(model)["maml"]
+
+    class WithFlag:
+      def __getattr__(self, name):
+        return getattr(base, name)
+
+      def task_loss(self, p, task):
+        loss, metrics = base.task_loss(p, task)
+        return loss, {**metrics, "flag": task.support_x[0, 0] > 0}
+
+    learner = WithFlag()
+    expected = float(jnp.mean(tasks.support_x[:, 0, 0] > 0))
+    self.assertTrue(0.0 < expected < 1.0)
+    for task_map in ("map", 2, "vmap"):
+      (_, metrics), _ = mj.meta_value_and_grad(params, tasks, learner, task_map=task_map)
+      np.testing.assert_allclose(metrics["flag"], expected, rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, "at least one task, got a meta-batch of 0"):
+      mj.meta_value_and_grad(params, jax.tree.map(lambda x: x[:0], tasks), base, task_map="map")
+
   @parameterized.parameters("pmap", 0, -2, True, 1.5)
   def test_bad_task_map(self, bad):
     model, params, tasks = _problem(jax.random.key(1))

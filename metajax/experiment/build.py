@@ -1104,10 +1104,17 @@ def build_optimizer(config: Config) -> optax.GradientTransformation:
 
 
 def build_meta_step(config: Config, model: models_lib.Model, learner: Learner, *,
-                    jit: bool = True) -> MetaStep:
-  """The outer update of `config.algorithm` (all share `MetaState`, so checkpoints fit)."""
+                    jit: bool = True, sharded: bool = False) -> MetaStep:
+  """The outer update of `config.algorithm` (all share `MetaState`, so checkpoints fit).
+
+  `sharded`: the tasks will be split over devices, so `task_map="auto"` is "vmap" (a loop over
+  a sharded task axis would run every task on every device).
+  """
+  task_map = parse_task_map(config.task_map)
+  if sharded and task_map == "auto":
+    task_map = "vmap"
   return ALGORITHMS[config.algorithm].step(model, learner, build_optimizer(config), config,
-                                           task_map=parse_task_map(config.task_map), jit=jit)
+                                           task_map=task_map, jit=jit)
 
 
 def load_task_sources(config: Config, splits: tuple[str, ...]) -> dict[str, TaskSource]:

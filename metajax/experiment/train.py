@@ -599,7 +599,8 @@ def setup(config: build.Config | Mapping[str, Any], workdir: str | os.PathLike[s
   mesh = task_mesh(config)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   return Run(config, workdir, model, learner, eval_learner,
-             build.build_meta_step(config, model, learner), init_key, train_key, mesh)
+             build.build_meta_step(config, model, learner, sharded=mesh is not None), init_key,
+             train_key, mesh)
 
 
 def _fresh_state(run: Run) -> TrainState:

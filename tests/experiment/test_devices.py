@@ -81,3 +81,18 @@ def test_device_count_errors():
     train.task_mesh(config)
   with pytest.raises(build.ConfigError, match="devices must be 'all' or a positive integer"):
     build.validate_config(build.config_from_dict({**config.to_dict(), "devices": "0"}))
+
+
+def test_sharded_tasks_are_vmapped_under_auto(monkeypatch):
+  """A loop over a task axis split over devices would run every task on every device: with a
+  mesh, the step's `task_map="auto"` is "vmap"; an explicit choice is kept."""
+  config = build.load_config_file("experiments/configs/sinusoid.py:smoke")
+  model = build.build_model(config)
+  learner = build.build_learner(config, model)
+  seen = []
+  monkeypatch.setattr(build, "make_meta_step",
+                      lambda learner, optimizer, *, task_map, jit: seen.append(task_map))
+  for task_map, sharded in (("auto", True), ("auto", False), ("map", True)):
+    config.task_map = task_map
+    build.build_meta_step(config, model, learner, sharded=sharded)
+  assert seen == ["vmap", "auto", "map"]
