@@ -320,8 +320,7 @@ def build_workload(w: Workload, spec: dict):
   twin = jax.jit(metajax.make_meta_step(learner, optimizer, task_map="vmap", jit=False).update)
   extra = {"meta_step": meta_step, "learner": learner, "optimizer": optimizer, "params": params,
            "mesh": mesh, "steps": None if mesh is not None else meta_step,
-           "task_map": "vmap" if mesh is not None and task_map == "auto"
-           else metajax.resolve_task_map(task_map)}
+           "task_map": metajax.resolve_task_map(task_map, sharded=mesh is not None)}
   return meta_step, state, tasks, twin, extra
 
 

@@ -349,12 +349,15 @@ def _check_task_map(task_map: Any) -> None:
                      f"{task_map!r}")
 
 
-def resolve_task_map(task_map: TaskMap, backend: str | None = None) -> TaskMap:
+def resolve_task_map(task_map: TaskMap, backend: str | None = None, *,
+                     sharded: bool = False) -> TaskMap:
   """`task_map` itself, or for "auto" the backend's choice (`AUTO_TASK_MAP`, else "vmap").
 
   Args:
     task_map: "auto", "vmap", "map" or a positive int.
     backend: a JAX backend name ("cpu", "gpu", "tpu"); default `jax.default_backend()`.
+    sharded: the tasks are split over devices; "auto" is then "vmap" on every backend (a loop
+      over a sharded task axis would run every task on every device).
 
   Raises:
     ValueError: any other `task_map`, naming it.
@@ -362,6 +365,8 @@ def resolve_task_map(task_map: TaskMap, backend: str | None = None) -> TaskMap:
   _check_task_map(task_map)
   if task_map != "auto":
     return task_map
+  if sharded:
+    return "vmap"
   return AUTO_TASK_MAP.get(backend or jax.default_backend(), "vmap")
 
 
@@ -539,7 +544,7 @@ def make_meta_step(learner: Learner, optimizer: optax.GradientTransformation, *,
   that names the old and the new shapes; each shape seen compiles once.
   """
 
-  task_map = "vmap" if task_map == "auto" and shardings is not None else resolve_task_map(task_map)
+  task_map = resolve_task_map(task_map, sharded=shardings is not None)
   if jit and isinstance(learner, MAML) and learner.unroll is None:
     learner = dataclasses.replace(
       learner, unroll=True if learner.num_inner_steps <= MAX_AUTO_UNROLL else 1)

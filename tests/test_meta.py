@@ -153,6 +153,11 @@ class MetaValueAndGradTest(chex.TestCase):
       self.assertEqual(mj.resolve_task_map(explicit, "gpu"), explicit)
     self.assertEqual(mj.resolve_task_map("auto"), mj.resolve_task_map("auto",
                                                                        jax.default_backend()))
+    # Tasks split over devices stay one vmapped batch; an explicit choice is kept.
+    self.assertEqual(mj.resolve_task_map("auto", "cpu", sharded=True), "vmap")
+    self.assertEqual(mj.resolve_task_map("map", "cpu", sharded=True), "map")
+    with self.assertRaisesRegex(ValueError, "positive int, got 0"):
+      mj.resolve_task_map(0, sharded=True)
 
   def test_bool_metrics_and_an_empty_batch(self):
     """A bool metric is averaged as `meta_loss` averages it (a fraction, not a logical or), and

@@ -59,7 +59,7 @@ from metajax.algorithms.siamese import SiameseNet
 from metajax.data.augment import make_affine_augment
 from metajax.data.umtra import make_umtra_sampler
 from metajax.meta import (MAML, MetaStep, TaskMap, compile_step, make_meta_step,
-                          multi_step_loss_weights, with_zeroing)
+                          multi_step_loss_weights, resolve_task_map, with_zeroing)
 from metajax.nn import models as models_lib
 from metajax.nn import resnet as resnet_lib
 from metajax.types import Array, PRNGKey, Task
@@ -1107,12 +1107,12 @@ def build_meta_step(config: Config, model: models_lib.Model, learner: Learner, *
                     jit: bool = True, sharded: bool = False) -> MetaStep:
   """The outer update of `config.algorithm` (all share `MetaState`, so checkpoints fit).
 
-  `sharded`: the tasks will be split over devices, so `task_map="auto"` is "vmap" (a loop over
-  a sharded task axis would run every task on every device).
+  `sharded`: the tasks will be split over devices, so `task_map="auto"` is "vmap"
+  (`resolve_task_map`); otherwise "auto" is left to the meta-step.
   """
   task_map = parse_task_map(config.task_map)
-  if sharded and task_map == "auto":
-    task_map = "vmap"
+  if sharded:
+    task_map = resolve_task_map(task_map, sharded=True)
   return ALGORITHMS[config.algorithm].step(model, learner, build_optimizer(config), config,
                                            task_map=task_map, jit=jit)
 
