@@ -158,6 +158,8 @@ GROUPS = {"mini": MINI_WORKLOADS, "resnet": RESNET_WORKLOADS}
 # --quick without --workloads: one second-order, one first-order and Kao et al.'s workload (with
 # their baselines and peers) fit in 5 minutes on a 2-core CPU; all seven take ~20.
 QUICK_WORKLOADS = ["W1", "WFO", "WP"]
+# The workloads the PyTorch peers implement (torch_peers.WORKLOADS), the --torch_workloads default.
+PEER_WORKLOADS = [*DEFAULT_WORKLOADS, *MINI_WORKLOADS, *RESNET_WORKLOADS]
 TINY = dict(filters=8, widths=(4, 4, 8, 8), meta_batch=4, queries=2)  # --tiny: smoke-test shapes
 
 
@@ -792,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
                  help="interpreter with torch for the peers ('' disables; default: auto)")
   p.add_argument("--torch_device", default="cpu",
                  help="where the PyTorch peers run: cpu, or cuda beside metajax on a GPU")
-  p.add_argument("--torch_workloads", default="W1,W5,WFO,WANIL,W20,WP,WPFO,M1,M1FO,M5,M5FO")
+  p.add_argument("--torch_workloads", default=",".join(PEER_WORKLOADS))
   p.add_argument("--memory", action="store_true", help="the inner-steps x remat memory sweep")
   p.add_argument("--memory_steps", default="1,5,10,20")
   p.add_argument("--memory_meta_batch", type=int, default=32)

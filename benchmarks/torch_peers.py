@@ -20,8 +20,9 @@ timed to `torch.cuda.synchronize`):
 The network is the same Conv-4 as `metajax.conv4` (3x3 conv SAME -> `nn.BatchNorm2d` with batch
 statistics, no running averages -> ReLU -> 2x2 max-pool, x4, then a linear head) and the same
 inputs (synthetic, NCHW), so both sides do the same arithmetic. Workloads W1, W5, WFO, WANIL,
-W20 (Conv-4), WP, WPFO (Kao et al.'s network) and M1, M1FO, M5, M5FO (mini-ImageNet: Conv-4 with
-32 filters on 84x84x3); see bench.py for their shapes.
+W20 (Conv-4), WP, WPFO (Kao et al.'s network), M1, M1FO, M5, M5FO (mini-ImageNet: Conv-4 with
+32 filters on 84x84x3) and WR, MR1 (ResNet-12 as `metajax.resnet12`: bias-free convs, LeakyReLU
+0.1, a 1x1-conv shortcut, global average pooling); see bench.py for their shapes.
 
 Usage (torch is not a metajax dependency; use a separate venv; learn2learn is optional, see
 benchmarks/README.md for installing it on Python 3.11):
@@ -62,11 +63,16 @@ WORKLOADS = {
   "M1FO": (5, 1, 15, 4, 5, 0.01, "first"),
   "M5": (5, 5, 15, 2, 5, 0.01, "second"),
   "M5FO": (5, 5, 15, 2, 5, 0.01, "first"),
+  "WR": (5, 1, 15, 32, 1, 0.4, "second"),
+  "MR1": (5, 1, 15, 4, 5, 0.01, "second"),
 }
 KAO_NET = ("WP", "WPFO")  # Kao et al.'s network instead of Conv-4
+# ResNet-12's four widths instead of Conv-4 (bench.py's WR and MR1).
+RESNET12_WIDTHS = {"WR": (16, 32, 64, 128), "MR1": (64, 160, 320, 640)}
 # (channels, side, filters) of the images and the network; Omniglot's 28x28x1 and 64 filters
 # unless listed (the mini-ImageNet workloads: 84x84x3, Conv-4 with 32 filters).
-SHAPES = {name: (3, 84, 32) for name in ("M1", "M1FO", "M5", "M5FO")}
+SHAPES = {"M1": (3, 84, 32), "M1FO": (3, 84, 32), "M5": (3, 84, 32), "M5FO": (3, 84, 32),
+          "MR1": (3, 84, 32)}
 OMNIGLOT_SHAPE = (1, 28, 64)
 TINY = dict(filters=8, meta_batch=4, queries=2)
 
@@ -109,9 +115,50 @@ class KaoConv(nn.Module):
     return self.head(self.encoder(x).flatten(1))
 
 
+class ResidualBlock(nn.Module):
+  """As metajax.nn.resnet.ResidualBlock: [3x3 conv -> BatchNorm -> LeakyReLU(0.1)] x 2 -> 3x3
+  conv -> BatchNorm, plus a 1x1 conv -> BatchNorm shortcut, LeakyReLU, 2x2 max-pool; the convs
+  have no bias (BatchNorm follows each)."""
+
+  def __init__(self, in_channels: int, features: int):
+    super().__init__()
+    self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else features, features, 3,
+                                         padding=1, bias=False) for i in range(3))
+    self.norms = nn.ModuleList(batch_norm(features) for _ in range(3))
+    self.shortcut = nn.Sequential(nn.Conv2d(in_channels, features, 1, bias=False),
+                                  batch_norm(features))
+    self.pool = nn.MaxPool2d(2)
+
+  def forward(self, x):
+    y = x
+    for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+      y = norm(conv(y))
+      if i < 2:  # the third conv's output is added to the shortcut before the nonlinearity
+        y = F.leaky_relu(y, 0.1)
+    return self.pool(F.leaky_relu(y + self.shortcut(x), 0.1))
+
+
+class ResNet12(nn.Module):
+  """As metajax.resnet12: four `ResidualBlock`s, a global average pool, a linear head."""
+
+  def __init__(self, num_classes: int, widths: tuple[int, ...], in_channels: int = 1):
+    super().__init__()
+    chans = (in_channels, *widths)
+    self.encoder = nn.Sequential(*(ResidualBlock(chans[i], chans[i + 1]) for i in range(4)),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    self.head = nn.Linear(widths[-1], num_classes)
+
+  def forward(self, x):
+    return self.head(self.encoder(x))
+
+
 def make_model(name: str, ways: int, filters: int | None = None) -> nn.Module:
-  """The workload's network (`filters` overrides its width, e.g. for the tiny checks)."""
+  """The workload's network (`filters` overrides its width, e.g. for the tiny checks; for
+  ResNet-12, every block's)."""
   channels, side, default_filters = SHAPES.get(name, OMNIGLOT_SHAPE)
+  if name in RESNET12_WIDTHS:
+    widths = (filters,) * 4 if filters else RESNET12_WIDTHS[name]
+    return ResNet12(ways, widths, channels)
   filters = filters or default_filters
   if name in KAO_NET:
     return KaoConv(ways, filters, channels)

@@ -264,3 +264,35 @@ def test_resnet12_workload_runs_tiny(bench, tmp_path, monkeypatch):
   r = json.loads(out.read_text())["workloads"]["WR"]
   assert r["median_s"] > 0 and r["flops"] > 0
   assert r["final_loss"] == pytest.approx(r["final_loss"])  # finite
+
+
+def _peer_tables() -> dict:
+  """torch_peers.py's module-level literal tables, read without importing torch."""
+  import ast
+
+  tree = ast.parse((BENCH.parent / "torch_peers.py").read_text())
+  return {t.id: ast.literal_eval(node.value) for node in tree.body
+          if isinstance(node, ast.Assign) for t in node.targets
+          if isinstance(t, ast.Name) and t.id in ("WORKLOADS", "KAO_NET", "RESNET12_WIDTHS", "SHAPES",
+                                                  "OMNIGLOT_SHAPE")}
+
+
+def test_peer_workloads_match_the_benchmarks(bench):
+  """Every workload a peer runs by default has the benchmark's shapes, step and network, so the
+  ratio compares the same meta-update."""
+  tables = _peer_tables()
+  names = bench.PEER_WORKLOADS
+  assert set(names) == set(tables["WORKLOADS"]), set(names) ^ set(tables["WORKLOADS"])
+  for name in names:
+    w = bench.WORKLOADS[name]
+    assert tables["WORKLOADS"][name] == (w.ways, w.shots, w.queries, w.meta_batch,
+                                         w.inner_steps, w.inner_lr, w.mode), name
+    net = ("kao" if name in tables["KAO_NET"]
+           else "resnet12" if name in tables["RESNET12_WIDTHS"] else "conv4")
+    assert net == w.net, name
+    channels, side, filters = tables["SHAPES"].get(name, tables["OMNIGLOT_SHAPE"])
+    assert (side, side, channels) == w.image, name
+    if net == "resnet12":
+      assert tables["RESNET12_WIDTHS"][name] == w.widths, name
+    else:
+      assert filters == w.filters, name
