@@ -270,11 +270,11 @@ def _peer_tables() -> dict:
   """torch_peers.py's module-level literal tables, read without importing torch."""
   import ast
 
+  names = ("WORKLOADS", "KAO_NET", "RESNET12_WIDTHS", "SHAPES", "OMNIGLOT_SHAPE")
   tree = ast.parse((BENCH.parent / "torch_peers.py").read_text())
   return {t.id: ast.literal_eval(node.value) for node in tree.body
           if isinstance(node, ast.Assign) for t in node.targets
-          if isinstance(t, ast.Name) and t.id in ("WORKLOADS", "KAO_NET", "RESNET12_WIDTHS", "SHAPES",
-                                                  "OMNIGLOT_SHAPE")}
+          if isinstance(t, ast.Name) and t.id in names}
 
 
 def test_peer_workloads_match_the_benchmarks(bench):
